@@ -1,0 +1,63 @@
+"""What a provider adapter is: it builds requests and parses responses; it does no I/O.
+
+The shared ``HttpClient`` (``integrations.http``) sends what adapters build, so
+timeouts, TLS, credentials and sanitised logging live in one place and adapter
+tests need only a fake transport.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Request:
+    """An HTTP request an adapter wants sent. ``path`` is joined to the provider's base URL."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    form: Mapping[str, str] | None = None   # sent form-encoded
+    json: Any = None                        # sent as JSON when form is None
+
+
+@dataclass(frozen=True)
+class Response:
+    """What came back. ``body`` is the decoded JSON body, or None if it was not JSON."""
+
+    status_code: int
+    headers: Mapping[str, str]   # case-insensitive mapping
+    body: Any
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A successful delivery: the provider's reference and a short safe summary for logs/Flower."""
+
+    status_code: int
+    provider_ref: str | None
+    summary: str
+
+
+class Adapter(ABC):
+    """One provider's protocol. Subclasses set the class attributes and two methods."""
+
+    name: str
+    operations: frozenset[str]
+    supports_idempotency: bool = False
+    # How the shared client authenticates requests: "bearer" adds
+    # "Authorization: Bearer <key>" from the provider's credential; None adds nothing.
+    auth: str | None = None
+
+    @abstractmethod
+    def build_request(self, operation: str, payload: Mapping[str, Any],
+                      idempotency_key: str) -> Request:
+        """Return the request for ``operation``. Raises ValueError for an unknown operation."""
+
+    @abstractmethod
+    def parse_response(self, operation: str, response: Response) -> Delivery:
+        """Return the Delivery for a success, or raise the classified ``IntegrationError``."""

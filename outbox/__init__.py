@@ -1,0 +1,33 @@
+"""integration-outbox core: the durable store and its rules.
+
+Application code needs one function::
+
+    from outbox import enqueue
+    msg = enqueue(session, provider="payments", operation="charge",
+                  payload={"amount": 1999, "currency": "usd"},
+                  idempotency_key="order-42-charge")
+    session.commit()   # dispatched now; rolled back → never sent
+
+The core imports neither Celery nor a web framework: the relay and the
+after-commit dispatch publish through ``outbox.dispatch.Publisher``.
+"""
+
+from .enqueue import enqueue
+from .errors import (
+    ConfigurationError,
+    IdempotencyConflict,
+    InvalidIdempotencyKey,
+    InvalidMessage,
+    InvalidPayload,
+    MessageNotFound,
+    OutboxError,
+    UnknownOperation,
+    UnknownProvider,
+)
+from .models import Attempt, AuditEntry, Message, MessageStatus
+
+__all__ = [
+    "enqueue", "Message", "Attempt", "AuditEntry", "MessageStatus",
+    "OutboxError", "InvalidMessage", "UnknownProvider", "UnknownOperation", "InvalidPayload",
+    "InvalidIdempotencyKey", "IdempotencyConflict", "MessageNotFound", "ConfigurationError",
+]

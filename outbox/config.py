@@ -1,0 +1,112 @@
+"""Configuration from the environment, read through typed helpers that fail loudly.
+
+Every helper names the variable in its error, so a bad Procfile line says what
+to fix. Nothing here is read at import time: callers pass ``environ`` (tests)
+or get ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+from .errors import ConfigurationError
+from .retry import RetryPolicy
+
+DEFAULT_DATABASE_URL = "sqlite:///var/outbox.db"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+def env_str(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
+    """The variable's value, or ``default`` if it is unset or empty."""
+    value = (os.environ if environ is None else environ).get(name, "").strip()
+    return value or default
+
+
+def env_float(name: str, default: float, environ: Mapping[str, str] | None = None,
+              minimum: float = 0.0) -> float:
+    """A number > ``minimum`` (seconds and the like). Raises ConfigurationError."""
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
+    if not value > minimum:
+        raise ConfigurationError(f"{name}={raw!r} must be greater than {minimum:g}")
+    return value
+
+
+def env_int(name: str, default: int, environ: Mapping[str, str] | None = None,
+            minimum: int = 1) -> int:
+    """A whole number ≥ ``minimum``. Raises ConfigurationError."""
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return default
+    if not re.fullmatch(r"[+-]?\d+", raw):
+        raise ConfigurationError(f"{name}={raw!r} is not a whole number")
+    value = int(raw)
+    if value < minimum:
+        raise ConfigurationError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def database_url(environ: Mapping[str, str] | None = None) -> str:
+    return env_str("DATABASE_URL", DEFAULT_DATABASE_URL, environ)
+
+
+def redis_url(environ: Mapping[str, str] | None = None) -> str:
+    return env_str("REDIS_URL", DEFAULT_REDIS_URL, environ)
+
+
+def retry_policy(provider: str, environ: Mapping[str, str] | None = None) -> RetryPolicy:
+    """The provider's RetryPolicy from ``OUTBOX_<NAME>_MAX_ATTEMPTS``, ``_RETRY_BASE``
+    (seconds), ``_RETRY_CAP`` (seconds), ``_MAX_AGE`` (seconds)."""
+    prefix = f"OUTBOX_{provider.upper()}_"
+    default = RetryPolicy()
+    try:
+        return RetryPolicy(
+            base_delay=timedelta(seconds=env_float(prefix + "RETRY_BASE", 1.0, environ)),
+            max_delay=timedelta(seconds=env_float(prefix + "RETRY_CAP", 300.0, environ)),
+            max_attempts=env_int(prefix + "MAX_ATTEMPTS", default.max_attempts, environ),
+            max_age=timedelta(seconds=env_float(
+                prefix + "MAX_AGE", default.max_age.total_seconds(), environ)),
+        )
+    except ValueError as exc:
+        if isinstance(exc, ConfigurationError):
+            raise
+        raise ConfigurationError(f"{prefix}*: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """How the relay and the lease behave.
+
+    Attributes:
+        poll_interval_s: sleep between relay passes when nothing was due.
+        batch_size: rows published per pass and query.
+        grace_s: a fresh row is left this long for its after-commit dispatch before the relay sends it.
+        requeue_after_s: a queued row not claimed within this is presumed lost by the broker and re-sent.
+        lease_s: how long a claimed row stays in flight before the relay presumes the worker dead.
+    """
+
+    poll_interval_s: float = 0.5
+    batch_size: int = 500
+    grace_s: float = 2.0
+    requeue_after_s: float = 300.0
+    lease_s: float = 120.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RelaySettings:
+        d = cls()
+        return cls(
+            poll_interval_s=env_float("OUTBOX_RELAY_POLL_INTERVAL", d.poll_interval_s, environ),
+            batch_size=env_int("OUTBOX_RELAY_BATCH_SIZE", d.batch_size, environ),
+            grace_s=env_float("OUTBOX_RELAY_GRACE", d.grace_s, environ),
+            requeue_after_s=env_float("OUTBOX_RELAY_REQUEUE_AFTER", d.requeue_after_s, environ),
+            lease_s=env_float("OUTBOX_LEASE", d.lease_s, environ),
+        )

@@ -1,0 +1,131 @@
+"""Dead letters: list, re-drive and discard by hand, each change written to the audit trail.
+
+Re-drive restores the attempt budget and keeps the idempotency key, so a
+message that did reach the provider before it was dead-lettered is not done
+twice. Each transition is a conditional UPDATE (``WHERE status = 'dead'``):
+two operators re-driving the same message at once produce one re-drive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from .clock import utcnow
+from .dispatch import MessageRef, dispatch_after_commit
+from .errors import InvalidMessage
+from .models import AuditEntry, Message, MessageStatus
+
+
+@dataclass(frozen=True)
+class DeadFilter:
+    """Which dead letters an operator means. Empty filter = all of them."""
+
+    provider: str | None = None
+    error_class: str | None = None
+    since: datetime | None = None
+
+    def where(self):
+        clauses = [Message.status == MessageStatus.DEAD]
+        if self.provider:
+            clauses.append(Message.provider == self.provider)
+        if self.error_class:
+            clauses.append(Message.last_error_class == self.error_class)
+        if self.since:
+            clauses.append(Message.dead_at >= self.since)
+        return clauses
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What happened to one message: ``done`` False means it was no longer dead (or missing)."""
+
+    id: str
+    label: str | None
+    done: bool
+    note: str
+
+
+def list_dead(session: Session, where: DeadFilter = DeadFilter(), limit: int = 1000) -> list[Message]:
+    """Dead letters matching ``where``, oldest first."""
+    return list(session.scalars(
+        select(Message).where(*where.where()).order_by(Message.dead_at, Message.id).limit(limit)))
+
+
+def _require_reason(reason: str) -> str:
+    if not reason or not reason.strip():
+        raise InvalidMessage("a reason is required (it goes to the audit trail)")
+    return reason.strip()
+
+
+def _targets(session: Session, ids: Sequence[str] | None, where: DeadFilter | None) -> list[str]:
+    if ids:
+        return list(dict.fromkeys(ids))
+    if where is None:
+        raise InvalidMessage("name message ids, or use a filter / --all")
+    return [m.id for m in list_dead(session, where, limit=100_000)]
+
+
+def redrive(session: Session, *, reason: str, actor: str, ids: Sequence[str] | None = None,
+            where: DeadFilter | None = None, dry_run: bool = False,
+            now: datetime | None = None) -> list[ActionResult]:
+    """Send dead letters again: dead → pending with a fresh attempt budget, same idempotency key.
+
+    Dispatched after ``session`` commits (this function commits unless ``dry_run``).
+    """
+    return _transition(session, MessageStatus.PENDING, "redrive", reason, actor, ids, where,
+                       dry_run, now)
+
+
+def discard(session: Session, *, reason: str, actor: str, ids: Sequence[str],
+            now: datetime | None = None) -> list[ActionResult]:
+    """Give up on dead letters for good: dead → discarded. Commits."""
+    if not ids:
+        raise InvalidMessage("name the message ids to discard")
+    return _transition(session, MessageStatus.DISCARDED, "discard", reason, actor, ids, None,
+                       False, now)
+
+
+def _transition(session, target, action, reason, actor, ids, where, dry_run, now):
+    reason = _require_reason(reason)
+    now = now or utcnow()
+    results = []
+    for message_id in _targets(session, ids, where):
+        message = session.get(Message, message_id)
+        if message is None:
+            results.append(ActionResult(message_id, None, False, "no such message"))
+            continue
+        if dry_run:
+            ok = message.status == MessageStatus.DEAD
+            results.append(ActionResult(message_id, message.label, ok,
+                                        f"would {action}" if ok else f"is {message.status}"))
+            continue
+        values = dict(status=target, updated_at=now)
+        if target is MessageStatus.PENDING:
+            values.update(attempts=0, rate_limited_count=0, budget_started_at=now,
+                          next_attempt_at=now, dead_at=None, queued_at=None)
+        changed = session.execute(
+            update(Message).where(Message.id == message_id, Message.status == MessageStatus.DEAD)
+            .values(**values).execution_options(synchronize_session=False)
+        ).rowcount
+        if not changed:
+            session.refresh(message)
+            results.append(ActionResult(message_id, message.label, False,
+                                        f"not dead (is {message.status})"))
+            continue
+        session.execute(insert(AuditEntry).values(
+            at=now, actor=actor, action=action, message_id=message_id, reason=reason,
+            details={"last_error_class": message.last_error_class,
+                     "last_status_code": message.last_status_code,
+                     "attempts": message.attempts}))
+        if target is MessageStatus.PENDING:
+            dispatch_after_commit(session, MessageRef(message.id, message.provider,
+                                                      message.operation))
+        results.append(ActionResult(message_id, message.label, True, f"{action} done"))
+    if not dry_run:
+        session.commit()
+    return results

@@ -1,0 +1,207 @@
+"""Dispatch: hand committed message ids to the broker, right after commit, without blocking.
+
+The core knows no Celery. It publishes through a ``Publisher`` (``tasks``
+provides one, found through the ``outbox.publishers`` entry point) from one
+background thread per process, so a web request pays only for its INSERT; the
+thread then marks the rows ``queued``. If that hand-off is lost (crash, broker
+down), the relay finds the rows still ``pending`` and sends them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Protocol
+
+from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session
+
+from .clock import utcnow
+from .models import Message, MessageStatus
+
+log = logging.getLogger("outbox.dispatch")
+
+_SESSION_KEY = "outbox.dispatch"
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    """What a broker message carries: the row id and a readable label, never the payload."""
+
+    id: str
+    provider: str
+    operation: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider}.{self.operation} {self.id}"
+
+
+class Publisher(Protocol):
+    """Sends one broker message per ref. Raises on broker failure (the relay retries later)."""
+
+    def publish(self, refs: Sequence[MessageRef]) -> None: ...
+
+
+def load_publisher() -> Publisher | None:
+    """The publisher registered under the ``outbox.publishers`` entry point, or None."""
+    for entry in entry_points(group="outbox.publishers"):
+        try:
+            return entry.load()()
+        except Exception:  # a broken plugin must not break enqueue: the relay still delivers
+            log.exception("cannot load publisher %s", entry.name)
+    return None
+
+
+def mark_queued(engine: Engine | None, ids: Sequence[str]) -> None:
+    """Record that ``ids`` were handed to the broker (only rows still pending)."""
+    if engine is None or not ids:
+        return
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        session.execute(
+            update(Message)
+            .where(Message.id.in_(ids), Message.status == MessageStatus.PENDING)
+            .values(status=MessageStatus.QUEUED, queued_at=now, updated_at=now)
+        )
+
+
+@dataclass
+class _Work:
+    engine: Engine | None
+    refs: list[MessageRef]
+    done: threading.Event | None = None   # set once everything before it was handled
+
+
+class Dispatcher:
+    """Publishes refs from a background thread, in batches, then marks them queued."""
+
+    def __init__(self, publisher: Publisher | None = None):
+        self._publisher = publisher
+        self._queue: queue.Queue[_Work] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def publisher(self) -> Publisher | None:
+        if self._publisher is None:
+            self._publisher = load_publisher()
+        return self._publisher
+
+    def submit(self, engine: Engine | None, refs: list[MessageRef]) -> None:
+        """Queue refs for publishing; returns at once."""
+        if not refs:
+            return
+        self._ensure_thread()
+        self._queue.put(_Work(engine, refs))
+
+    def publish_now(self, engine: Engine | None, refs: list[MessageRef]) -> bool:
+        """Publish in the caller's thread (CLI, relay). Returns False if it could not."""
+        publisher = self.publisher
+        if publisher is None or not refs:
+            return False
+        try:
+            publisher.publish(refs)
+        except Exception as exc:
+            log.warning("dispatch failed, the relay will send %d message(s): %s",
+                        len(refs), type(exc).__name__)
+            return False
+        try:
+            mark_queued(engine, [r.id for r in refs])
+        except Exception as exc:  # published already; the worker's claim does not need this
+            log.warning("could not mark %d message(s) queued: %s", len(refs), type(exc).__name__)
+        return True
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait until everything submitted so far was published (or failed)."""
+        if self._thread is not None:
+            done = threading.Event()
+            self._queue.put(_Work(None, [], done))
+            done.wait(timeout_s)
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="outbox-dispatch",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            work = _drain(self._queue, limit=500)
+            batches: dict[Engine | None, list[MessageRef]] = {}
+            for item in work:
+                batches.setdefault(item.engine, []).extend(item.refs)
+            for engine, refs in batches.items():
+                self.publish_now(engine, refs)
+            for item in work:
+                if item.done is not None:
+                    item.done.set()
+
+
+def _drain(q: queue.Queue[_Work], limit: int) -> list[_Work]:
+    """Block for one item, then take whatever else is already waiting (up to ``limit``)."""
+    items = [q.get()]
+    while len(items) < limit:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return items
+
+
+_dispatcher = Dispatcher()
+
+
+def dispatcher() -> Dispatcher:
+    """The process's dispatcher."""
+    return _dispatcher
+
+
+def use_publisher(publisher: Publisher | None) -> None:
+    """Set the process's publisher explicitly (tests, or an app that builds its own)."""
+    global _dispatcher
+    _dispatcher = Dispatcher(publisher)
+
+
+def _reset_after_fork() -> None:
+    global _dispatcher
+    _dispatcher = Dispatcher(_dispatcher._publisher)
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+atexit.register(lambda: _dispatcher.flush(timeout_s=2.0))
+
+
+# ---- the after-commit hook -------------------------------------------------
+
+def dispatch_after_commit(session: Session, ref: MessageRef) -> None:
+    """Publish ``ref`` once ``session`` commits; forget it if the session rolls back."""
+    state = session.info.get(_SESSION_KEY)
+    if state is None:
+        state = session.info[_SESSION_KEY] = []
+        from sqlalchemy import event
+        event.listen(session, "after_commit", _after_commit)
+        event.listen(session, "after_rollback", _after_rollback)
+    state.append(ref)
+
+
+def _after_commit(session: Session) -> None:
+    refs = session.info.get(_SESSION_KEY)
+    if not refs:
+        return
+    session.info[_SESSION_KEY] = []
+    bind = session.get_bind()
+    _dispatcher.submit(bind if isinstance(bind, Engine) else getattr(bind, "engine", None),
+                       list(refs))
+
+
+def _after_rollback(session: Session) -> None:
+    if session.info.get(_SESSION_KEY):
+        session.info[_SESSION_KEY] = []

@@ -1,0 +1,250 @@
+"""The state machine a delivery walks through: claim → outcome, fenced by a lease token.
+
+Every transition is one conditional UPDATE, so two workers holding the same
+message id (a duplicate or stale broker message) cannot both act: the second
+claim updates zero rows and the caller does nothing. An outcome is recorded
+only under the lease token it claimed; a worker whose lease expired (and whose
+message was re-claimed) cannot overwrite the newer attempt.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from .clock import utcnow
+from .models import Attempt, AttemptOutcome, Message, MessageStatus
+from .retry import RetryPolicy
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A message this worker holds until ``lease_expires_at``, under ``lease_token``."""
+
+    id: str
+    provider: str
+    operation: str
+    payload: dict[str, Any]
+    idempotency_key: str
+    correlation_id: str | None
+    attempts: int
+    rate_limited_count: int
+    lease_token: int
+    budget_started_at: datetime
+    claimed_at: datetime
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider}.{self.operation} {self.id}"
+
+
+class FailureKind(StrEnum):
+    RETRY = "retry"                 # transient / ambiguous: backoff, consumes an attempt
+    RATE_LIMITED = "rate_limited"   # 429: Retry-After, free up to the policy's cap
+    DEFER = "defer"                 # not attempted: no attempt consumed
+    PERMANENT = "permanent"         # dead-letter now
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A classified failure, in the core's own terms (it knows no integration exceptions)."""
+
+    kind: FailureKind
+    error_class: str
+    detail: str                       # sanitised, safe to store and show
+    status_code: int | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of an attempt."""
+
+    outcome: AttemptOutcome
+    next_attempt_at: datetime | None = None
+    reason: str | None = None          # why it was dead-lettered
+    recorded: bool = True               # False: our lease was lost, a newer claim owns the row
+
+
+def claim(session: Session, message_id: str, lease: timedelta,
+          now: datetime | None = None) -> Claim | None:
+    """Take the message for delivery: pending/queued and due → in_flight, with a new lease token.
+
+    Returns None (do nothing, acknowledge the broker message) when the row is
+    missing, not due, already delivered, dead, or in flight under another lease.
+    Commits.
+    """
+    now = now or utcnow()
+    row = session.execute(
+        update(Message)
+        .where(Message.id == message_id,
+               Message.status.in_([MessageStatus.PENDING, MessageStatus.QUEUED]),
+               Message.next_attempt_at <= now)
+        .values(status=MessageStatus.IN_FLIGHT, lease_token=Message.lease_token + 1,
+                lease_expires_at=now + lease, updated_at=now)
+        .returning(Message.id, Message.provider, Message.operation, Message.payload,
+                   Message.idempotency_key, Message.correlation_id, Message.attempts,
+                   Message.rate_limited_count, Message.lease_token, Message.budget_started_at)
+    ).one_or_none()
+    session.commit()
+    if row is None:
+        return None
+    return Claim(*row, claimed_at=now)
+
+
+def _fenced(claim: Claim):
+    return and_(Message.id == claim.id, Message.lease_token == claim.lease_token,
+                Message.status == MessageStatus.IN_FLIGHT)
+
+
+def _record_attempt(session: Session, claim: Claim, outcome: AttemptOutcome, now: datetime,
+                    worker: str | None, failure: Failure | None = None,
+                    status_code: int | None = None, next_attempt_at: datetime | None = None):
+    session.execute(insert(Attempt).values(
+        message_id=claim.id, lease_token=claim.lease_token, started_at=claim.claimed_at,
+        duration_ms=(now - claim.claimed_at).total_seconds() * 1000, outcome=outcome,
+        status_code=failure.status_code if failure else status_code,
+        error_class=failure.error_class if failure else None,
+        error=failure.detail if failure else None,
+        next_attempt_at=next_attempt_at, worker=worker))
+
+
+def mark_delivered(session: Session, claim: Claim, *, status_code: int,
+                   provider_ref: str | None, now: datetime | None = None,
+                   worker: str | None = None) -> Outcome:
+    """Record a successful delivery. Commits."""
+    now = now or utcnow()
+    updated = session.execute(
+        update(Message).where(_fenced(claim)).values(
+            status=MessageStatus.DELIVERED, delivered_at=now, updated_at=now,
+            lease_expires_at=None, provider_ref=provider_ref, last_status_code=status_code,
+            attempts=Message.attempts + 1)
+    ).rowcount
+    _record_attempt(session, claim, AttemptOutcome.DELIVERED, now, worker, status_code=status_code)
+    session.commit()
+    return Outcome(AttemptOutcome.DELIVERED, recorded=updated == 1)
+
+
+def record_failure(session: Session, claim: Claim, failure: Failure, policy: RetryPolicy, *,
+                   now: datetime | None = None, worker: str | None = None,
+                   rng: random.Random | None = None) -> Outcome:
+    """Record a failed (or deferred) attempt and decide: retry at a time, defer, or dead-letter.
+
+    Deferrals and the first ``policy.free_rate_limited`` 429s consume no attempt.
+    Commits.
+    """
+    now = now or utcnow()
+    attempts, rate_limited = claim.attempts, claim.rate_limited_count
+    if failure.kind is FailureKind.RETRY:
+        attempts += 1
+    elif failure.kind is FailureKind.RATE_LIMITED:
+        rate_limited += 1
+        if rate_limited > policy.free_rate_limited:
+            attempts += 1
+
+    reason = None
+    if failure.kind is FailureKind.PERMANENT:
+        reason = f"{failure.error_class}: not retryable"
+    elif failure.kind is not FailureKind.DEFER:
+        reason = policy.exhausted(attempts, claim.budget_started_at, now)
+
+    if reason:
+        return _dead(session, claim, failure, reason, attempts, rate_limited, now, worker)
+
+    if failure.kind is FailureKind.DEFER:
+        next_at = now + (timedelta(seconds=failure.retry_after_s)
+                         if failure.retry_after_s is not None else policy.defer_delay)
+        outcome = AttemptOutcome.DEFERRED
+    else:
+        next_at = policy.next_attempt_at(now, max(attempts, 1), failure.retry_after_s, rng)
+        outcome = AttemptOutcome.RETRY
+    updated = session.execute(
+        update(Message).where(_fenced(claim)).values(
+            status=MessageStatus.PENDING, next_attempt_at=next_at, updated_at=now,
+            lease_expires_at=None, attempts=attempts, rate_limited_count=rate_limited,
+            last_error_class=failure.error_class, last_status_code=failure.status_code,
+            last_error=failure.detail)
+    ).rowcount
+    _record_attempt(session, claim, outcome, now, worker, failure, next_attempt_at=next_at)
+    session.commit()
+    return Outcome(outcome, next_attempt_at=next_at, recorded=updated == 1)
+
+
+def dead_letter(session: Session, claim: Claim, failure: Failure, reason: str, *,
+                now: datetime | None = None, worker: str | None = None) -> Outcome:
+    """Dead-letter a claimed message without another attempt (e.g. its budget ran out). Commits."""
+    now = now or utcnow()
+    return _dead(session, claim, failure, reason, claim.attempts, claim.rate_limited_count,
+                 now, worker)
+
+
+def _dead(session, claim, failure, reason, attempts, rate_limited, now, worker) -> Outcome:
+    updated = session.execute(
+        update(Message).where(_fenced(claim)).values(
+            status=MessageStatus.DEAD, dead_at=now, updated_at=now, lease_expires_at=None,
+            attempts=attempts, rate_limited_count=rate_limited,
+            last_error_class=failure.error_class, last_status_code=failure.status_code,
+            last_error=failure.detail)
+    ).rowcount
+    _record_attempt(session, claim, AttemptOutcome.DEAD, now, worker, failure)
+    session.commit()
+    return Outcome(AttemptOutcome.DEAD, reason=reason, recorded=updated == 1)
+
+
+def recover_expired_leases(session: Session, *, now: datetime | None = None,
+                           limit: int = 500) -> list[str]:
+    """In-flight rows whose lease expired (worker killed or hung) → pending, due now.
+
+    The lost attempt is recorded and consumes an attempt: the provider may have
+    acted, so the next try re-uses the idempotency key; a message that kills
+    every worker it reaches eventually dead-letters instead of looping. Commits.
+    """
+    now = now or utcnow()
+    query = (select(Message.id, Message.lease_token, Message.lease_expires_at,
+                    Message.updated_at)
+             .where(Message.status == MessageStatus.IN_FLIGHT, Message.lease_expires_at <= now)
+             .order_by(Message.lease_expires_at).limit(limit)
+             .with_for_update(skip_locked=True))
+    recovered = []
+    for message_id, token, _expires_at, claimed_at in session.execute(query).all():
+        updated = session.execute(
+            update(Message)
+            .where(Message.id == message_id, Message.lease_token == token,
+                   Message.status == MessageStatus.IN_FLIGHT)
+            .values(status=MessageStatus.PENDING, next_attempt_at=now, updated_at=now,
+                    lease_expires_at=None, attempts=Message.attempts + 1,
+                    last_error_class="ambiguous",
+                    last_error="worker lost: lease expired before an outcome was recorded")
+        ).rowcount
+        if updated:
+            session.execute(insert(Attempt).values(
+                message_id=message_id, lease_token=token, started_at=claimed_at,
+                duration_ms=(now - claimed_at).total_seconds() * 1000,
+                outcome=AttemptOutcome.LOST, error_class="ambiguous",
+                error="worker lost: lease expired before an outcome was recorded",
+                next_attempt_at=now))
+            recovered.append(message_id)
+    session.commit()
+    return recovered
+
+
+def due_filter(now: datetime, grace: timedelta, requeue_after: timedelta):
+    """Rows the relay must publish.
+
+    * pending and due: a scheduled retry at once (it was set pending for a later
+      time); a fresh or re-driven row only after ``grace``, which leaves its
+      after-commit dispatch time to mark it queued;
+    * queued for longer than ``requeue_after``: the broker seems to have lost it.
+    """
+    return or_(
+        and_(Message.status == MessageStatus.PENDING, Message.next_attempt_at <= now,
+             or_(Message.next_attempt_at > Message.updated_at,
+                 Message.updated_at <= now - grace)),
+        and_(Message.status == MessageStatus.QUEUED, Message.queued_at <= now - requeue_after),
+    )

@@ -1,0 +1,126 @@
+"""The outbox tables: messages (the source of truth), their attempts, and the audit trail.
+
+Lifecycle of ``Message.status``::
+
+    pending ─► queued ─► in_flight ─► delivered
+       ▲          │          │
+       └──────────┴──────────┤ retry / deferral (next_attempt_at in the database)
+                             ▼
+                            dead ─► pending (re-drive) | discarded
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class MessageStatus(StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+    DISCARDED = "discarded"
+
+
+class AttemptOutcome(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"          # failed, another attempt is scheduled
+    DEFERRED = "deferred"    # not attempted (breaker, limiter, quota): no attempt consumed
+    DEAD = "dead"            # failed, dead-lettered
+    LOST = "lost"            # the worker's lease expired before it reported an outcome
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Message(Base):
+    """One integration operation, from ``enqueue`` to delivery or dead letter."""
+
+    __tablename__ = "outbox_messages"
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(64))
+    operation: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    payload_sha256: Mapped[str] = mapped_column(String(64))
+    correlation_id: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING)
+    # Attempts consumed against the retry budget; free 429s and deferrals do not count.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    rate_limited_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Fencing token: bumped by every claim; an outcome is recorded only under the token it claimed.
+    lease_token: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    dead_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Start of the current retry budget (max age): enqueue time, or the last re-drive.
+    budget_started_at: Mapped[datetime] = mapped_column(DateTime)
+    last_error_class: Mapped[str | None] = mapped_column(String(32))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    provider_ref: Mapped[str | None] = mapped_column(String(255))
+
+    __table_args__ = (
+        UniqueConstraint("provider", "idempotency_key", name="uq_outbox_messages_provider_key"),
+        Index("ix_outbox_messages_status_due", "status", "next_attempt_at"),
+        Index("ix_outbox_messages_provider_status", "provider", "status"),
+    )
+
+    @property
+    def label(self) -> str:
+        """Readable, payload-free label: ``payments.charge 01J…``."""
+        return f"{self.provider}.{self.operation} {self.id}"
+
+
+class Attempt(Base):
+    """One delivery attempt (or deferral, or lost lease) of a message: the timeline of ``outbox show``."""
+
+    __tablename__ = "outbox_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("outbox_messages.id"), index=True)
+    lease_token: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    duration_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    outcome: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error_class: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)   # sanitised, never a payload
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
+    worker: Mapped[str | None] = mapped_column(String(255))
+
+
+class AuditEntry(Base):
+    """Who did what to a message by hand, and why (re-drive, discard)."""
+
+    __tablename__ = "outbox_audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(32))
+    message_id: Mapped[str | None] = mapped_column(ForeignKey("outbox_messages.id"), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
