@@ -54,8 +54,9 @@ def load_publisher() -> Publisher | None:
     for entry in entry_points(group="outbox.publishers"):
         try:
             return entry.load()()
-        except Exception:  # a broken plugin must not break enqueue: the relay still delivers
-            log.exception("cannot load publisher %s", entry.name)
+        except Exception as exc:  # a broken plugin must not break enqueue: the relay delivers
+            log.error("cannot load publisher %r (%s: %s); messages wait for the relay",
+                      entry.name, type(exc).__name__, exc)
     return None
 
 
@@ -84,14 +85,16 @@ class Dispatcher:
 
     def __init__(self, publisher: Publisher | None = None):
         self._publisher = publisher
+        self._load_failed = False   # look for the plugin once, not on every commit
         self._queue: queue.Queue[_Work] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     @property
     def publisher(self) -> Publisher | None:
-        if self._publisher is None:
+        if self._publisher is None and not self._load_failed:
             self._publisher = load_publisher()
+            self._load_failed = self._publisher is None
         return self._publisher
 
     def submit(self, engine: Engine | None, refs: list[MessageRef]) -> None:

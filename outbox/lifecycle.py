@@ -60,6 +60,7 @@ class Failure:
     detail: str                       # sanitised, safe to store and show
     status_code: int | None = None
     retry_after_s: float | None = None
+    code: str | None = None           # the provider's error code, for labels (card_declined)
 
 
 @dataclass(frozen=True)

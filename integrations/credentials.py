@@ -1,0 +1,108 @@
+"""API key credentials, from the environment or from a file that may be rotated under us.
+
+A file source is re-read whenever its identity (inode, size, mtime) changes, so a key
+can be rotated by replacing the file, without restarting workers. ``refresh()`` forces
+a re-read; the provider calls it once after a 401.
+
+Any credential the HTTP client uses only needs ``get() -> str`` and ``refresh() -> None``
+(``Credential``), so an OAuth2 token source can stand in for ``ApiKey``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from integrations.errors import AuthError
+from integrations.settings import ProviderSettings, env_name
+
+
+class Credential(Protocol):
+    """What the HTTP client needs from a credential."""
+
+    def get(self) -> str:
+        """Return the current secret. Raises AuthError when none is available."""
+
+    def refresh(self) -> None:
+        """Forget anything cached so the next ``get()`` fetches the secret afresh."""
+
+
+class ApiKey:
+    """A static API key, from a value or from a file re-read when it changes.
+
+    ``repr``/``str`` never show the key.
+    """
+
+    def __init__(self, value: str | None = None, path: Path | str | None = None, *,
+                 source: str = "API key"):
+        """Create the credential.
+
+        Args:
+            value: the key itself (from ``OUTBOX_<NAME>_API_KEY``), or None.
+            path: file holding the key (from ``OUTBOX_<NAME>_API_KEY_FILE``), or None.
+                Takes precedence over ``value`` when both are given.
+            source: the variable names to cite when the key is missing.
+        """
+        self._value = value.strip() if value else None
+        self._path = Path(path) if path is not None else None
+        self._source = source
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._cached: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ProviderSettings) -> ApiKey:
+        """The key configured for ``settings.name``."""
+        source = (f"set {env_name(settings.name, 'API_KEY')} "
+                  f"or {env_name(settings.name, 'API_KEY_FILE')}")
+        return cls(settings.api_key, settings.api_key_file, source=source)
+
+    def get(self) -> str:
+        """Return the key, re-reading the file if it changed since last read.
+
+        Raises:
+            AuthError: no key configured, the file is unreadable, or it is empty.
+        """
+        if self._path is None:
+            if not self._value:
+                raise AuthError(f"no API key configured ({self._source})")
+            return self._value
+        with self._lock:
+            stamp = self._stat()
+            if stamp != self._stamp or self._cached is None:
+                self._cached = self._read()
+                self._stamp = stamp
+            return self._cached
+
+    def refresh(self) -> None:
+        """Force the next ``get()`` to re-read the key file (no-op for a value)."""
+        with self._lock:
+            self._stamp = None
+            self._cached = None
+
+    def _stat(self) -> tuple[int, int, int]:
+        assert self._path is not None
+        try:
+            st = os.stat(self._path)
+        except OSError as exc:
+            raise AuthError(f"API key file {self._path} unreadable: {exc.strerror}") from exc
+        # inode catches rotation by atomic rename even within one mtime tick.
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _read(self) -> str:
+        assert self._path is not None
+        try:
+            key = self._path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AuthError(f"API key file {self._path} unreadable") from exc
+        if not key:
+            raise AuthError(f"API key file {self._path} is empty")
+        return key
+
+    def __repr__(self) -> str:
+        where = f"file={str(self._path)!r}" if self._path else ("value=***" if self._value else "unset")
+        return f"ApiKey({where})"
+
+    __str__ = __repr__

@@ -1,0 +1,238 @@
+"""The one HTTP client every adapter's requests go through: policy here, I/O in a transport.
+
+Policy (``HttpClient``): base URL, ``(connect, read)`` timeouts on every request, TLS
+verification always on with TLS >= 1.2, a connection pool sized to the provider's
+concurrency, no redirects, a fixed User-Agent, bearer credentials, one sanitised log
+line per request, and translation of library errors into ``integrations.errors``:
+
+    never sent (refused, DNS, connect timeout, cert rejected)        → Transient
+    maybe sent (read timeout, reset/dropped after sending, other)    → Ambiguous
+
+I/O (``Transport``): one method, ``send(prepared, timeout) -> requests.Response``.
+``RequestsTransport`` is the real one; ``integrations.testing.MockTransport`` fakes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import ssl
+import time
+from typing import Protocol
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util.retry import Retry
+
+from integrations.base import Request, Response
+from integrations.credentials import ApiKey, Credential
+from integrations.errors import Ambiguous, ClientError, IntegrationError, Transient
+from integrations.sanitize import sanitize
+from integrations.settings import ProviderSettings
+
+USER_AGENT = "integration-outbox/0.1"
+BEARER = "bearer"
+
+log = logging.getLogger("integrations.http")
+
+# Raised before a single byte of the request went out (urllib3 2: refused and DNS
+# failures are NewConnectionError/NameResolutionError, both ConnectTimeoutError subclasses).
+_NEVER_SENT = (NewConnectionError, ConnectTimeoutError, ConnectionRefusedError)
+_UNSENDABLE = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+               requests.exceptions.InvalidSchema)
+
+
+class Transport(Protocol):
+    """Does the I/O for ``HttpClient``."""
+
+    def send(self, prepared: requests.PreparedRequest,
+             timeout: tuple[float, float]) -> requests.Response:
+        """Send ``prepared`` and return the fully read response; raise ``requests`` errors."""
+
+    def close(self) -> None:
+        """Release pooled connections."""
+
+
+class _TlsAdapter(HTTPAdapter):
+    """An HTTPAdapter whose pools use an SSL context with TLS >= 1.2 and no urllib3 retries."""
+
+    def __init__(self, pool_size: int):
+        self._ssl_context = ssl.create_default_context()
+        self._ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Retries are the outbox's job (with backoff and attempt rows), never urllib3's.
+        super().__init__(pool_connections=1, pool_maxsize=pool_size,
+                         max_retries=Retry(total=0, read=False, redirect=False))
+
+    def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
+        pool_kwargs["ssl_context"] = self._ssl_context
+        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+
+
+class RequestsTransport:
+    """The real transport: a ``requests.Session`` with a TLS-pinned, sized connection pool."""
+
+    def __init__(self, pool_size: int):
+        """Args: pool_size: connections kept per host; match the worker concurrency."""
+        self.session = requests.Session()
+        # No .netrc, no proxy or CA-bundle variables: the policy is what this module says.
+        self.session.trust_env = False
+        self.session.verify = True
+        self.tls_adapter = _TlsAdapter(pool_size)
+        self.session.mount("https://", self.tls_adapter)
+        self.session.mount("http://", HTTPAdapter(pool_maxsize=pool_size,
+                                                  max_retries=Retry(total=0, read=False, redirect=False)))
+
+    def send(self, prepared: requests.PreparedRequest,
+             timeout: tuple[float, float]) -> requests.Response:
+        """Send without following redirects, with TLS verification on; reads the whole body."""
+        return self.session.send(prepared, timeout=timeout, verify=True, allow_redirects=False,
+                                 stream=False, proxies={})
+
+    def close(self) -> None:
+        """Close the session's pooled connections."""
+        self.session.close()
+
+
+class HttpClient:
+    """Sends adapter ``Request``s for one provider under the shared policy."""
+
+    def __init__(self, settings: ProviderSettings, transport: Transport | None = None, *,
+                 credentials: Credential | None = None):
+        """Create the client.
+
+        Args:
+            settings: the provider's settings (base URL, timeouts, pool size, key source).
+            transport: the I/O object; default ``RequestsTransport(settings.max_concurrency)``.
+            credentials: default ``ApiKey.from_settings(settings)``.
+        """
+        self.settings = settings
+        self.transport = transport or RequestsTransport(settings.max_concurrency)
+        self.credentials = credentials or ApiKey.from_settings(settings)
+
+    def close(self) -> None:
+        """Release the transport's connections."""
+        self.transport.close()
+
+    def prepare(self, request: Request, *, auth: str | None = None) -> requests.PreparedRequest:
+        """Build the ``PreparedRequest`` for ``request`` (URL, headers, encoded body).
+
+        Args:
+            request: what the adapter built; ``path`` must start with ``/``.
+            auth: ``"bearer"`` to add ``Authorization: Bearer <key>``, or None.
+
+        Raises:
+            AuthError: bearer auth asked for but no key is available.
+            ValueError: the path is not absolute or ``auth`` is unknown.
+        """
+        if not request.path.startswith("/"):
+            raise ValueError(f"request path must start with '/': {sanitize(request.path, 80)!r}")
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **request.headers}
+        if auth == BEARER:
+            headers["Authorization"] = f"Bearer {self.credentials.get()}"
+        elif auth is not None:
+            raise ValueError(f"unknown auth scheme {auth!r}")
+        kwargs = {"data": dict(request.form)} if request.form is not None else {}
+        if request.form is None and request.json is not None:
+            kwargs = {"json": request.json}
+        return requests.Request(request.method.upper(), self.settings.base_url + request.path,
+                                headers=headers, **kwargs).prepare()
+
+    def send(self, request: Request, *, auth: str | None = None) -> Response:
+        """Send ``request`` and return the response, whatever its status.
+
+        Args:
+            request: what the adapter built.
+            auth: ``"bearer"`` (the adapter's ``auth`` attribute) or None.
+
+        Raises:
+            Transient: the request was never sent (refused, DNS, connect timeout, TLS
+                certificate rejected).
+            Ambiguous: it may have been sent (read timeout, connection dropped after
+                sending, unknown transport failure).
+            AuthError: bearer auth asked for but no key is available.
+            ClientError: the request could not be built (bad path or URL).
+        """
+        path = request.path.split("?", 1)[0]
+        try:
+            prepared = self.prepare(request, auth=auth)
+        except (ValueError, requests.exceptions.RequestException) as exc:
+            raise ClientError(f"cannot build request: {type(exc).__name__}",
+                              code="bad_request") from exc
+        started = time.perf_counter()
+        try:
+            raw = self.transport.send(prepared, self.settings.timeout)
+        except OSError as exc:  # requests' exceptions included (RequestException is an OSError)
+            elapsed_s = time.perf_counter() - started
+            error = translate(exc, self.settings)
+            log.warning("%s %s failed after %.0f ms: %s (%s)", request.method.upper(), path,
+                        elapsed_s * 1000, error.error_class.value,
+                        sanitize(_strip_queries(str(exc)), 300),
+                        extra=self._extra(request.method, path, None, elapsed_s,
+                                          error_class=error.error_class.value))
+            raise error from exc
+        elapsed_s = time.perf_counter() - started
+        log.info("%s %s -> %s in %.0f ms", request.method.upper(), path, raw.status_code,
+                 elapsed_s * 1000, extra=self._extra(request.method, path, raw.status_code, elapsed_s))
+        return Response(status_code=raw.status_code, headers=CaseInsensitiveDict(raw.headers),
+                        body=_decode_json(raw.content), elapsed_s=elapsed_s)
+
+    def _extra(self, method: str, path: str, status: int | None, elapsed_s: float,
+               **more: str) -> dict:
+        return {"provider": self.settings.name, "method": method.upper(), "path": path,
+                "status": status, "elapsed_ms": round(elapsed_s * 1000, 1), **more}
+
+
+def translate(exc: OSError, settings: ProviderSettings) -> IntegrationError:
+    """Map a transport failure (``requests`` error or raw ``OSError``) to ``Transient`` (never sent) or ``Ambiguous`` (maybe sent).
+
+    The decision hinges on whether the request can have reached the provider: urllib3's
+    ``NewConnectionError``/``ConnectTimeoutError`` (refused, DNS, connect timeout) and a
+    rejected server certificate happen before any byte of the request is written.
+    Everything else — read timeouts, resets, ``RemoteDisconnected``, broken chunked
+    bodies, unknown errors — may come after the provider acted, so it is ambiguous.
+    """
+    chain = _causes(exc)
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return Ambiguous(f"read timeout after {settings.read_timeout_s:g}s", code="read_timeout")
+    if isinstance(exc, _UNSENDABLE):
+        return ClientError(f"cannot send request ({type(exc).__name__})", code="bad_request")
+    root = next((e for e in chain if isinstance(e, _NEVER_SENT)), None)
+    if root is not None or isinstance(exc, requests.exceptions.ConnectTimeout):
+        return Transient(f"connect failed ({type(root or exc).__name__})", code="connect_error")
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
+        return Transient("TLS certificate rejected", code="tls_error")
+    names = "/".join(dict.fromkeys(type(e).__name__ for e in chain[1:4])) or type(exc).__name__
+    return Ambiguous(f"connection lost after sending ({names})", code="connection_lost")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and everything it explicitly wraps (args, ``reason``, ``__cause__``)."""
+    seen: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(seen) < 20:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo.extend(a for a in e.args if isinstance(a, BaseException))
+        # Only explicit wrapping: __context__ could drag in an unrelated earlier failure
+        # and turn "maybe sent" into "never sent", the one mistake that duplicates effects.
+        todo.extend(x for x in (getattr(e, "reason", None), e.__cause__) if x)
+    return seen
+
+
+def _decode_json(content: bytes):
+    if not content:
+        return None
+    try:
+        return json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _strip_queries(text: str) -> str:
+    """Drop query strings from URLs quoted in library error messages (they may hold data)."""
+    return re.sub(r"\?[^\s'\")]*", "?…", text)

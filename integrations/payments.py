@@ -1,0 +1,145 @@
+"""The ``payments`` provider: a Stripe-shaped API (form-encoded, Idempotency-Key, pinned version).
+
+    charge  → POST /v1/payment_intents   (created and confirmed in one call)
+    refund  → POST /v1/refunds
+
+Error bodies look like ``{"error": {"type", "code", "decline_code", "message", "param"}}``
+and refine the status-based classification (``integrations.classify``):
+
+    409 code=idempotency_key_in_use             Transient  (the first request is still running)
+    400/409 type=idempotency_error              ClientError (key reused with other parameters)
+    402 code=card_declined, 4xx                 ClientError with the provider code
+    2xx charge whose intent ended in requires_payment_method / requires_action /
+        requires_confirmation / canceled, or a refund that failed / was canceled
+                                                ClientError (nothing was charged/refunded)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import schemas
+from integrations.base import Adapter, Delivery, Request, Response
+from integrations.classify import classify, make_error
+from integrations.errors import ClientError, IntegrationError, InvalidResponse, Transient
+from integrations.sanitize import sanitize
+
+STRIPE_VERSION = "2024-06-20"
+
+_PATHS = {"charge": "/v1/payment_intents", "refund": "/v1/refunds"}
+_RESPONSE_SCHEMAS = {"charge": "payment_intent", "refund": "refund"}
+_CHARGE_FIELDS = ("amount", "currency", "customer", "description", "payment_method", "metadata")
+_REFUND_FIELDS = ("payment_intent", "amount", "reason", "metadata")
+# A 2xx whose object is in one of these states did not move money: the customer or an
+# operator must act, so retrying the same key would only replay the same answer.
+_FAILED_STATES = {
+    "charge": frozenset({"requires_payment_method", "requires_action",
+                         "requires_confirmation", "canceled"}),
+    "refund": frozenset({"failed", "canceled"}),
+}
+
+
+class PaymentsAdapter(Adapter):
+    """Builds Stripe-shaped requests and parses their responses; no I/O."""
+
+    name = "payments"
+    operations = frozenset({"charge", "refund"})
+    supports_idempotency = True
+    auth = "bearer"
+
+    def build_request(self, operation: str, payload: Mapping[str, Any],
+                      idempotency_key: str) -> Request:
+        """Return the form-encoded POST for ``operation``.
+
+        Args:
+            operation: ``charge`` or ``refund``.
+            payload: the operation payload (already valid against its schema).
+            idempotency_key: sent as ``Idempotency-Key``.
+
+        Raises:
+            ValueError: unknown operation or empty idempotency key.
+        """
+        if operation not in self.operations:
+            raise ValueError(f"unknown payments operation {operation!r}")
+        if not idempotency_key:
+            raise ValueError("payments requests need an idempotency key")
+        fields = _CHARGE_FIELDS if operation == "charge" else _REFUND_FIELDS
+        form = dict(form_encode({k: payload[k] for k in fields if payload.get(k) is not None}))
+        if operation == "charge":
+            # Confirm at once; background charges cannot follow a redirect-based method.
+            form["confirm"] = "true"
+            form["automatic_payment_methods[enabled]"] = "true"
+            form["automatic_payment_methods[allow_redirects]"] = "never"
+        headers = {"Idempotency-Key": idempotency_key, "Stripe-Version": STRIPE_VERSION}
+        return Request("POST", _PATHS[operation], headers=headers, form=form)
+
+    def parse_response(self, operation: str, response: Response) -> Delivery:
+        """Return the Delivery for a 2xx, else raise the classified error.
+
+        Raises:
+            InvalidResponse: a 2xx body that fails its schema.
+            ClientError, Transient, RateLimited, Ambiguous, AuthError: per the module table.
+        """
+        if 200 <= response.status_code < 300:
+            return self._success(operation, response)
+        raise self.error_for(response)
+
+    def _success(self, operation: str, response: Response) -> Delivery:
+        body = response.body
+        try:
+            schemas.validate_response(self.name, _RESPONSE_SCHEMAS[operation], body)
+        except schemas.SchemaError as exc:
+            raise InvalidResponse(f"response body {exc.path}: {exc.reason}",
+                                  status_code=response.status_code,
+                                  code="schema_mismatch") from exc
+        ref, state = sanitize(body["id"], 80), sanitize(body["status"], 64)
+        if state in _FAILED_STATES[operation]:
+            raise ClientError(f"{ref} is {state}", status_code=response.status_code,
+                              code=f"{body['object']}_{state}")
+        return Delivery(status_code=response.status_code, provider_ref=ref,
+                        summary=f"{response.status_code} {ref} {state}")
+
+    def error_for(self, response: Response) -> IntegrationError:
+        """Classify a non-2xx response, refined by its Stripe error body when there is one."""
+        error = _error_object(response.body)
+        kind, code = error.get("type"), error.get("code")
+        detail = error.get("message") or None
+        if error.get("decline_code") and error.get("decline_code") != code:
+            detail = f"{detail or 'declined'} (decline_code: {error['decline_code']})"
+        code = code or error.get("decline_code") or kind
+        if code == "idempotency_key_in_use":
+            return make_error(Transient, response, code=code, detail=detail)
+        if kind == "idempotency_error" and response.status_code in (400, 409):
+            return make_error(ClientError, response, code=code, detail=detail)
+        found = classify(response, code=code, detail=detail)
+        assert found is not None  # only called for non-2xx
+        return found
+
+
+def _error_object(body: Any) -> dict[str, Any]:
+    """The ``error`` object of a Stripe error body, or {} when the body is not one."""
+    try:
+        schemas.validate_response("payments", "error", body)
+    except schemas.SchemaError:
+        return {}
+    return {k: v for k, v in body["error"].items() if isinstance(v, str)}
+
+
+def form_encode(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Flatten ``value`` the way Stripe reads forms: ``metadata[k]=v``, ``items[0][price]=p``.
+
+    Booleans become ``true``/``false``; None values are skipped.
+    """
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from form_encode(item, f"{prefix}[{key}]" if prefix else str(key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from form_encode(item, f"{prefix}[{index}]")
+    elif value is None:
+        return
+    elif isinstance(value, bool):
+        yield prefix, "true" if value else "false"
+    else:
+        yield prefix, str(value)

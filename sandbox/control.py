@@ -1,0 +1,90 @@
+"""The ``/_sandbox/`` control API: stats, reset, faults and runtime settings."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs
+
+from sandbox.auth import mask_key
+from sandbox.state import SandboxState
+
+PREFIX = "/_sandbox/"
+
+
+def _bad(message: str, status: int = 400) -> tuple[int, dict]:
+    return status, {"error": {"type": "invalid_request_error", "message": message}}
+
+
+def _json_body(body: bytes) -> Any:
+    if not body.strip():
+        return {}
+    return json.loads(body)
+
+
+def handle_control(state: SandboxState, method: str, path: str, query: str,
+                   body: bytes) -> tuple[int, dict | list]:
+    """Serve one control request; returns (status, JSON body)."""
+    route = path[len(PREFIX):].rstrip("/")
+    try:
+        data = _json_body(body) if method in ("POST", "PUT") else {}
+    except (ValueError, UnicodeDecodeError):
+        return _bad("body must be JSON")
+
+    if route == "stats":
+        if method != "GET":
+            return _bad("method not allowed", 405)
+        log = parse_qs(query).get("log", ["1"])[-1] not in ("0", "false", "no")
+        return 200, state.stats(include_log=log)
+
+    if route == "reset":
+        if method != "POST":
+            return _bad("method not allowed", 405)
+        state.reset()
+        return 200, {"reset": True}
+
+    if route == "faults":
+        if method == "GET":
+            return 200, {"faults": state.faults.list()}
+        if method == "DELETE":
+            state.faults.clear()
+            return 200, {"cleared": True}
+        if method == "POST":
+            try:
+                rule = state.faults.add(data)
+            except ValueError as exc:
+                return _bad(str(exc))
+            return 200, {"id": rule.id, "fault": rule.to_dict()}
+        return _bad("method not allowed", 405)
+
+    if route.startswith("faults/"):
+        if method != "DELETE":
+            return _bad("method not allowed", 405)
+        try:
+            rule_id = int(route.split("/", 1)[1])
+        except ValueError:
+            return _bad("fault id must be an integer")
+        if not state.faults.remove(rule_id):
+            return _bad(f"no fault {rule_id}", 404)
+        return 200, {"deleted": rule_id}
+
+    if route == "config":
+        if method == "POST":
+            if not isinstance(data, dict):
+                return _bad("body must be a JSON object")
+            unknown = set(data) - {"api_key", "idempotency"}
+            if unknown:
+                return _bad(f"unknown settings: {sorted(unknown)}")
+            key, idem = data.get("api_key"), data.get("idempotency")
+            if key is not None and (not isinstance(key, str) or not key):
+                return _bad("api_key must be a non-empty string")
+            if idem is not None and not isinstance(idem, bool):
+                return _bad("idempotency must be true or false")
+            state.configure(api_key=key, idempotency=idem)
+        elif method != "GET":
+            return _bad("method not allowed", 405)
+        with state.lock:
+            return 200, {"api_key": mask_key(state.api_key), "idempotency": state.idempotency}
+
+    return _bad(f"unknown control path {path}", 404)
+

@@ -1,0 +1,285 @@
+"""HTTP request handler: routing, auth, faults and Stripe-style idempotency."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import socket
+import sys
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+from sandbox import payments
+from sandbox.auth import check_auth
+from sandbox.control import PREFIX, handle_control
+from sandbox.faults import FaultRule
+from sandbox.payments import Result
+
+MAX_BODY = 1024 * 1024
+MAX_KEY_LEN = 255
+DROPPED = "dropped"
+
+_POSTS = {"/v1/payment_intents": payments.create_payment_intent,
+          "/v1/refunds": payments.create_refund}
+_GET_RE = re.compile(r"^/v1/(payment_intents|refunds)/([A-Za-z0-9_]+)$")
+
+
+class _Dropped(Exception):
+    """The connection was closed on purpose; nothing more may be written."""
+
+
+def _api_error(status: int, message: str) -> Result:
+    return payments.error(status, "api_error", message)
+
+
+class SandboxHandler(BaseHTTPRequestHandler):
+    """Serves the payments API and the control API; one instance per connection."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "sandbox/1.0"
+
+    def version_string(self) -> str:
+        """The Server header: no Python version."""
+        return self.server_version
+
+    # --- plumbing -----------------------------------------------------------
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Silenced: the default line would include the raw request line."""
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        """Print only method, path and status, and only when access logging is on."""
+        if getattr(self.server, "access_log", False):
+            path = self.path.split("?", 1)[0].replace("\r", "").replace("\n", "")
+            sys.stderr.write(f"sandbox {self.command} {path[:200]} {code}\n")
+
+    def do_GET(self) -> None:  # noqa: N802
+        """Dispatch a GET."""
+        self._dispatch()
+
+    def do_POST(self) -> None:  # noqa: N802
+        """Dispatch a POST."""
+        self._dispatch()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        """Dispatch a DELETE."""
+        self._dispatch()
+
+    def do_PUT(self) -> None:  # noqa: N802
+        """Dispatch a PUT (always 405 or 404)."""
+        self._dispatch()
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        """Dispatch a PATCH (always 405 or 404)."""
+        self._dispatch()
+
+    @property
+    def state(self):
+        """The server's SandboxState."""
+        return self.server.state
+
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Request-Id", "req_" + secrets.token_hex(7))
+        version = self.headers.get("Stripe-Version")
+        if version:
+            self.send_header("Stripe-Version", version)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        # Account before the client can see the response, so stats read right after agree.
+        self._account(status)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _drop(self) -> None:
+        # Close without a response; the handler must not touch the socket afterwards.
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raise _Dropped
+
+    def _read_body(self) -> bytes | int:
+        """Read the body, or answer 413/400 and return that status."""
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return b""
+        try:
+            length = int(raw)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            self._send(400, {"error": {"type": "invalid_request_error",
+                                       "message": "Invalid Content-Length."}})
+            return 400
+        if length > MAX_BODY:
+            # Refused before reading; the unread body makes the connection unusable.
+            self.close_connection = True
+            self._send(413, {"error": {"type": "invalid_request_error",
+                                       "message": "Request body too large (max 1 MiB)."}})
+            return 413
+        return self.rfile.read(length)
+
+    def _dispatch(self) -> None:
+        path, _, query = self.path.partition("?")
+        try:
+            if path.startswith(PREFIX):
+                body = self._read_body()
+                if not isinstance(body, int):
+                    status, out = handle_control(self.state, self.command, path, query, body)
+                    self._send(status, out)
+                return
+            self._payments(path)
+        except _Dropped:
+            pass
+        except OSError:
+            self.close_connection = True
+
+    # --- payments API -------------------------------------------------------
+
+    def _account(self, status: int | str) -> None:
+        token, self._token = getattr(self, "_token", None), None
+        if token is not None:
+            self.state.end_request(token, status)
+
+    def _payments(self, path: str) -> None:
+        key = self.headers.get("Idempotency-Key")
+        self._token = self.state.begin_request(path, key or "")
+        try:
+            self._payments_inner(path, key)
+        finally:
+            self._account(DROPPED)  # no-op unless no response was sent
+
+    def _respond(self, result: Result, headers: dict[str, str] | None = None) -> int:
+        self._send(result.status, result.body, headers)
+        return result.status
+
+    def _payments_inner(self, path: str, key: str | None) -> int:
+        body = self._read_body()
+        if isinstance(body, int):
+            return body
+        rule = self.state.faults.pick(path, key)
+        if rule is not None:
+            early = self._pre_effect_fault(rule)
+            if early is not None:
+                return early
+        auth = check_auth(self.headers.get("Authorization", ""), self.state)
+        if auth is not None:
+            return self._respond(auth)
+        endpoint, args = self._route(path)
+        if isinstance(endpoint, Result):
+            return self._respond(endpoint)
+        if key is not None and (len(key) > MAX_KEY_LEN or not key.strip()):
+            return self._respond(payments.invalid(
+                "Idempotency-Key", "idempotency_key_invalid",
+                f"Idempotency-Key must be 1 to {MAX_KEY_LEN} characters long."))
+        if args is not None:  # a GET retrieve: no idempotency, no effect
+            self._sleep_latency(rule)
+            return self._finish(payments.retrieve(self.state, *args), rule, {})
+        try:
+            pairs, params = payments.parse_form(body)
+        except payments.FormError as exc:
+            return self._respond(payments.invalid("body", "parameter_invalid", str(exc)))
+        with self.state.lock:
+            use_key = key is not None and self.state.idempotency
+        if not use_key:
+            self._sleep_latency(rule)
+            return self._finish(endpoint(self.state, params, key or ""), rule, {})
+        return self._idempotent(endpoint, path, key, pairs, params, rule)
+
+    def _idempotent(self, endpoint, path: str, key: str, pairs, params, rule) -> int:
+        echo = {"Idempotency-Key": key}
+        outcome, stored = self.state.idem_claim(key, ("POST", path, tuple(pairs)))
+        if outcome == "conflict":
+            return self._respond(payments.error(400, "idempotency_error", (
+                "Keys for idempotent requests can only be used with the same parameters they "
+                f"were first used with. Try using a key other than '{key}' if you meant to "
+                "execute a different request.")), echo)
+        if outcome == "in_use":
+            return self._respond(payments.error(409, "idempotency_error", (
+                "There is currently another in-progress request using this Idempotent Key "
+                "(that probably means you submitted twice, and the other request is still "
+                "going through): " + key + ". Please try again later."),
+                code="idempotency_key_in_use"), echo)
+        if outcome == "replay":
+            self._sleep_latency(rule)
+            replay = Result(stored.status, stored.body)
+            return self._finish(replay, rule, {**echo, "Idempotent-Replayed": "true"})
+        try:
+            self._sleep_latency(rule)
+            result = endpoint(self.state, params, key)
+        except BaseException:
+            self.state.idem_release(key)
+            raise
+        if result.store:
+            self.state.idem_store(key, result.status, result.body)
+        else:
+            self.state.idem_release(key)
+        return self._finish(result, rule, echo)
+
+    def _pre_effect_fault(self, rule: FaultRule) -> int | None:
+        """Answer a fault that fires before the endpoint runs; None to carry on."""
+        p = rule.params
+        if rule.fault == "error_before":
+            return self._respond(_api_error(p["status"], "An error occurred with our connection "
+                                                         "to Stripe. (sandbox fault)"))
+        if rule.fault == "rate_limit":
+            res = payments.error(429, "rate_limit_error", "Too many requests hit the API too "
+                                 "quickly. (sandbox fault)", code="rate_limit")
+            headers = {"Retry-After": p["retry_after"]} if p["retry_after"] is not None else {}
+            return self._respond(res, headers)
+        if rule.fault == "status":
+            body = p["body"] if p["body"] is not None else {"error": {
+                "type": "invalid_request_error", "message": "Sandbox status fault."}}
+            return self._respond(Result(p["status"], body))
+        if rule.fault == "down":
+            if rule.params["mode"] == "503":
+                return self._respond(_api_error(503, "Service unavailable. (sandbox down)"))
+            while self.state.faults.active(rule.id):
+                if self.state.stopping.wait(0.05):
+                    self._drop()
+            # A request caught by an outage never reaches the endpoint, even once it ends.
+            return self._respond(_api_error(503, "Service unavailable. (sandbox down)"))
+        return None
+
+    def _sleep_latency(self, rule: FaultRule | None) -> None:
+        if rule is not None and rule.fault == "latency":
+            self.state.stopping.wait(rule.params["delay_s"])
+
+    def _finish(self, result: Result, rule: FaultRule | None, headers: dict[str, str]) -> int:
+        """Send the result, applying any fault that fires after the effect."""
+        fault = rule.fault if rule is not None else None
+        if fault == "error_after":
+            return self._respond(_api_error(rule.params["status"], "An unknown error occurred "
+                                            "after processing. (sandbox fault)"), headers)
+        if fault == "drop_after":
+            self._drop()
+        if fault == "slow_after" and self.state.stopping.wait(rule.params["delay_s"]):
+            self._drop()
+        return self._respond(result, headers)
+
+    def _route(self, path: str):
+        """Return (endpoint, None) for a POST, (None, args) for a GET, or (Result, None)."""
+        if path in _POSTS:
+            if self.command != "POST":
+                return _method_not_allowed(), None
+            return _POSTS[path], None
+        m = _GET_RE.match(path)
+        if m:
+            if self.command != "GET":
+                return _method_not_allowed(), None
+            return None, (m.group(1), m.group(2))
+        return payments.error(404, "invalid_request_error",
+                              f"Unrecognized request URL ({self.command}: {path[:200]})."), None
+
+
+def _method_not_allowed() -> Result:
+    return payments.error(405, "invalid_request_error", "Method not allowed for this URL.")

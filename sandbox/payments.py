@@ -1,0 +1,229 @@
+"""Stripe-shaped payments endpoints: form parsing, validation, payment intents and refunds."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import string
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from sandbox.state import SandboxState
+
+_ALNUM = string.ascii_letters + string.digits
+_KEY_RE = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+_CURRENCY_RE = re.compile(r"^[a-z]{3}$")
+
+PI_PARAMS = {
+    "amount", "currency", "customer", "description", "payment_method", "metadata", "confirm",
+    "capture_method", "receipt_email", "statement_descriptor", "payment_method_types",
+    "automatic_payment_methods", "off_session", "expand",
+}
+REFUND_PARAMS = {"payment_intent", "amount", "reason", "metadata", "expand"}
+REFUND_REASONS = {"duplicate", "fraudulent", "requested_by_customer"}
+
+# Built-in declines, keyed by (param, value): (code, decline_code, message).
+DECLINES = {
+    ("customer", "cus_declined"): ("card_declined", "generic_decline", "Your card was declined."),
+    ("customer", "cus_insufficient"): (
+        "card_declined", "insufficient_funds", "Your card has insufficient funds."),
+    ("payment_method", "pm_card_expired"): (
+        "expired_card", "expired_card", "Your card has expired."),
+}
+
+
+@dataclass
+class Result:
+    """An endpoint's answer. ``store`` says whether an idempotency key may keep it."""
+
+    status: int
+    body: dict
+    effect: bool = False
+    store: bool = True
+
+
+class FormError(ValueError):
+    """The body is not a well-formed Stripe form encoding."""
+
+
+def new_id(prefix: str) -> str:
+    """A Stripe-like object id: prefix, underscore, 24 random alphanumerics."""
+    return prefix + "_" + "".join(secrets.choice(_ALNUM) for _ in range(24))
+
+
+def error(status: int, etype: str, message: str, **extra: Any) -> Result:
+    """A Stripe-shaped error result; validation errors are not stored for the key."""
+    return Result(status, {"error": {"type": etype, "message": message, **extra}}, store=False)
+
+
+def invalid(param: str, code: str, message: str) -> Result:
+    """A 400 invalid_request_error for ``param``."""
+    return error(400, "invalid_request_error", message, code=code, param=param)
+
+
+def parse_form(body: bytes) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """Decode a form body into (sorted pairs for fingerprints, nested params).
+
+    ``metadata[order]=42`` becomes ``{"metadata": {"order": "42"}}`` and ``a[]=x`` a list.
+    """
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError as exc:
+        raise FormError("request body is not valid UTF-8") from exc
+    params: dict[str, Any] = {}
+    for raw_key, value in pairs:
+        m = _KEY_RE.match(raw_key)
+        if not m:
+            raise FormError(f"invalid parameter name: {raw_key!r}")
+        parts = [m.group(1)] + re.findall(r"\[([^\[\]]*)\]", m.group(2))
+        node: Any = params
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if part == "":
+                if not isinstance(node, list):
+                    raise FormError(f"invalid array parameter: {raw_key!r}")
+                node.append(value if last else {})
+                node = node[-1]
+                continue
+            if not isinstance(node, dict):
+                raise FormError(f"conflicting parameter: {raw_key!r}")
+            if last:
+                node[part] = value
+            else:
+                child_is_list = parts[i + 1] == ""
+                node = node.setdefault(part, [] if child_is_list else {})
+    return sorted(pairs), params
+
+
+def _parse_amount(params: dict, required: bool) -> int | Result | None:
+    raw = params.get("amount")
+    if raw is None:
+        if required:
+            return invalid("amount", "parameter_missing", "Missing required param: amount.")
+        return None
+    if not isinstance(raw, str) or not re.fullmatch(r"-?\d+", raw):
+        return invalid("amount", "parameter_invalid_integer", "Invalid integer: " + str(raw)[:40])
+    amount = int(raw)
+    if amount <= 0:
+        return invalid("amount", "amount_too_small", "Amount must be greater than zero.")
+    return amount
+
+
+def _check_common(params: dict, allowed: set[str]) -> Result | None:
+    for name in params:
+        if name not in allowed:
+            return invalid(name, "parameter_unknown", f"Received unknown parameter: {name}")
+    meta = params.get("metadata")
+    if meta is not None and meta != "" and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        return invalid("metadata", "parameter_invalid", "Invalid metadata: must be a hash of strings.")
+    return None
+
+
+def create_payment_intent(state: SandboxState, params: dict, key: str) -> Result:
+    """``POST /v1/payment_intents``: validate, decline on the magic inputs, else create."""
+    bad = _check_common(params, PI_PARAMS)
+    if bad:
+        return bad
+    amount = _parse_amount(params, required=True)
+    if isinstance(amount, Result):
+        return amount
+    currency = params.get("currency")
+    if currency is None:
+        return invalid("currency", "parameter_missing", "Missing required param: currency.")
+    if not isinstance(currency, str) or not _CURRENCY_RE.match(currency):
+        return invalid("currency", "parameter_invalid", f"Invalid currency: {str(currency)[:20]}.")
+    for name in ("customer", "description", "payment_method"):
+        if name in params and not isinstance(params[name], str):
+            return invalid(name, "parameter_invalid", f"Invalid {name}: must be a string.")
+    for (param, value), (code, decline_code, message) in DECLINES.items():
+        if params.get(param) == value:
+            # A decline is the endpoint's real answer, so (like Stripe) the key keeps it.
+            return Result(402, {"error": {
+                "type": "card_error", "code": code, "decline_code": decline_code,
+                "message": message, "param": "" if param == "customer" else param,
+            }})
+    pi = {
+        "id": new_id("pi"),
+        "object": "payment_intent",
+        "amount": amount,
+        "amount_received": amount,
+        "currency": currency,
+        "status": "succeeded",
+        "customer": params.get("customer"),
+        "description": params.get("description"),
+        "payment_method": params.get("payment_method"),
+        "metadata": params.get("metadata") or {},
+        "created": int(time.time()),
+        "livemode": False,
+    }
+    with state.lock:
+        state.payment_intents[pi["id"]] = {**pi, "amount_refunded": 0}
+        state.record_effect(key)
+    return Result(200, pi, effect=True)
+
+
+def create_refund(state: SandboxState, params: dict, key: str) -> Result:
+    """``POST /v1/refunds``: refund all or part of an existing payment intent."""
+    bad = _check_common(params, REFUND_PARAMS)
+    if bad:
+        return bad
+    pi_id = params.get("payment_intent")
+    if pi_id is None:
+        return invalid("payment_intent", "parameter_missing",
+                       "Missing required param: payment_intent.")
+    amount = _parse_amount(params, required=False)
+    if isinstance(amount, Result):
+        return amount
+    reason = params.get("reason")
+    if reason is not None and reason not in REFUND_REASONS:
+        return invalid("reason", "parameter_invalid",
+                       f"Invalid reason: must be one of {', '.join(sorted(REFUND_REASONS))}.")
+    with state.lock:
+        pi = state.payment_intents.get(pi_id) if isinstance(pi_id, str) else None
+        if pi is None:
+            res = error(404, "invalid_request_error", f"No such payment_intent: '{pi_id}'",
+                        code="resource_missing", param="payment_intent")
+            res.store = True
+            return res
+        remaining = pi["amount"] - pi["amount_refunded"]
+        if remaining <= 0:
+            return Result(400, {"error": {
+                "type": "invalid_request_error", "code": "charge_already_refunded",
+                "message": f"Charge for payment_intent {pi_id} has already been refunded."}})
+        amount = remaining if amount is None else amount
+        if amount > remaining:
+            return Result(400, {"error": {
+                "type": "invalid_request_error", "code": "amount_too_large", "param": "amount",
+                "message": f"Refund amount ({amount}) is greater than unrefunded amount "
+                           f"on charge ({remaining})."}})
+        refund = {
+            "id": new_id("re"),
+            "object": "refund",
+            "amount": amount,
+            "payment_intent": pi_id,
+            "status": "succeeded",
+            "currency": pi["currency"],
+            "reason": reason,
+            "metadata": params.get("metadata") or {},
+            "created": int(time.time()),
+        }
+        pi["amount_refunded"] += amount
+        state.refunds[refund["id"]] = refund
+        state.record_effect(key)
+    return Result(200, refund, effect=True)
+
+
+def retrieve(state: SandboxState, kind: str, obj_id: str) -> Result:
+    """``GET /v1/payment_intents/ID`` or ``/v1/refunds/ID`` (lets a client verify state)."""
+    with state.lock:
+        table = state.payment_intents if kind == "payment_intents" else state.refunds
+        obj = table.get(obj_id)
+        if obj is None:
+            name = "payment_intent" if kind == "payment_intents" else "refund"
+            return error(404, "invalid_request_error", f"No such {name}: '{obj_id}'",
+                         code="resource_missing", param="id")
+        return Result(200, dict(obj))

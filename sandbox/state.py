@@ -1,0 +1,152 @@
+"""In-process state of the sandbox: settings, effect accounting, idempotency store, objects."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sandbox.faults import FaultTable
+
+LOG_CAP = 100_000
+
+
+@dataclass
+class StoredResult:
+    """What an idempotency key maps to: in progress, or a finished response."""
+
+    fingerprint: tuple
+    status: int | None = None
+    body: dict | None = None
+
+    @property
+    def in_progress(self) -> bool:
+        """True until the first request with the key has stored its result."""
+        return self.status is None
+
+
+class SandboxState:
+    """All mutable sandbox state behind one lock; every method is thread-safe."""
+
+    def __init__(self, api_key: str) -> None:
+        """Start empty with ``api_key`` as the accepted payments key."""
+        self.lock = threading.RLock()
+        self.api_key = api_key
+        self.idempotency = True
+        self.faults = FaultTable()
+        # Set when the server stops, so sleeping and hanging requests end early.
+        self.stopping = threading.Event()
+        self._in_flight = 0
+        self._generation = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.requests_total = 0
+        self.effects_total = 0
+        self.effects_by_key: collections.Counter[str] = collections.Counter()
+        self.requests_by_key: collections.Counter[str] = collections.Counter()
+        self.status_counts: collections.Counter[str] = collections.Counter()
+        self.max_in_flight = self._in_flight
+        self.request_log: collections.deque[dict] = collections.deque(maxlen=LOG_CAP)
+        self.idem: dict[str, StoredResult] = {}
+        self.payment_intents: dict[str, dict] = {}
+        self.refunds: dict[str, dict] = {}
+
+    def reset(self) -> None:
+        """Forget requests, effects, objects, stored keys and faults; keep the API key."""
+        with self.lock:
+            # Requests still running belong to the old generation and must not leak into the new one.
+            self._generation += 1
+            self.idempotency = True
+            self.faults.clear()
+            self._clear()
+
+    def configure(self, api_key: str | None = None, idempotency: bool | None = None) -> None:
+        """Change the accepted API key and/or switch idempotency handling."""
+        with self.lock:
+            if api_key is not None:
+                self.api_key = api_key
+            if idempotency is not None:
+                self.idempotency = idempotency
+
+    # --- request accounting -------------------------------------------------
+
+    def begin_request(self, path: str, key: str) -> dict:
+        """Count an arriving payments request; returns its log entry (pass to end_request)."""
+        with self.lock:
+            # time.time() under the lock keeps request_log ordered by arrival.
+            entry = {"t": time.time(), "t_end": None, "path": path, "key": key, "status": None}
+            self.requests_total += 1
+            self.requests_by_key[key] += 1
+            self.request_log.append(entry)
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            return {"entry": entry, "gen": self._generation}
+
+    def end_request(self, token: dict, status: int | str) -> None:
+        """Record the outcome (an HTTP status, or "dropped") of a request."""
+        with self.lock:
+            self._in_flight -= 1
+            entry = token["entry"]
+            entry["t_end"] = time.time()
+            entry["status"] = status
+            if token["gen"] == self._generation:
+                self.status_counts[str(status)] += 1
+
+    def record_effect(self, key: str) -> None:
+        """Count one object actually created under ``key`` ("" when the request had none)."""
+        with self.lock:
+            self.effects_total += 1
+            self.effects_by_key[key] += 1
+
+    def stats(self, include_log: bool = True) -> dict[str, Any]:
+        """Snapshot of the accounting, as served by ``GET /_sandbox/stats``."""
+        with self.lock:
+            out: dict[str, Any] = {
+                "requests_total": self.requests_total,
+                "effects_total": self.effects_total,
+                "effects_by_key": dict(self.effects_by_key),
+                "requests_by_key": dict(self.requests_by_key),
+                "status_counts": dict(self.status_counts),
+                "in_flight": self._in_flight,
+                "max_in_flight": self.max_in_flight,
+                "faults": self.faults.list(),
+            }
+            if include_log:
+                out["request_log"] = [dict(e) for e in self.request_log]
+            return out
+
+    # --- idempotency --------------------------------------------------------
+
+    def idem_claim(self, key: str, fingerprint: tuple) -> tuple[str, StoredResult | None]:
+        """Look up ``key``: returns ("new" | "replay" | "conflict" | "in_use", stored).
+
+        "new" marks the key in progress; the caller must later call idem_store or idem_release.
+        """
+        with self.lock:
+            stored = self.idem.get(key)
+            if stored is None:
+                self.idem[key] = StoredResult(fingerprint)
+                return "new", None
+            if stored.fingerprint != fingerprint:
+                return "conflict", stored
+            if stored.in_progress:
+                return "in_use", stored
+            return "replay", stored
+
+    def idem_store(self, key: str, status: int, body: dict) -> None:
+        """Save the finished response for ``key``."""
+        with self.lock:
+            stored = self.idem.get(key)
+            if stored is not None and stored.in_progress:
+                stored.status, stored.body = status, copy.deepcopy(body)
+
+    def idem_release(self, key: str) -> None:
+        """Forget an in-progress key whose result must not be saved (validation error, crash)."""
+        with self.lock:
+            stored = self.idem.get(key)
+            if stored is not None and stored.in_progress:
+                del self.idem[key]

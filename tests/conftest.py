@@ -1,0 +1,130 @@
+"""Shared fixtures: real PostgreSQL, SQLite, Redis and the sandbox provider.
+
+A service that cannot be reached fails the test with what to start; nothing
+is skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from outbox.db import make_engine, make_sessionmaker
+from outbox.migrations import upgrade
+
+PG_ADMIN_URL = os.environ.get("OUTBOX_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+REDIS_TEST_URL = os.environ.get("OUTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+START_PG = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+START_REDIS = ("redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' "
+               "--appendonly no")
+
+
+def _pg_admin_engine():
+    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({type(exc).__name__}). "
+                    f"Start it: {START_PG}", pytrace=False)
+    return engine
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, migrated PostgreSQL database for this test; dropped afterwards."""
+    admin = _pg_admin_engine()
+    name = f"outbox_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    """A fresh, migrated SQLite file database for this test."""
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    """Runs the test once on SQLite and once on PostgreSQL."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture
+def engine(db_url):
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine):
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture
+def redis_url():
+    """A flushed Redis database (index 15 by default) for this test."""
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_TEST_URL} ({type(exc).__name__}). "
+                    f"Start it: {START_REDIS}", pytrace=False)
+    client.flushdb()
+    yield REDIS_TEST_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def sandbox():
+    """The sandbox providers on an ephemeral loopback port."""
+    from sandbox.server import SandboxServer
+
+    server = SandboxServer(host="127.0.0.1", port=0, payments_api_key="sk_test_outbox")
+    server.start()
+    yield server
+    server.stop()
+
+
+class RecordingPublisher:
+    """A Publisher that records what it was asked to publish (core tests without a broker)."""
+
+    def __init__(self):
+        self.published = []
+        self.fail = False
+
+    def publish(self, refs):
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.published.extend(refs)
+
+    @property
+    def ids(self):
+        return [r.id for r in self.published]
+
+
+@pytest.fixture
+def publisher():
+    """Install a RecordingPublisher as the process's publisher for this test."""
+    from outbox import dispatch
+
+    recorder = RecordingPublisher()
+    dispatch.use_publisher(recorder)
+    yield recorder
+    dispatch.use_publisher(None)

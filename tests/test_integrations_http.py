@@ -1,0 +1,413 @@
+"""HttpClient policy, settings, credentials, sanitising and Retry-After parsing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qsl
+
+import pytest
+import requests
+
+from integrations.base import Request
+from integrations.credentials import ApiKey
+from integrations.errors import Ambiguous, AuthError, ClientError, ConfigurationError, Transient
+from integrations.http import USER_AGENT, HttpClient, RequestsTransport
+from integrations.payments import STRIPE_VERSION, PaymentsAdapter
+from integrations.registry import build_provider, get_provider, known_providers, reset
+from integrations.retry_after import parse_retry_after
+from integrations.sanitize import SanitizingFilter, sanitize
+from integrations.settings import ProviderSettings
+from integrations.testing import MockTransport
+
+KEY = "sk_test_4eC39HqLyjWDarjtT1zdp7dc"
+INTENT = {"id": "pi_123", "object": "payment_intent", "status": "succeeded"}
+CHARGE = {"amount": 2000, "currency": "usd", "customer": "cus_1", "description": "Order 42",
+          "payment_method": "pm_card_visa", "metadata": {"order": "42", "note": "a&b=c"}}
+
+
+def ok(_request):
+    return 200, {"Content-Type": "application/json"}, INTENT
+
+
+def provider_for(handler=ok, **env):
+    environ = {"OUTBOX_PAYMENTS_API_KEY": KEY, **env}
+    transport = MockTransport(handler)
+    return build_provider("payments", environ, transport=transport), transport
+
+
+# --- request shape ---------------------------------------------------------------------
+
+def test_charge_request_shape():
+    """Form-encoded POST with nested metadata, idempotency key, pinned version, bearer key."""
+    provider, transport = provider_for(OUTBOX_PAYMENTS_TIMEOUT="7", OUTBOX_PAYMENTS_CONNECT_TIMEOUT="2")
+    provider.deliver("charge", CHARGE, "order-42-charge")
+    (call,) = transport.calls
+    sent = call.request
+    assert sent.method == "POST" and sent.url == "https://api.stripe.com/v1/payment_intents"
+    assert sent.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert sent.headers["Idempotency-Key"] == "order-42-charge"
+    assert sent.headers["Stripe-Version"] == STRIPE_VERSION == "2024-06-20"
+    assert sent.headers["Authorization"] == f"Bearer {KEY}"
+    assert sent.headers["User-Agent"] == USER_AGENT
+    form = dict(parse_qsl(sent.body))
+    assert form == {"amount": "2000", "currency": "usd", "customer": "cus_1",
+                    "description": "Order 42", "payment_method": "pm_card_visa",
+                    "metadata[order]": "42", "metadata[note]": "a&b=c", "confirm": "true",
+                    "automatic_payment_methods[enabled]": "true",
+                    "automatic_payment_methods[allow_redirects]": "never"}
+    assert call.timeout == (2.0, 7.0)
+
+
+def test_refund_request_shape():
+    provider, transport = provider_for(
+        lambda r: (200, {}, {"id": "re_1", "object": "refund", "status": "pending"}))
+    provider.deliver("refund", {"payment_intent": "pi_123", "amount": 500}, "order-42-refund")
+    sent = transport.calls[0].request
+    assert sent.url.endswith("/v1/refunds")
+    assert dict(parse_qsl(sent.body)) == {"payment_intent": "pi_123", "amount": "500"}
+    assert sent.headers["Idempotency-Key"] == "order-42-refund"
+
+
+def test_json_request_and_no_auth():
+    """Adapters without bearer auth get no Authorization header; JSON bodies are encoded."""
+    settings = ProviderSettings.from_env("email", {})
+    transport = MockTransport(lambda r: (202, {}, b""))
+    response = HttpClient(settings, transport).send(Request("POST", "/v3/mail/send", json={"a": 1}))
+    sent = transport.calls[0].request
+    assert "Authorization" not in sent.headers
+    assert sent.body == b'{"a": 1}' and sent.headers["Content-Type"] == "application/json"
+    assert response.status_code == 202 and response.body is None
+
+
+def test_real_transport_policy():
+    """TLS verification on, TLS >= 1.2, pool sized to max concurrency, no env leakage."""
+    transport = RequestsTransport(pool_size=16)
+    assert transport.session.verify is True and transport.session.trust_env is False
+    adapter = transport.session.get_adapter("https://api.stripe.com")
+    assert adapter is transport.tls_adapter
+    assert adapter._pool_maxsize == 16
+    context = adapter.poolmanager.connection_pool_kw["ssl_context"]
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    settings = ProviderSettings.from_env("payments", {"OUTBOX_PAYMENTS_MAX_CONCURRENCY": "16"})
+    assert HttpClient(settings).transport.tls_adapter._pool_maxsize == 16
+
+
+# --- real sockets on loopback ----------------------------------------------------------
+
+class OneShotServer:
+    """A loopback TCP server that reads one request and then does ``behaviour(conn)``."""
+
+    def __init__(self, behaviour):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        self.thread = threading.Thread(target=self._serve, args=(behaviour,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, behaviour):
+        self.sock.settimeout(5)
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                with conn:
+                    conn.recv(65536)
+                    self.requests += 1
+                    behaviour(conn)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def start(behaviour):
+        servers.append(OneShotServer(behaviour))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def loopback_provider(port, **env):
+    environ = {"OUTBOX_PAYMENTS_API_KEY": KEY,
+               "OUTBOX_PAYMENTS_BASE_URL": f"http://127.0.0.1:{port}", **env}
+    return build_provider("payments", environ)
+
+
+def test_real_closed_port_is_transient():
+    """No mock: connecting to a closed loopback port is 'never sent'."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with pytest.raises(Transient) as info:
+        loopback_provider(port).deliver("charge", CHARGE, "k1")
+    assert info.value.code == "connect_error"
+
+
+def test_real_connection_closed_after_send_is_ambiguous(server):
+    srv = server(lambda conn: None)  # read the request, close without answering
+    with pytest.raises(Ambiguous):
+        loopback_provider(srv.port).deliver("charge", CHARGE, "k1")
+    assert srv.requests == 1
+
+
+def test_real_read_timeout_is_ambiguous(server):
+    srv = server(lambda conn: time.sleep(1))
+    started = time.monotonic()
+    with pytest.raises(Ambiguous, match="read timeout"):
+        loopback_provider(srv.port, OUTBOX_PAYMENTS_TIMEOUT="0.2").deliver("charge", CHARGE, "k1")
+    assert time.monotonic() - started < 0.9
+
+
+def test_real_redirect_is_not_followed(server):
+    srv = server(lambda conn: conn.sendall(
+        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:9/steal\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n"))
+    with pytest.raises(ClientError, match="redirect"):
+        loopback_provider(srv.port).deliver("charge", CHARGE, "k1")
+    assert srv.requests == 1
+
+
+def test_real_success_round_trip(server):
+    body = b'{"id": "pi_9", "object": "payment_intent", "status": "processing"}'
+    srv = server(lambda conn: conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body))
+    delivery = loopback_provider(srv.port).deliver("charge", CHARGE, "k1")
+    assert delivery.summary == "200 pi_9 processing"
+
+
+# --- settings --------------------------------------------------------------------------
+
+def test_settings_defaults_and_repr_hides_key():
+    settings = ProviderSettings.from_env("payments", {"OUTBOX_PAYMENTS_API_KEY": KEY})
+    assert settings.base_url == "https://api.stripe.com"
+    assert settings.timeout == (3.05, 10.0) and settings.max_concurrency == 10
+    assert settings.api_key == KEY
+    assert KEY not in repr(settings) and KEY not in str(settings)
+
+
+@pytest.mark.parametrize("url", ["http://api.stripe.com", "http://10.0.0.5:8080",
+                                 "http://localhost.evil.com", "ftp://127.0.0.1",
+                                 "https://user:pw@api.stripe.com", "api.stripe.com"])
+def test_base_url_refused(url):
+    with pytest.raises(ConfigurationError, match="OUTBOX_PAYMENTS_BASE_URL"):
+        ProviderSettings.from_env("payments", {"OUTBOX_PAYMENTS_BASE_URL": url})
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8001", "http://127.5.6.7", "http://localhost:9000/",
+                                 "http://[::1]:8001", "https://api.stripe.com"])
+def test_base_url_allowed(url):
+    settings = ProviderSettings.from_env("payments", {"OUTBOX_PAYMENTS_BASE_URL": url})
+    assert settings.base_url == url.rstrip("/")
+
+
+@pytest.mark.parametrize("variable,value", [
+    ("OUTBOX_PAYMENTS_TIMEOUT", "soon"), ("OUTBOX_PAYMENTS_TIMEOUT", "0"),
+    ("OUTBOX_PAYMENTS_TIMEOUT", "nan"), ("OUTBOX_PAYMENTS_CONNECT_TIMEOUT", "-1"),
+    ("OUTBOX_PAYMENTS_MAX_CONCURRENCY", "0"), ("OUTBOX_PAYMENTS_MAX_CONCURRENCY", "2.5"),
+])
+def test_bad_settings_name_the_variable(variable, value):
+    with pytest.raises(ConfigurationError, match=variable):
+        ProviderSettings.from_env("payments", {variable: value})
+
+
+def test_both_key_sources_refused():
+    with pytest.raises(ConfigurationError, match="OUTBOX_PAYMENTS_API_KEY_FILE"):
+        ProviderSettings.from_env("payments", {"OUTBOX_PAYMENTS_API_KEY": KEY,
+                                               "OUTBOX_PAYMENTS_API_KEY_FILE": "/run/key"})
+
+
+def test_provider_without_default_url_needs_one():
+    with pytest.raises(ConfigurationError, match="OUTBOX_WEBHOOKS_BASE_URL"):
+        ProviderSettings.from_env("webhooks", {})
+
+
+def test_registry_caches_and_reset_rereads_env(monkeypatch):
+    monkeypatch.setenv("OUTBOX_PAYMENTS_TIMEOUT", "4")
+    reset()
+    try:
+        first = get_provider("payments")
+        assert get_provider("payments") is first and first.settings.read_timeout_s == 4
+        monkeypatch.setenv("OUTBOX_PAYMENTS_TIMEOUT", "6")
+        assert get_provider("payments").settings.read_timeout_s == 4
+        reset()
+        assert get_provider("payments").settings.read_timeout_s == 6
+    finally:
+        reset()
+    assert known_providers() == ["payments"]
+    with pytest.raises(KeyError):
+        get_provider("nope")
+
+
+# --- credentials -----------------------------------------------------------------------
+
+def test_key_file_rotation_without_restart(tmp_path):
+    path = tmp_path / "key"
+    path.write_text("sk_test_one\n")
+    key = ApiKey(path=path)
+    assert key.get() == "sk_test_one"
+    replacement = tmp_path / "key.new"
+    replacement.write_text("sk_test_two\n")
+    os.replace(replacement, path)  # atomic rotation, as a secrets manager does it
+    assert key.get() == "sk_test_two"
+    assert "sk_test" not in repr(key)
+
+
+def test_refresh_rereads_even_when_file_looks_unchanged(tmp_path):
+    path = tmp_path / "key"
+    path.write_text("sk_test_aaa")
+    key = ApiKey(path=path)
+    assert key.get() == "sk_test_aaa"
+    st = os.stat(path)
+    with open(path, "r+") as f:  # same inode, same size, same mtime
+        f.write("sk_test_bbb")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert key.get() == "sk_test_aaa"
+    key.refresh()
+    assert key.get() == "sk_test_bbb"
+
+
+def test_missing_or_empty_key(tmp_path):
+    with pytest.raises(AuthError, match="no API key configured"):
+        ApiKey().get()
+    with pytest.raises(AuthError, match="unreadable"):
+        ApiKey(path=tmp_path / "absent").get()
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(AuthError, match="empty"):
+        ApiKey(path=tmp_path / "empty").get()
+    assert repr(ApiKey(KEY)) == "ApiKey(value=***)"
+
+
+# --- Retry-After -----------------------------------------------------------------------
+
+NOW = datetime(2024, 6, 20, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("2", 2.0), (" 1.5 ", 1.5), ("0", 0.0),
+    ("Thu, 20 Jun 2024 12:00:30 GMT", 30.0),
+    ("Thu, 20 Jun 2024 11:00:00 GMT", 0.0),       # past date
+    ("999999999", 86_400.0),                      # clamped to a day
+    ("-5", None), ("soon", None), ("", None), (None, None), ("1e3", None), ("nan", None),
+])
+def test_parse_retry_after(value, expected):
+    assert parse_retry_after(value, now=NOW) == expected
+
+
+def test_parse_retry_after_far_date_is_clamped():
+    later = (NOW + timedelta(days=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    assert parse_retry_after(later, now=NOW, max_s=60) == 60
+
+
+# --- sanitising and logs ---------------------------------------------------------------
+
+@pytest.mark.parametrize("text,secret", [
+    (f"using key {KEY} now", KEY),
+    ("rk_live_51Habcdefghijklmnop failed", "51Habcdefghijklmnop"),
+    ("Authorization: Bearer eyJhbGciOi.J9xyz-abc", "eyJhbGciOi"),
+    ("header bearer abc.def.ghi", "abc.def.ghi"),
+    ("signing with whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+    ("GET /x?api_key=hunter22&page=2", "hunter22"),
+    ('{"password": "correct horse", "user": "bob"}', "correct horse"),
+    ("client_secret=abc123; token: t0k3n", "abc123"),
+    ("client_secret=abc123; token: t0k3n", "t0k3n"),
+    ("card 4242 4242 4242 4242 exp 12/34", "4242 4242 4242 4242"),
+    ("card 4000-0566-5566-5556", "4000-0566-5566-5556"),
+    ("card 378282246310005", "378282246310005"),
+])
+def test_sanitize_masks(text, secret):
+    cleaned = sanitize(text)
+    assert secret not in cleaned
+    assert "***" in cleaned
+
+
+def test_sanitize_keeps_useful_text():
+    assert sanitize("402 card_declined on pi_3N1234567890123456") == "402 card_declined on pi_3N1234567890123456"
+    assert sanitize("ts=1718884800123 order 42") == "ts=1718884800123 order 42"  # not a Luhn number
+    assert sanitize("card 4242424242424242").endswith("****4242")
+    assert sanitize("Idempotency-Key: order-42") == "Idempotency-Key: order-42"
+
+
+def test_sanitize_strips_control_chars_and_truncates():
+    assert sanitize("line1\r\nFAKE 200 OK\x1b[31m") == "line1  FAKE 200 OK [31m"
+    long = sanitize("x" * 1000)
+    assert len(long) == 500 and long.endswith("…")
+    assert len(sanitize("x" * 1000, max_length=None)) == 1000
+
+
+def test_sanitizing_filter_renders_args():
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "key=%s user=%s\nforged",
+                               (KEY, "bob"), None)
+    assert SanitizingFilter().filter(record) is True
+    assert record.args is None
+    assert KEY not in record.getMessage() and "bob" in record.getMessage()
+    assert "\n" not in record.getMessage()
+
+
+def test_sanitizing_filter_cleans_tracebacks():
+    try:
+        raise ValueError(f"bad key {KEY}")
+    except ValueError:
+        import sys
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "boom", None, sys.exc_info())
+    SanitizingFilter().filter(record)
+    assert KEY not in record.exc_text and "ValueError" in record.exc_text
+
+
+def test_one_log_line_per_request_without_secrets_or_payload(caplog):
+    provider, _ = provider_for()
+    with caplog.at_level(logging.DEBUG, logger="integrations"):
+        provider.deliver("charge", CHARGE, "order-42-charge")
+    lines = [r for r in caplog.records if r.name == "integrations.http"]
+    assert len(lines) == 1
+    record = lines[0]
+    assert (record.provider, record.method, record.path, record.status) == (
+        "payments", "POST", "/v1/payment_intents", 200)
+    assert record.elapsed_ms >= 0
+    text = caplog.text + repr(record.__dict__)
+    for secret in (KEY, "Bearer", "cus_1", "Order 42", "2000", "order-42-charge", "pm_card_visa"):
+        assert secret not in text
+
+
+def test_failure_log_is_sanitised(caplog):
+    exc = requests.ConnectionError(f"failed for https://api.stripe.com/v1/x?api_key={KEY}&q=1")
+    provider, _ = provider_for(lambda r: (_ for _ in ()).throw(exc))
+    with caplog.at_level(logging.INFO, logger="integrations.http"), pytest.raises(Ambiguous):
+        provider.deliver("charge", CHARGE, "k1")
+    assert KEY not in caplog.text and "q=1" not in caplog.text
+    assert caplog.records[-1].error_class == "ambiguous"
+
+
+def test_adapter_contract():
+    adapter = PaymentsAdapter()
+    assert adapter.name == "payments" and adapter.operations == {"charge", "refund"}
+    assert adapter.supports_idempotency and adapter.auth == "bearer"
+    with pytest.raises(ValueError):
+        adapter.build_request("teleport", {}, "k")
+
+
+def test_raw_os_errors_from_a_transport_are_translated():
+    """A transport that leaks a bare OSError still yields an IntegrationError."""
+    def refused(_r):
+        raise ConnectionRefusedError(111, "refused")
+
+    def reset(_r):
+        raise ConnectionResetError(104, "reset")
+
+    with pytest.raises(Transient):
+        provider_for(refused)[0].deliver("charge", CHARGE, "k1")
+    with pytest.raises(Ambiguous):
+        provider_for(reset)[0].deliver("charge", CHARGE, "k1")

@@ -1,0 +1,380 @@
+"""The sandbox provider over real loopback HTTP: API, idempotency, faults and accounting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+# The project is not necessarily pip-installed; make the repository root importable.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sandbox.server import SandboxServer  # noqa: E402
+
+KEY = "sk_test_sandbox"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHARGE = {"amount": "1000", "currency": "usd", "customer": "cus_1", "metadata[order]": "42"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = SandboxServer(host="127.0.0.1", port=0, payments_api_key=KEY)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def srv(server):
+    requests.post(server.url + "/_sandbox/reset", timeout=5).raise_for_status()
+    requests.post(server.url + "/_sandbox/config", json={"api_key": KEY}, timeout=5)
+    return server
+
+
+def charge(srv, key=None, data=CHARGE, timeout=5, headers=None, **kw):
+    h = dict(AUTH)
+    if key is not None:
+        h["Idempotency-Key"] = key
+    h.update(headers or {})
+    return requests.post(srv.url + "/v1/payment_intents", data=data, headers=h,
+                         timeout=timeout, **kw)
+
+
+def fault(srv, **spec):
+    r = requests.post(srv.url + "/_sandbox/faults", json=spec, timeout=5)
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def stats(srv):
+    return requests.get(srv.url + "/_sandbox/stats", timeout=5).json()
+
+
+# --- payments API -----------------------------------------------------------
+
+def test_create_charge_counts_one_effect(srv):
+    r = charge(srv, "k1", headers={"Stripe-Version": "2024-06-20"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"].startswith("pi_") and len(body["id"]) == 27
+    assert body["object"] == "payment_intent" and body["status"] == "succeeded"
+    assert (body["amount"], body["currency"], body["customer"]) == (1000, "usd", "cus_1")
+    assert body["metadata"] == {"order": "42"} and body["livemode"] is False
+    assert isinstance(body["created"], int)
+    assert r.headers["Stripe-Version"] == "2024-06-20"
+    assert r.headers["Request-Id"].startswith("req_")
+    s = stats(srv)
+    assert s["effects_total"] == 1 and s["effects_by_key"] == {"k1": 1}
+    assert s["requests_by_key"] == {"k1": 1} and s["status_counts"] == {"200": 1}
+    assert srv.state.stats(include_log=False)["effects_total"] == 1
+
+
+@pytest.mark.parametrize("data, code, param", [
+    ({"currency": "usd"}, "parameter_missing", "amount"),
+    ({"amount": "ten", "currency": "usd"}, "parameter_invalid_integer", "amount"),
+    ({"amount": "0", "currency": "usd"}, "amount_too_small", "amount"),
+    ({"amount": "5"}, "parameter_missing", "currency"),
+    ({"amount": "5", "currency": "USD"}, "parameter_invalid", "currency"),
+    ({"amount": "5", "currency": "usd", "bogus": "1"}, "parameter_unknown", "bogus"),
+])
+def test_invalid_params_are_400_and_not_stored(srv, data, code, param):
+    r = charge(srv, "bad", data=data)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert (err["type"], err["code"], err["param"]) == ("invalid_request_error", code, param)
+    # Validation failures are not saved: the key is free for a corrected request.
+    assert charge(srv, "bad").status_code == 200
+    assert stats(srv)["effects_total"] == 1
+
+
+@pytest.mark.parametrize("data, status, code, decline", [
+    ({**CHARGE, "customer": "cus_declined"}, 402, "card_declined", "generic_decline"),
+    ({**CHARGE, "customer": "cus_insufficient"}, 402, "card_declined", "insufficient_funds"),
+    ({**CHARGE, "payment_method": "pm_card_expired"}, 402, "expired_card", "expired_card"),
+])
+def test_declines_are_stored_for_the_key(srv, data, status, code, decline):
+    r = charge(srv, "dec", data=data)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert (err["type"], err["code"], err["decline_code"]) == ("card_error", code, decline)
+    again = charge(srv, "dec", data=data)
+    assert again.status_code == 402 and again.json() == r.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert stats(srv)["effects_total"] == 0
+
+
+def test_auth_and_key_rotation(srv):
+    r = charge(srv, headers={"Authorization": "Bearer sk_test_wrongwrongwrong1234"})
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    msg = r.json()["error"]["message"]
+    assert msg.startswith("Invalid API Key provided: sk_test_") and "wrongwrong" not in msg
+    assert charge(srv, headers={"Authorization": ""}).status_code == 401
+    requests.post(srv.url + "/_sandbox/config", json={"api_key": "sk_test_new"}, timeout=5)
+    assert charge(srv).status_code == 401
+    assert charge(srv, headers={"Authorization": "Bearer sk_test_new"}).status_code == 200
+    assert stats(srv)["effects_total"] == 1
+
+
+def test_refunds(srv):
+    pi = charge(srv, "c").json()["id"]
+    h = {**AUTH, "Idempotency-Key": "r1"}
+    r = requests.post(srv.url + "/v1/refunds", data={"payment_intent": pi, "amount": "400"},
+                      headers=h, timeout=5)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"].startswith("re_") and body["object"] == "refund"
+    assert (body["amount"], body["payment_intent"], body["currency"]) == (400, pi, "usd")
+    too_much = requests.post(srv.url + "/v1/refunds", data={"payment_intent": pi, "amount": "700"},
+                             headers=AUTH, timeout=5)
+    assert too_much.status_code == 400
+    assert too_much.json()["error"]["code"] == "amount_too_large"
+    rest = requests.post(srv.url + "/v1/refunds", data={"payment_intent": pi}, headers=AUTH,
+                         timeout=5)
+    assert rest.status_code == 200 and rest.json()["amount"] == 600
+    missing = requests.post(srv.url + "/v1/refunds", data={"payment_intent": "pi_nope"},
+                            headers=AUTH, timeout=5)
+    assert missing.status_code == 404
+    err = missing.json()["error"]
+    assert (err["code"], err["param"]) == ("resource_missing", "payment_intent")
+    got = requests.get(srv.url + f"/v1/payment_intents/{pi}", headers=AUTH, timeout=5)
+    assert got.status_code == 200 and got.json()["amount_refunded"] == 1000
+    assert stats(srv)["effects_total"] == 3
+
+
+def test_unknown_path_wrong_method_and_oversize(srv):
+    r = requests.get(srv.url + "/v1/nothing", headers=AUTH, timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    assert requests.get(srv.url + "/v1/payment_intents", headers=AUTH, timeout=5).status_code == 405
+    big = requests.post(srv.url + "/v1/payment_intents", data=b"a" * (1024 * 1024 + 1),
+                        headers=AUTH, timeout=5)
+    assert big.status_code == 413
+    assert stats(srv)["effects_total"] == 0
+
+
+# --- idempotency --------------------------------------------------------------
+
+def test_same_key_same_params_replays(srv):
+    first = charge(srv, "same")
+    second = charge(srv, "same", data=dict(reversed(list(CHARGE.items()))))
+    assert second.status_code == 200 and second.headers["Idempotent-Replayed"] == "true"
+    assert second.json() == first.json()
+    assert "Idempotent-Replayed" not in first.headers
+    s = stats(srv)
+    assert s["effects_by_key"] == {"same": 1} and s["requests_by_key"] == {"same": 2}
+
+
+def test_same_key_different_params_is_400(srv):
+    charge(srv, "k")
+    r = charge(srv, "k", data={**CHARGE, "amount": "999"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "idempotency_error" and "'k'" in err["message"]
+    assert stats(srv)["effects_total"] == 1
+
+
+def test_key_too_long_is_400(srv):
+    assert charge(srv, "x" * 256).status_code == 400
+    assert charge(srv, "x" * 255).status_code == 200
+
+
+def test_concurrent_same_key_gets_409(srv):
+    fault(srv, fault="latency", delay_s=0.4, count=1)
+    results = []
+    t = threading.Thread(target=lambda: results.append(charge(srv, "race")))
+    t.start()
+    deadline = time.time() + 2
+    while stats(srv)["in_flight"] == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    second = charge(srv, "race")
+    t.join()
+    assert results[0].status_code == 200
+    assert second.status_code == 409
+    err = second.json()["error"]
+    assert (err["type"], err["code"]) == ("idempotency_error", "idempotency_key_in_use")
+    assert stats(srv)["effects_by_key"] == {"race": 1}
+    assert stats(srv)["max_in_flight"] == 2
+
+
+def test_idempotency_off_duplicates(srv):
+    requests.post(srv.url + "/_sandbox/config", json={"idempotency": False}, timeout=5)
+    assert charge(srv, "dup").json()["id"] != charge(srv, "dup").json()["id"]
+    assert stats(srv)["effects_by_key"] == {"dup": 2}
+
+
+def test_no_key_processed_every_time(srv):
+    charge(srv)
+    charge(srv)
+    assert stats(srv)["effects_by_key"] == {"": 2}
+
+
+# --- faults -------------------------------------------------------------------
+
+def test_error_before_has_no_effect(srv):
+    fault(srv, fault="error_before", status=503, count=1)
+    r = charge(srv, "eb")
+    assert r.status_code == 503 and r.json()["error"]["type"] == "api_error"
+    assert stats(srv)["effects_total"] == 0
+    assert charge(srv, "eb").status_code == 200  # count expired, key not stored
+    s = stats(srv)
+    assert s["effects_by_key"] == {"eb": 1} and s["status_counts"] == {"503": 1, "200": 1}
+
+
+def test_error_after_applies_effect_then_replays_success(srv):
+    fault(srv, fault="error_after", status=500, count=1)
+    r = charge(srv, "ea")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "api_error"
+    assert stats(srv)["effects_total"] == 1
+    retry = charge(srv, "ea")
+    assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
+    assert list(srv.state.payment_intents) == [retry.json()["id"]]
+    assert stats(srv)["effects_by_key"] == {"ea": 1}
+
+
+def test_rate_limit(srv):
+    fault(srv, fault="rate_limit", retry_after="Wed, 21 Oct 2015 07:28:00 GMT", count=1)
+    r = charge(srv, "rl")
+    assert r.status_code == 429
+    assert r.headers["Retry-After"] == "Wed, 21 Oct 2015 07:28:00 GMT"
+    err = r.json()["error"]
+    assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit")
+    assert stats(srv)["effects_total"] == 0
+
+
+def test_drop_after_effect_then_replay(srv):
+    fault(srv, fault="drop_after", count=1)
+    with pytest.raises(requests.ConnectionError):
+        charge(srv, "drop")
+    assert stats(srv)["effects_by_key"] == {"drop": 1}
+    retry = charge(srv, "drop")
+    assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
+    pi = retry.json()["id"]
+    assert pi in srv.state.payment_intents and len(srv.state.payment_intents) == 1
+    assert stats(srv)["status_counts"] == {"dropped": 1, "200": 1}
+
+
+def test_slow_after_times_out_client_with_effect(srv):
+    fault(srv, fault="slow_after", delay_s=1.0, count=1)
+    with pytest.raises(requests.ReadTimeout):
+        charge(srv, "slow", timeout=0.3)
+    assert stats(srv)["effects_by_key"] == {"slow": 1}
+    retry = charge(srv, "slow")
+    assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
+    assert stats(srv)["effects_total"] == 1
+
+
+def test_status_fault_arbitrary_body(srv):
+    body = {"error": {"type": "idempotency_error", "code": "idempotency_key_in_use",
+                      "message": "in progress"}}
+    fault(srv, fault="status", status=409, body=body, path="/v1/payment_intents", count=1)
+    r = charge(srv, "st")
+    assert r.status_code == 409 and r.json() == body
+    assert stats(srv)["effects_total"] == 0
+
+
+def test_down_503_and_hang(srv):
+    fid = fault(srv, fault="down", mode="503")
+    assert [charge(srv).status_code for _ in range(3)] == [503, 503, 503]
+    requests.delete(srv.url + "/_sandbox/faults", timeout=5)
+    fault(srv, fault="down", mode="hang")
+    with pytest.raises(requests.ReadTimeout):
+        charge(srv, "hang", timeout=0.3)
+    assert stats(srv)["effects_total"] == 0
+    # Removing the fault ends the hung request with a 503; it never reaches the endpoint.
+    requests.delete(srv.url + "/_sandbox/faults", timeout=5)
+    deadline = time.time() + 2
+    while stats(srv)["in_flight"] and time.time() < deadline:
+        time.sleep(0.02)
+    s = stats(srv)
+    assert s["in_flight"] == 0 and s["effects_total"] == 0 and fid >= 1
+    assert s["status_counts"]["503"] >= 3
+    assert charge(srv, "hang").status_code == 200
+
+
+def test_match_key_and_count_expiry(srv):
+    fault(srv, fault="error_before", status=502, count=2, match_key="flaky")
+    assert charge(srv, "solid-1").status_code == 200
+    assert charge(srv, "flaky-1").status_code == 502
+    assert charge(srv, "flaky-1").status_code == 502
+    assert charge(srv, "flaky-1").status_code == 200
+    listed = requests.get(srv.url + "/_sandbox/faults", timeout=5).json()["faults"]
+    assert listed[0]["count"] == 0 and listed[0]["hits"] == 2
+
+
+def test_bad_fault_spec_rejected(srv):
+    r = requests.post(srv.url + "/_sandbox/faults", json={"fault": "nope"}, timeout=5)
+    assert r.status_code == 400
+
+
+# --- accounting and lifecycle -------------------------------------------------
+
+def test_request_log_is_ordered(srv):
+    for i in range(5):
+        charge(srv, f"log-{i}")
+    log = stats(srv)["request_log"]
+    assert [e["key"] for e in log] == [f"log-{i}" for i in range(5)]
+    ts = [e["t"] for e in log]
+    assert ts == sorted(ts)
+    assert all(e["t"] <= e["t_end"] and e["status"] == 200 for e in log)
+    assert "request_log" not in requests.get(srv.url + "/_sandbox/stats?log=0", timeout=5).json()
+
+
+def test_stop_does_not_hang_with_requests_in_progress():
+    srv = SandboxServer(port=0, payments_api_key=KEY).start()
+    fault(srv, fault="slow_after", delay_s=30, match_key="slow")
+    fault(srv, fault="down", mode="hang", match_key="hang")
+    errors = []
+
+    def call(key):
+        try:
+            charge(srv, key, timeout=10)
+        except requests.RequestException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in ("slow", "hang")]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 2
+    while srv.state.stats()["in_flight"] < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    idle = requests.Session()
+    idle.get(srv.url + "/_sandbox/stats?log=0", timeout=5)  # leaves a keep-alive connection open
+    start = time.time()
+    srv.stop()
+    for t in threads:
+        t.join(timeout=5)
+    assert time.time() - start < 3
+    assert len(errors) == 2
+
+
+def test_refuses_non_loopback_host():
+    with pytest.raises(ValueError, match="loopback"):
+        SandboxServer(host="0.0.0.0", port=0)
+
+
+def test_main_runs_and_stops_on_sigterm():
+    env = {**os.environ, "SANDBOX_PAYMENTS_API_KEY": "sk_test_cli"}
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "--port", "0"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("sandbox listening on http://127.0.0.1:")
+        url = line.rsplit(" ", 1)[1]
+        r = requests.post(url + "/v1/payment_intents", data=CHARGE,
+                          headers={"Authorization": "Bearer sk_test_cli"}, timeout=5)
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
