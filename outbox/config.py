@@ -7,6 +7,7 @@ or get ``os.environ``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -36,6 +37,8 @@ def env_float(name: str, default: float, environ: Mapping[str, str] | None = Non
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigurationError(f"{name}={raw!r} must be a finite number")
     if not value > minimum:
         raise ConfigurationError(f"{name}={raw!r} must be greater than {minimum:g}")
     return value
@@ -76,7 +79,7 @@ def retry_policy(provider: str, environ: Mapping[str, str] | None = None) -> Ret
             max_age=timedelta(seconds=env_float(
                 prefix + "MAX_AGE", default.max_age.total_seconds(), environ)),
         )
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:   # timedelta overflows on huge seconds
         if isinstance(exc, ConfigurationError):
             raise
         raise ConfigurationError(f"{prefix}*: {exc}") from exc

@@ -72,7 +72,7 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
         if method == "POST":
             if not isinstance(data, dict):
                 return _bad("body must be a JSON object")
-            unknown = set(data) - {"api_key", "idempotency"}
+            unknown = set(data) - {"api_key", "idempotency", "declined_customers"}
             if unknown:
                 return _bad(f"unknown settings: {sorted(unknown)}")
             key, idem = data.get("api_key"), data.get("idempotency")
@@ -80,11 +80,16 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
                 return _bad("api_key must be a non-empty string")
             if idem is not None and not isinstance(idem, bool):
                 return _bad("idempotency must be true or false")
-            state.configure(api_key=key, idempotency=idem)
+            declined = data.get("declined_customers")
+            if declined is not None and not (isinstance(declined, list)
+                                             and all(isinstance(c, str) for c in declined)):
+                return _bad("declined_customers must be a list of customer ids")
+            state.configure(api_key=key, idempotency=idem, declined_customers=declined)
         elif method != "GET":
             return _bad("method not allowed", 405)
         with state.lock:
-            return 200, {"api_key": mask_key(state.api_key), "idempotency": state.idempotency}
+            return 200, {"api_key": mask_key(state.api_key), "idempotency": state.idempotency,
+                         "declined_customers": sorted(state.declined_customers)}
 
     return _bad(f"unknown control path {path}", 404)
 

@@ -24,7 +24,8 @@ PI_PARAMS = {
 REFUND_PARAMS = {"payment_intent", "amount", "reason", "metadata", "expand"}
 REFUND_REASONS = {"duplicate", "fraudulent", "requested_by_customer"}
 
-# Built-in declines, keyed by (param, value): (code, decline_code, message).
+# Built-in declines, keyed by (param, value): (code, decline_code, message). The customer
+# declines apply while the customer is in ``state.declined_customers`` (switchable at run time).
 DECLINES = {
     ("customer", "cus_declined"): ("card_declined", "generic_decline", "Your card was declined."),
     ("customer", "cus_insufficient"): (
@@ -140,12 +141,16 @@ def create_payment_intent(state: SandboxState, params: dict, key: str) -> Result
         if name in params and not isinstance(params[name], str):
             return invalid(name, "parameter_invalid", f"Invalid {name}: must be a string.")
     for (param, value), (code, decline_code, message) in DECLINES.items():
-        if params.get(param) == value:
-            # A decline is the endpoint's real answer, so (like Stripe) the key keeps it.
-            return Result(402, {"error": {
-                "type": "card_error", "code": code, "decline_code": decline_code,
-                "message": message, "param": "" if param == "customer" else param,
-            }})
+        if params.get(param) != value:
+            continue
+        if param == "customer" and value not in state.declined_customers:
+            continue
+        # Deviation from Stripe, which keeps a decline for the key for 24 h: the sandbox does
+        # not store it, so re-driving after the card data is fixed (above) goes through.
+        return Result(402, {"error": {
+            "type": "card_error", "code": code, "decline_code": decline_code,
+            "message": message, "param": "" if param == "customer" else param,
+        }}, store=False)
     pi = {
         "id": new_id("pi"),
         "object": "payment_intent",

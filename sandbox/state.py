@@ -12,6 +12,7 @@ from typing import Any
 from sandbox.faults import FaultTable
 
 LOG_CAP = 100_000
+DEFAULT_DECLINED_CUSTOMERS = ("cus_declined", "cus_insufficient")
 
 
 @dataclass
@@ -36,6 +37,8 @@ class SandboxState:
         self.lock = threading.RLock()
         self.api_key = api_key
         self.idempotency = True
+        # Customers whose card declines; an operator "fixes the card data" by removing one.
+        self.declined_customers = set(DEFAULT_DECLINED_CUSTOMERS)
         self.faults = FaultTable()
         # Set when the server stops, so sleeping and hanging requests end early.
         self.stopping = threading.Event()
@@ -61,12 +64,16 @@ class SandboxState:
             # Requests still running belong to the old generation and must not leak into the new one.
             self._generation += 1
             self.idempotency = True
+            self.declined_customers = set(DEFAULT_DECLINED_CUSTOMERS)
             self.faults.clear()
             self._clear()
 
-    def configure(self, api_key: str | None = None, idempotency: bool | None = None) -> None:
-        """Change the accepted API key and/or switch idempotency handling."""
+    def configure(self, api_key: str | None = None, idempotency: bool | None = None,
+                  declined_customers: list[str] | None = None) -> None:
+        """Change the accepted API key, switch idempotency handling, set the declining customers."""
         with self.lock:
+            if declined_customers is not None:
+                self.declined_customers = set(declined_customers)
             if api_key is not None:
                 self.api_key = api_key
             if idempotency is not None:

@@ -101,15 +101,25 @@ def test_invalid_params_are_400_and_not_stored(srv, data, code, param):
     ({**CHARGE, "customer": "cus_insufficient"}, 402, "card_declined", "insufficient_funds"),
     ({**CHARGE, "payment_method": "pm_card_expired"}, 402, "expired_card", "expired_card"),
 ])
-def test_declines_are_stored_for_the_key(srv, data, status, code, decline):
+def test_declines_are_not_stored_so_a_fixed_card_can_be_retried(srv, data, status, code, decline):
+    """A decline is answered each time (not replayed), and no effect is made."""
     r = charge(srv, "dec", data=data)
     assert r.status_code == status
     err = r.json()["error"]
     assert (err["type"], err["code"], err["decline_code"]) == ("card_error", code, decline)
     again = charge(srv, "dec", data=data)
-    assert again.status_code == 402 and again.json() == r.json()
-    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.status_code == 402 and "Idempotent-Replayed" not in again.headers
     assert stats(srv)["effects_total"] == 0
+
+
+def test_fixing_a_customers_card_lets_the_same_key_succeed(srv):
+    """Removing a customer from declined_customers (card data fixed) → same key now charges once."""
+    data = {**CHARGE, "customer": "cus_declined"}
+    assert charge(srv, "fix", data=data).status_code == 402
+    requests.post(srv.url + "/_sandbox/config", json={"declined_customers": []}, timeout=5)
+    assert charge(srv, "fix", data=data).status_code == 200
+    assert charge(srv, "fix", data=data).headers["Idempotent-Replayed"] == "true"
+    assert stats(srv)["effects_by_key"] == {"fix": 1}
 
 
 def test_auth_and_key_rotation(srv):

@@ -1,0 +1,48 @@
+# integration-outbox: `make run` (the whole system with sandbox providers) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+# Defaults for the demo; any of them can be overridden from the environment.
+export DATABASE_URL ?= sqlite:///var/outbox.db
+export REDIS_URL ?= redis://localhost:6379/0
+export SANDBOX_PORT ?= 8100
+export OUTBOX_PAYMENTS_BASE_URL ?= http://127.0.0.1:$(SANDBOX_PORT)
+export OUTBOX_PAYMENTS_API_KEY ?= sk_test_sandbox
+export SANDBOX_PAYMENTS_API_KEY ?= $(OUTBOX_PAYMENTS_API_KEY)
+
+.PHONY: install migrate redis run test bench lint clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+migrate: install
+	$(BIN)/outbox db upgrade
+
+redis: install
+	$(BIN)/python scripts/ensure_redis.py
+
+run: migrate redis
+	@creds="$$(scripts/flower_credentials.sh)"; \
+	echo "Flower:  http://127.0.0.1:5555  (login $${creds%%:*} / $${creds#*:}; set FLOWER_BASIC_AUTH to choose)"; \
+	echo "Shop:    POST http://127.0.0.1:8000/orders    Sandbox: $(OUTBOX_PAYMENTS_BASE_URL)/_sandbox/stats"; \
+	echo "Status:  $(BIN)/outbox status"; \
+	FLOWER_BASIC_AUTH="$$creds" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+
+test: install redis
+	$(BIN)/pytest
+
+bench: migrate redis
+	$(BIN)/python -m bench
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf var .pytest_cache

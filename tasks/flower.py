@@ -1,0 +1,47 @@
+"""Start Flower for the outbox, refusing to run without basic-auth credentials.
+
+    FLOWER_BASIC_AUTH=user:password python -m tasks.flower [--port 5555]
+
+Flower reads ``FLOWER_BASIC_AUTH`` from the environment itself, so the password
+never appears on a command line (``ps``) or in the Procfile. Note (measured):
+Flower's ``/metrics`` and ``/healthcheck`` answer without authentication even
+with basic auth on; they carry counts and task names, never arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+MIN_PASSWORD_LENGTH = 8
+
+
+def check_credentials(value: str | None) -> str | None:
+    """Return a problem with ``FLOWER_BASIC_AUTH``, or None if it is usable."""
+    if not value:
+        return "FLOWER_BASIC_AUTH is not set"
+    for pair in value.split(","):
+        user, sep, password = pair.partition(":")
+        if not sep or not user.strip():
+            return "FLOWER_BASIC_AUTH must be user:password (comma-separated for several)"
+        if len(password) < MIN_PASSWORD_LENGTH:
+            return f"FLOWER_BASIC_AUTH password must have at least {MIN_PASSWORD_LENGTH} characters"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    problem = check_credentials(os.environ.get("FLOWER_BASIC_AUTH"))
+    if problem:
+        print(f"flower: refusing to start: {problem}. Flower shows every task and worker; "
+              "set FLOWER_BASIC_AUTH=user:password.", file=sys.stderr)
+        return 2
+    address = os.environ.get("FLOWER_ADDRESS", "127.0.0.1")
+    port = os.environ.get("FLOWER_PORT", "5555")
+    command = [sys.executable, "-m", "celery", "-A", "tasks", "flower",
+               f"--address={address}", f"--port={port}", *argv]
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""``enqueue``: transactional writes, idempotency, validation — on SQLite and real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import func, select, text
+
+from outbox import (
+    IdempotencyConflict,
+    InvalidIdempotencyKey,
+    InvalidMessage,
+    InvalidPayload,
+    Message,
+    MessageStatus,
+    UnknownOperation,
+    UnknownProvider,
+    enqueue,
+)
+from outbox import dispatch
+from outbox.db import make_engine, make_sessionmaker
+
+CHARGE = {"amount": 1999, "currency": "usd"}
+
+
+def _charge(session, key="order-42-charge", payload=None, **kwargs):
+    return enqueue(session, provider="payments", operation="charge",
+                   payload=CHARGE if payload is None else payload, idempotency_key=key, **kwargs)
+
+
+def _count(sessions) -> int:
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(Message))
+
+
+def _wait_for(condition, timeout_s=10.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _lock_waiters(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text(
+            "select count(*) from pg_stat_activity "
+            "where datname = current_database() and wait_event_type = 'Lock'")).scalar()
+
+
+# ---- commit / rollback -------------------------------------------------------------------
+
+def test_commit_writes_pending_then_dispatches_and_marks_queued(sessions, publisher):
+    """Commit → one pending row; after the dispatcher flushes, exactly that id was published and the row is queued."""
+    with sessions() as session:
+        message = _charge(session, correlation_id="req-1")
+        assert publisher.ids == []            # nothing leaves before commit
+        session.commit()
+    with sessions() as session:
+        row = session.get(Message, message.id)
+        assert row.status == MessageStatus.PENDING or row.status == MessageStatus.QUEUED
+        assert (row.provider, row.operation, row.payload) == ("payments", "charge", CHARGE)
+        assert row.correlation_id == "req-1" and row.attempts == 0
+    dispatch.dispatcher().flush()
+    assert publisher.ids == [message.id]
+    assert publisher.published[0].label == f"payments.charge {message.id}"
+    with sessions() as session:
+        row = session.get(Message, message.id)
+        assert row.status == MessageStatus.QUEUED
+        assert row.queued_at is not None
+    assert _count(sessions) == 1
+
+
+def test_row_is_pending_right_after_commit_when_publisher_is_down(sessions, publisher):
+    """With the broker down the committed row stays pending (for the relay), and nothing is published."""
+    publisher.fail = True
+    with sessions() as session:
+        message = _charge(session)
+        session.commit()
+    dispatch.dispatcher().flush()
+    with sessions() as session:
+        assert session.get(Message, message.id).status == MessageStatus.PENDING
+    assert publisher.ids == []
+
+
+def test_rollback_writes_nothing_and_publishes_nothing(sessions, publisher):
+    """Rollback → no row and no broker message."""
+    with sessions() as session:
+        _charge(session)
+        session.rollback()
+    dispatch.dispatcher().flush()
+    assert _count(sessions) == 0
+    assert publisher.ids == []
+
+
+def test_refs_of_a_rolled_back_transaction_are_not_sent_by_the_next_commit(sessions, publisher):
+    """A rolled-back enqueue is forgotten: a later commit on the same session publishes only its own id."""
+    with sessions() as session:
+        _charge(session, key="rolled-back")
+        session.rollback()
+        kept = _charge(session, key="kept")
+        session.commit()
+    dispatch.dispatcher().flush()
+    assert publisher.ids == [kept.id]
+    assert _count(sessions) == 1
+
+
+# ---- idempotency -------------------------------------------------------------------------
+
+def test_same_key_same_payload_returns_the_same_message(sessions, publisher):
+    """Repeating the call (same and separate transactions) returns the same id; one row, one dispatch."""
+    with sessions() as session:
+        first = _charge(session)
+        again = _charge(session)
+        session.commit()
+    with sessions() as session:
+        later = _charge(session)
+        session.commit()
+    dispatch.dispatcher().flush()
+    assert first.id == again.id == later.id
+    assert _count(sessions) == 1
+    assert publisher.ids == [first.id]
+
+
+def test_payload_key_order_does_not_matter(sessions, publisher):
+    """The same payload with keys (and nested keys) in another order is the same message."""
+    a = {"amount": 500, "currency": "eur", "metadata": {"a": "1", "b": "2"}}
+    b = {"metadata": {"b": "2", "a": "1"}, "currency": "eur", "amount": 500}
+    with sessions() as session:
+        first = _charge(session, payload=a)
+        session.commit()
+    with sessions() as session:
+        second = _charge(session, payload=b)
+        session.commit()
+    assert first.id == second.id
+    assert _count(sessions) == 1
+
+
+def test_same_key_different_payload_conflicts_and_keeps_the_transaction_usable(sessions, publisher):
+    """IdempotencyConflict names the existing id; the caller's transaction can still write and commit."""
+    with sessions() as session:
+        original = _charge(session)
+        session.commit()
+    with sessions() as session:
+        with pytest.raises(IdempotencyConflict) as info:
+            _charge(session, payload={"amount": 2000, "currency": "usd"})
+        assert info.value.existing_id == original.id
+        assert info.value.provider == "payments"
+        assert info.value.idempotency_key == "order-42-charge"
+        other = _charge(session, key="order-43-charge")    # same transaction goes on
+        session.commit()
+    with sessions() as session:
+        assert session.get(Message, other.id) is not None
+        assert session.get(Message, original.id).payload == CHARGE   # untouched
+    assert _count(sessions) == 2
+
+
+def test_conflict_within_one_uncommitted_transaction(sessions, publisher):
+    """The conflict is detected against the caller's own uncommitted row too, and the commit still works."""
+    with sessions() as session:
+        first = _charge(session)
+        with pytest.raises(IdempotencyConflict):
+            _charge(session, payload={"amount": 1, "currency": "usd"})
+        session.commit()
+    dispatch.dispatcher().flush()
+    assert publisher.ids == [first.id]
+    assert _count(sessions) == 1
+
+
+def test_same_key_other_operation_conflicts(sessions, publisher):
+    """The operation is part of what the key stands for: charge then refund under one key conflicts."""
+    with sessions() as session:
+        _charge(session, key="k1")
+        session.commit()
+    with sessions() as session:
+        with pytest.raises(IdempotencyConflict):
+            enqueue(session, provider="payments", operation="refund",
+                    payload={"payment_intent": "pi_123"}, idempotency_key="k1")
+    assert _count(sessions) == 1
+
+
+def test_conflict_when_the_first_transaction_is_still_open(pg_url, publisher):
+    """PostgreSQL: the second INSERT waits on the first's open row, then conflicts and goes on."""
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        first = sessions()
+        original_id = _charge(first).id
+        outcome = {}
+
+        def other():
+            with sessions() as session:
+                try:
+                    _charge(session, payload={"amount": 7, "currency": "usd"})
+                except IdempotencyConflict as exc:
+                    outcome["conflict"] = exc.existing_id
+                    outcome["other"] = _charge(session, key="other").id
+                    session.commit()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        _wait_for(lambda: _lock_waiters(engine) >= 1, what="the second INSERT to wait on the key")
+        first.commit()
+        first.close()
+        thread.join(10)
+        assert outcome["conflict"] == original_id
+        assert _count(sessions) == 2
+    finally:
+        engine.dispose()
+
+
+# ---- validation --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider, operation, error", [
+    ("fax", "charge", UnknownProvider),
+    ("payments", "teleport", UnknownOperation),
+])
+def test_unknown_provider_or_operation(sessions, provider, operation, error):
+    """Unknown names raise their InvalidMessage subclass listing what is known; nothing is written."""
+    with sessions() as session:
+        with pytest.raises(error) as info:
+            enqueue(session, provider=provider, operation=operation, payload=CHARGE,
+                    idempotency_key="k")
+        session.commit()
+    assert isinstance(info.value, InvalidMessage)
+    assert "payments" in str(info.value) or "charge" in str(info.value)
+    assert _count(sessions) == 0
+
+
+@pytest.mark.parametrize("payload, path, secret", [
+    ({"amount": -5, "currency": "usd"}, "$.amount", "-5"),
+    ({"amount": "1999-TOPSECRET", "currency": "usd"}, "$.amount", "TOPSECRET"),
+    ({"amount": 100, "currency": "US-SECRET"}, "$.currency", "US-SECRET"),
+    ({"amount": 100, "currency": "usd", "metadata": {"order": 4242}}, "$.metadata.order", "4242"),
+    ({"currency": "usd"}, "$", None),
+    (["not", "an", "object"], "$", "not"),
+])
+def test_payload_failing_its_schema_names_the_path_not_the_value(sessions, payload, path, secret):
+    """InvalidPayload carries the JSON path, its message names the path and never quotes the value."""
+    with sessions() as session:
+        with pytest.raises(InvalidPayload) as info:
+            _charge(session, payload=payload)
+        session.commit()
+    assert info.value.path == path
+    message = str(info.value)
+    assert f"payments.charge: {path}:" in message
+    if secret is not None:
+        assert secret not in message
+    assert _count(sessions) == 0
+
+
+def test_missing_field_error_names_the_field(sessions):
+    """A missing required property is named (the name is schema, not data)."""
+    with sessions() as session:
+        with pytest.raises(InvalidPayload, match="missing required property 'amount'"):
+            _charge(session, payload={"currency": "usd"})
+
+
+@pytest.mark.parametrize("key", [
+    "", " ", "\t ", "a" * 256, "order\n42", "order\x00", "order\x7f", "tab\there", 42, None,
+])
+def test_bad_idempotency_keys_are_refused(sessions, key):
+    """Empty, blank, over 255 chars, control characters or not a string → InvalidIdempotencyKey; zero rows."""
+    with sessions() as session:
+        with pytest.raises(InvalidIdempotencyKey):
+            _charge(session, key=key)
+        session.commit()
+    assert _count(sessions) == 0
+
+
+def test_key_of_255_characters_is_accepted(sessions, publisher):
+    """255 characters is the limit, inclusive; the key is stored verbatim (unicode too)."""
+    key = "é" + "k" * 254
+    with sessions() as session:
+        message = _charge(session, key=key)
+        session.commit()
+    with sessions() as session:
+        assert session.get(Message, message.id).idempotency_key == key
+    assert len(key) == 255 and _count(sessions) == 1
+
+
+def test_overlong_correlation_id_is_refused(sessions):
+    """correlation_id over 255 characters is an InvalidMessage; nothing written."""
+    with sessions() as session:
+        with pytest.raises(InvalidMessage, match="correlation_id"):
+            _charge(session, correlation_id="c" * 256)
+        session.commit()
+    assert _count(sessions) == 0
+
+
+def test_keys_are_unique_per_provider_only(sessions, publisher):
+    """The same key under two providers is two messages."""
+    with sessions() as session:
+        a = _charge(session, key="shared")
+        b = enqueue(session, provider="payments", operation="refund",
+                    payload={"payment_intent": "pi_1"}, idempotency_key="shared-2")
+        session.commit()
+    assert a.id != b.id and _count(sessions) == 2
+
+
+# ---- concurrency on PostgreSQL -------------------------------------------------------------
+
+def test_two_concurrent_enqueues_of_one_key_make_one_row(pg_url, publisher):
+    """PostgreSQL: the second INSERT waits on the first's uncommitted key, then returns the same id."""
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        first = sessions()
+        mine = _charge(first)
+        result = {}
+
+        def second():
+            try:
+                with sessions() as session:
+                    result["id"] = _charge(session).id
+                    session.commit()
+            except Exception as exc:  # reported below
+                result["error"] = exc
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        _wait_for(lambda: _lock_waiters(engine) >= 1, what="the second INSERT to block on the key")
+        first.commit()
+        first.close()
+        thread.join(10)
+        assert "error" not in result, result.get("error")
+        assert result["id"] == mine.id
+        assert _count(sessions) == 1
+        dispatch.dispatcher().flush()
+        assert publisher.ids == [mine.id]
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_enqueue_after_the_first_rolls_back_inserts_its_own(pg_url, publisher):
+    """PostgreSQL: if the first transaction rolls back, the waiting one inserts a row of its own."""
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        first = sessions()
+        lost_id = _charge(first).id
+        result = {}
+
+        def second():
+            with sessions() as session:
+                result["id"] = _charge(session).id
+                session.commit()
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        _wait_for(lambda: _lock_waiters(engine) >= 1, what="the second INSERT to block on the key")
+        first.rollback()
+        first.close()
+        thread.join(10)
+        assert result["id"] != lost_id
+        with sessions() as session:
+            assert [m.id for m in session.scalars(select(Message))] == [result["id"]]
+    finally:
+        engine.dispose()
+
+
+def test_many_threads_racing_on_one_key(pg_url, publisher):
+    """PostgreSQL: 8 threads released together on one key all get the same id; one row."""
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    barrier = threading.Barrier(8)
+    ids, errors = [], []
+
+    def worker():
+        try:
+            with sessions() as session:
+                barrier.wait(5)
+                ids.append(_charge(session).id)
+                session.commit()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert errors == []
+        assert len(ids) == 8 and len(set(ids)) == 1
+        assert _count(sessions) == 1
+    finally:
+        engine.dispose()
