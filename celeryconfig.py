@@ -23,7 +23,6 @@ event_serializer = "json"
 
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_acks_on_failure_or_timeout = True
 worker_prefetch_multiplier = 1
 
 # A delivery is bounded by its HTTP timeouts; these limits are the backstop (prefork pool).

@@ -6,17 +6,18 @@ import hashlib
 import json
 from typing import Any
 
-import schemas
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+
+import schemas
 
 from .clock import utcnow
 from .dispatch import MessageRef, dispatch_after_commit
 from .errors import (
     IdempotencyConflict,
-    InvalidMessage,
     InvalidIdempotencyKey,
+    InvalidMessage,
     InvalidPayload,
     UnknownOperation,
     UnknownProvider,

@@ -142,7 +142,7 @@ def record_failure(session: Session, claim: Claim, failure: Failure, policy: Ret
     """
     now = now or utcnow()
     attempts, rate_limited = claim.attempts, claim.rate_limited_count
-    if failure.kind is FailureKind.RETRY:
+    if failure.kind in (FailureKind.RETRY, FailureKind.PERMANENT):   # the provider was called
         attempts += 1
     elif failure.kind is FailureKind.RATE_LIMITED:
         rate_limited += 1

@@ -53,8 +53,8 @@ def report(session: Session, now: datetime | None = None,
         if status == MessageStatus.DEAD:
             e["dead_awaiting"] = count
 
-    for provider, count, oldest in session.execute(
-            select(Message.provider, func.count(), func.min(Message.next_attempt_at))
+    for provider, oldest in session.execute(
+            select(Message.provider, func.min(Message.next_attempt_at))
             .where(Message.status.in_([MessageStatus.PENDING, MessageStatus.QUEUED]),
                    Message.next_attempt_at <= now).group_by(Message.provider)):
         entry(provider)["oldest_due_age_s"] = round((now - oldest).total_seconds(), 3)

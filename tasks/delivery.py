@@ -10,9 +10,10 @@ by the relay; raising ``Retry`` here only reports the state.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from celery.exceptions import Retry
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,6 +22,7 @@ from integrations import errors as ierr
 from integrations.registry import get_provider
 from integrations.sanitize import sanitize
 from outbox import config, lifecycle
+from outbox.clock import utcnow
 from outbox.lifecycle import Failure, FailureKind
 from outbox.models import AttemptOutcome
 
@@ -70,7 +72,9 @@ class Result:
 
 def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: timedelta,
                     provider_for: Callable = get_provider, worker: str | None = None,
-                    on_dead: Callable[[str, str], None] | None = None) -> Result:
+                    on_dead: Callable[[str, str], None] | None = None,
+                    clock: Callable[[], datetime] = utcnow,
+                    rng: random.Random | None = None) -> Result:
     """Deliver one outbox row (no Celery here, so tests can call it directly).
 
     Args:
@@ -80,16 +84,17 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
         provider_for: provider name → object with ``deliver(operation, payload, key)``.
         worker: recorded in the attempt row.
         on_dead: called with (id, label) after a dead-lettering is committed.
+        clock, rng: injected time and randomness (jitter), for tests.
     """
     with sessions() as session:
-        claim = lifecycle.claim(session, message_id, lease)
+        claim = lifecycle.claim(session, message_id, lease, now=clock())
         if claim is None:
             return Result(None, message_id, "nothing to do (duplicate or stale message)")
         policy = config.retry_policy(claim.provider)
         spent = policy.exhausted(claim.attempts, claim.budget_started_at, claim.claimed_at)
         if spent:
             failure = Failure(FailureKind.PERMANENT, "exhausted", spent)
-            lifecycle.dead_letter(session, claim, failure, spent, worker=worker)
+            lifecycle.dead_letter(session, claim, failure, spent, worker=worker, now=clock())
             return _dead(claim, failure, on_dead)
 
         supports_idempotency = True
@@ -99,13 +104,14 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
             delivery = provider.deliver(claim.operation, claim.payload, claim.idempotency_key)
         except Exception as exc:
             failure = to_failure(exc, supports_idempotency)
-            outcome = lifecycle.record_failure(session, claim, failure, policy, worker=worker)
+            outcome = lifecycle.record_failure(session, claim, failure, policy, worker=worker,
+                                               now=clock(), rng=rng)
             if outcome.outcome is AttemptOutcome.DEAD:
                 return _dead(claim, failure, on_dead)
             return Result(outcome.outcome, claim.label, f"{failure.error_class} {failure.detail}",
                           outcome.next_attempt_at)
         lifecycle.mark_delivered(session, claim, status_code=delivery.status_code,
-                                 provider_ref=delivery.provider_ref, worker=worker)
+                                 provider_ref=delivery.provider_ref, worker=worker, now=clock())
         return Result(AttemptOutcome.DELIVERED, claim.label, delivery.summary)
 
 

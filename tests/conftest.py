@@ -18,6 +18,8 @@ from outbox.migrations import upgrade
 
 PG_ADMIN_URL = os.environ.get("OUTBOX_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_TEST_URL = os.environ.get("OUTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# celeryconfig reads REDIS_URL when ``tasks`` is first imported: point it at the test database.
+os.environ["REDIS_URL"] = REDIS_TEST_URL
 
 START_PG = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 START_REDIS = ("redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' "
@@ -127,4 +129,46 @@ def publisher():
     recorder = RecordingPublisher()
     dispatch.use_publisher(recorder)
     yield recorder
+    dispatch.use_publisher(None)
+
+
+# ---- end-to-end: real workers, relay and sandbox -------------------------------------------
+
+@pytest.fixture
+def stack_env(db_url, redis_url, sandbox):
+    """Environment that points every process at this test's database, Redis and sandbox."""
+    return {
+        "DATABASE_URL": db_url,
+        "REDIS_URL": redis_url,
+        "OUTBOX_PAYMENTS_BASE_URL": sandbox.url,
+        "OUTBOX_PAYMENTS_API_KEY": "sk_test_outbox",
+        "OUTBOX_PAYMENTS_TIMEOUT": "5",
+        "OUTBOX_RELAY_GRACE": "0.5",
+    }
+
+
+@pytest.fixture
+def procs(stack_env, tmp_path):
+    """Starts worker/relay/Flower subprocesses for the test and always stops them."""
+    from tests.harness import Processes
+
+    processes = Processes(stack_env, tmp_path)
+    yield processes
+    processes.stop_all()
+
+
+@pytest.fixture
+def celery_publisher(stack_env, monkeypatch):
+    """The real Celery publisher, installed for this process, publishing to the test's Redis."""
+    from outbox import dispatch
+    from tasks import app
+    from tasks.publisher import CeleryPublisher
+
+    for name, value in stack_env.items():
+        monkeypatch.setenv(name, value)
+    assert app.conf.broker_url == stack_env["REDIS_URL"]
+    publisher = CeleryPublisher(app)
+    dispatch.use_publisher(publisher)
+    yield publisher
+    dispatch.dispatcher().flush()
     dispatch.use_publisher(None)

@@ -54,15 +54,19 @@ def _lock_waiters(engine) -> int:
 
 def test_commit_writes_pending_then_dispatches_and_marks_queued(sessions, publisher):
     """Commit → one pending row; after the dispatcher flushes, exactly that id was published and the row is queued."""
+    gate = threading.Event()             # hold the broker hand-off until we looked at the row
+    record = publisher.publish
+    publisher.publish = lambda refs: (gate.wait(5), record(refs))
     with sessions() as session:
         message = _charge(session, correlation_id="req-1")
         assert publisher.ids == []            # nothing leaves before commit
         session.commit()
     with sessions() as session:
         row = session.get(Message, message.id)
-        assert row.status == MessageStatus.PENDING or row.status == MessageStatus.QUEUED
+        assert row.status == MessageStatus.PENDING
         assert (row.provider, row.operation, row.payload) == ("payments", "charge", CHARGE)
         assert row.correlation_id == "req-1" and row.attempts == 0
+    gate.set()
     dispatch.dispatcher().flush()
     assert publisher.ids == [message.id]
     assert publisher.published[0].label == f"payments.charge {message.id}"

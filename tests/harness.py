@@ -1,0 +1,85 @@
+"""Real processes for end-to-end tests: Celery workers, the relay, Flower, as subprocesses.
+
+Each process gets an environment pointing at the test's database, Redis and
+sandbox. Tests wait on conditions (``wait_until``), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float = 30.0, interval_s: float = 0.05,
+               message: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {message}")
+        time.sleep(interval_s)
+
+
+class Processes:
+    """Starts and always stops the subprocesses of one test."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], **env) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(args, cwd=ROOT, env={**self.env, **env}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def worker(self, name: str = "w1", queues: str = "payments,dead_letter", pool: str = "threads",
+               concurrency: int = 4, **env) -> subprocess.Popen:
+        """A Celery worker; returns once it is consuming (its log says 'ready')."""
+        proc = self.start(name, [str(BIN / "celery"), "-A", "tasks", "worker", "-Q", queues,
+                                 "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
+                                 "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+                          **env)
+        wait_until(lambda: "ready." in self.log(name) or proc.poll() is not None, 60,
+                   message=f"worker {name} to be ready")
+        assert proc.poll() is None, f"worker {name} exited:\n{self.log(name)[-3000:]}"
+        return proc
+
+    def relay(self, name: str = "relay", **env) -> subprocess.Popen:
+        env.setdefault("OUTBOX_RELAY_POLL_INTERVAL", "0.2")
+        return self.start(name, [str(BIN / "outbox"), "relay"], **env)
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (a worker's pool children too) and reap it."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                self.kill(proc, signal.SIGTERM)
+        self.procs.clear()
