@@ -8,7 +8,7 @@ publishes it when due, so the Redis visibility timeout never re-runs a delayed t
 
 import os
 
-from kombu import Queue
+from kombu import Exchange, Queue
 
 import schemas
 
@@ -37,9 +37,13 @@ task_send_sent_event = True
 task_track_started = True
 
 # One queue per provider (bulkheads) plus dead_letter; every queue is declared.
-task_queues = [Queue(name) for name in [*sorted(schemas.operations()), "dead_letter"]]
+# Each queue has its own direct exchange and routing key, so a message reaches one queue only.
+task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name)
+               for name in [*sorted(schemas.operations()), "dead_letter"]]
 task_create_missing_queues = False
 task_default_queue = "dead_letter"
+task_default_exchange = "dead_letter"
+task_default_routing_key = "dead_letter"
 task_routes = {"outbox.dead_letter": {"queue": "dead_letter"}}
 
 broker_connection_retry_on_startup = True

@@ -6,6 +6,7 @@ is skipped silently.
 
 from __future__ import annotations
 
+import atexit
 import os
 import uuid
 
@@ -17,7 +18,24 @@ from outbox.db import make_engine, make_sessionmaker
 from outbox.migrations import upgrade
 
 PG_ADMIN_URL = os.environ.get("OUTBOX_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
-REDIS_TEST_URL = os.environ.get("OUTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _claim_redis_db() -> str:
+    """A Redis database index of our own (15 down to 8), so parallel test runs never share one."""
+    if os.environ.get("OUTBOX_TEST_REDIS_URL"):
+        return os.environ["OUTBOX_TEST_REDIS_URL"]
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        for index in range(15, 7, -1):
+            if client.set(f"outbox:test-db-lock:{index}", os.getpid(), nx=True, ex=3600):
+                atexit.register(client.delete, f"outbox:test-db-lock:{index}")
+                return f"redis://127.0.0.1:6379/{index}"
+    except redis.RedisError:
+        pass   # the redis_url fixture reports the unreachable server
+    return "redis://127.0.0.1:6379/15"
+
+
+REDIS_TEST_URL = _claim_redis_db()
 # celeryconfig reads REDIS_URL when ``tasks`` is first imported: point it at the test database.
 os.environ["REDIS_URL"] = REDIS_TEST_URL
 

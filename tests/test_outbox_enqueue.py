@@ -17,9 +17,9 @@ from outbox import (
     MessageStatus,
     UnknownOperation,
     UnknownProvider,
+    dispatch,
     enqueue,
 )
-from outbox import dispatch
 from outbox.db import make_engine, make_sessionmaker
 
 CHARGE = {"amount": 1999, "currency": "usd"}

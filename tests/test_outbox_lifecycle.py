@@ -62,9 +62,9 @@ def _claim(sessions, message_id, now, lease=LEASE):
         return claim(session, message_id, lease, now=now)
 
 
-def _fail(sessions, c, failure, policy=RetryPolicy(), **kwargs):
+def _fail(sessions, c, failure, policy=None, **kwargs):
     with sessions() as session:
-        return record_failure(session, c, failure, policy, **kwargs)
+        return record_failure(session, c, failure, policy or RetryPolicy(), **kwargs)
 
 
 # ---- claim ---------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def test_five_transient_failures_then_delivery_timeline(sessions, message_id, t0
                               now=now + timedelta(milliseconds=300), worker="w2")
     assert done.outcome == AttemptOutcome.DELIVERED and done.recorded
 
-    gaps = [(b - a).total_seconds() for a, b in zip(claim_times, claim_times[1:])]
+    gaps = [(b - a).total_seconds() for a, b in zip(claim_times[:-1], claim_times[1:], strict=True)]
     for n, gap in enumerate(gaps, start=1):      # 0.25 s of work + 2**(n-1) s * (1 + 0..25 %)
         assert 0.25 + 2 ** (n - 1) <= gap <= 0.25 + 2 ** (n - 1) * 1.25 + 1e-6
     attempts = _attempts(sessions, message_id)

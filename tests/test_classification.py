@@ -1,0 +1,238 @@
+"""Every row of the DESIGN error table, against the real sandbox over HTTP and a real database.
+
+``deliver_message`` runs without Celery, with an injected clock and jitter, so
+each row's outcome and retry time is asserted exactly.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+import requests
+
+from integrations.registry import build_provider
+from outbox import Attempt, Message, MessageStatus, enqueue
+from outbox.config import retry_policy
+from outbox.models import AttemptOutcome
+from tasks.delivery import deliver_message
+
+T0 = datetime(2026, 11, 21, 12, 0, 0)
+CHARGE = {"amount": 1999, "currency": "usd"}
+LEASE = timedelta(seconds=60)
+
+
+class Clock:
+    def __init__(self, now: datetime = T0):
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def provider(sandbox):
+    env = {"OUTBOX_PAYMENTS_BASE_URL": sandbox.url, "OUTBOX_PAYMENTS_API_KEY": "sk_test_outbox",
+           "OUTBOX_PAYMENTS_TIMEOUT": "0.5", "OUTBOX_PAYMENTS_CONNECT_TIMEOUT": "0.5"}
+    p = build_provider("payments", env)
+    yield p
+    p.close()
+
+
+def fault(sandbox, **rule):
+    requests.post(sandbox.url + "/_sandbox/faults", json=rule, timeout=5).raise_for_status()
+
+
+def add(sessions, key, payload=CHARGE, at=T0 - timedelta(seconds=1)):
+    with sessions() as s:
+        m = enqueue(s, provider="payments", operation="charge", payload=payload,
+                    idempotency_key=key)
+        m.next_attempt_at = m.created_at = m.budget_started_at = m.updated_at = at
+        s.commit()
+        return m.id
+
+
+def run(sessions, provider, message_id, clock, seed=7):
+    return deliver_message(message_id, sessions=sessions, lease=LEASE,
+                           provider_for=lambda _name: provider, clock=clock,
+                           rng=random.Random(seed))
+
+
+def row(sessions, message_id):
+    with sessions() as s:
+        return s.get(Message, message_id)
+
+
+def effects(sandbox, key):
+    return sandbox.state.stats(include_log=False)["effects_by_key"].get(key, 0)
+
+
+@pytest.mark.parametrize("status", [502, 503, 504, 408])
+def test_gateway_errors_are_transient_and_retry_with_backoff(sessions, provider, sandbox, status):
+    """502/503/504/408 → transient: pending, attempt consumed, next = backoff(1) with jitter."""
+    fault(sandbox, fault="error_before", status=status, count=1)
+    mid = add(sessions, f"gw-{status}")
+    result = run(sessions, provider, mid, Clock())
+    m = row(sessions, mid)
+    expected = T0 + retry_policy("payments").backoff(1, random.Random(7))
+    assert (result.outcome, m.status, m.attempts) == (AttemptOutcome.RETRY, "pending", 1)
+    assert (m.last_error_class, m.last_status_code) == ("transient", status)
+    assert m.next_attempt_at == expected
+    assert effects(sandbox, f"gw-{status}") == 0
+
+
+def test_connect_refused_is_transient(sessions, sandbox):
+    """Nothing listening (request never sent) → transient retry."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    closed = build_provider("payments", {"OUTBOX_PAYMENTS_BASE_URL": f"http://127.0.0.1:{port}",
+                                         "OUTBOX_PAYMENTS_API_KEY": "sk_test_outbox"})
+    mid = add(sessions, "refused")
+    result = run(sessions, closed, mid, Clock())
+    assert result.outcome is AttemptOutcome.RETRY
+    assert row(sessions, mid).last_error_class == "transient"
+
+
+def test_429_waits_retry_after_without_consuming_an_attempt(sessions, provider, sandbox):
+    """429 + Retry-After (seconds) → next attempt exactly then; attempts stay 0."""
+    fault(sandbox, fault="rate_limit", retry_after="2", count=1)
+    mid = add(sessions, "rl")
+    run(sessions, provider, mid, Clock())
+    m = row(sessions, mid)
+    assert (m.status, m.attempts, m.rate_limited_count) == ("pending", 0, 1)
+    assert m.last_error_class == "rate_limited"
+    assert m.next_attempt_at == T0 + timedelta(seconds=2)
+
+
+def test_429_with_http_date_retry_after_is_parsed(sessions, provider, sandbox):
+    """Retry-After as an HTTP date in the future → rate_limited with a wait > 0."""
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    fault(sandbox, fault="rate_limit", retry_after=format_datetime(when, usegmt=True), count=1)
+    mid = add(sessions, "rl-date")
+    run(sessions, provider, mid, Clock())
+    m = row(sessions, mid)
+    wait = (m.next_attempt_at - T0).total_seconds()
+    assert m.last_error_class == "rate_limited" and 25 <= wait <= 31
+
+
+@pytest.mark.parametrize("kind", ["error_after", "drop_after", "slow_after"])
+def test_ambiguous_failures_retry_with_same_key_and_the_effect_happens_once(
+        sessions, provider, sandbox, kind):
+    """500 after the effect / connection dropped / read timeout → ambiguous; the retry with the
+    same idempotency key gets the stored result: delivered, exactly one effect."""
+    rule = {"fault": kind, "count": 1, "match_key": f"amb-{kind}"}
+    if kind == "error_after":
+        rule["status"] = 500
+    if kind == "slow_after":
+        rule["delay_s"] = 3
+    fault(sandbox, **rule)
+    mid = add(sessions, f"amb-{kind}")
+    clock = Clock()
+    first = run(sessions, provider, mid, clock)
+    m = row(sessions, mid)
+    assert (first.outcome, m.last_error_class, m.attempts) == (AttemptOutcome.RETRY, "ambiguous", 1)
+    assert effects(sandbox, f"amb-{kind}") == 1
+    clock.now = m.next_attempt_at
+    second = run(sessions, provider, mid, clock)
+    assert second.outcome is AttemptOutcome.DELIVERED
+    assert row(sessions, mid).status == MessageStatus.DELIVERED
+    assert effects(sandbox, f"amb-{kind}") == 1
+
+
+def test_409_key_in_progress_is_transient(sessions, provider, sandbox):
+    """409 idempotency_key_in_use → transient retry (same key)."""
+    fault(sandbox, fault="status", status=409, count=1, body={"error": {
+        "type": "idempotency_error", "code": "idempotency_key_in_use",
+        "message": "There is currently another in-progress request using this Idempotent Key"}})
+    mid = add(sessions, "in-use")
+    assert run(sessions, provider, mid, Clock()).outcome is AttemptOutcome.RETRY
+    assert row(sessions, mid).last_error_class == "transient"
+
+
+@pytest.mark.parametrize("status, code", [(400, "parameter_invalid"), (403, "forbidden"),
+                                          (404, "resource_missing"), (410, "gone"),
+                                          (422, "unprocessable")])
+def test_client_errors_dead_letter_at_once(sessions, provider, sandbox, status, code):
+    """400/403/404/410/422 → client_error: dead at once, no retry."""
+    fault(sandbox, fault="status", status=status, count=1,
+          body={"error": {"type": "invalid_request_error", "code": code, "message": "no"}})
+    mid = add(sessions, f"client-{status}")
+    result = run(sessions, provider, mid, Clock())
+    m = row(sessions, mid)
+    assert (result.outcome, m.status, m.last_error_class) == (AttemptOutcome.DEAD, "dead",
+                                                             "client_error")
+    assert code in result.label
+
+
+def test_card_declined_402_dead_letters_with_readable_label(sessions, provider, sandbox):
+    """402 card_declined → dead at once; label `payments.charge <id> 402 card_declined`."""
+    mid = add(sessions, "declined", {**CHARGE, "customer": "cus_declined"})
+    result = run(sessions, provider, mid, Clock())
+    assert result.outcome is AttemptOutcome.DEAD
+    assert result.label == f"payments.charge {mid} 402 card_declined"
+    assert sandbox.state.stats(include_log=False)["requests_total"] == 1
+
+
+def test_key_reused_with_different_parameters_is_a_client_error(sessions, provider, sandbox):
+    """The provider already saw this key with other parameters → 400 idempotency_error → dead."""
+    requests.post(sandbox.url + "/v1/payment_intents", data={"amount": 5, "currency": "eur"},
+                  headers={"Authorization": "Bearer sk_test_outbox", "Idempotency-Key": "reused"},
+                  timeout=5).raise_for_status()
+    mid = add(sessions, "reused")
+    assert run(sessions, provider, mid, Clock()).outcome is AttemptOutcome.DEAD
+    m = row(sessions, mid)
+    assert (m.last_error_class, m.last_status_code) == ("client_error", 400)
+
+
+def test_401_refreshes_credentials_once_then_dead_letters_as_auth(sessions, sandbox):
+    """401 → one credential refresh and one more request, then dead with class auth."""
+    wrong = build_provider("payments", {"OUTBOX_PAYMENTS_BASE_URL": sandbox.url,
+                                        "OUTBOX_PAYMENTS_API_KEY": "sk_test_wrong_key_12345"})
+    mid = add(sessions, "auth")
+    assert run(sessions, wrong, mid, Clock()).outcome is AttemptOutcome.DEAD
+    assert row(sessions, mid).last_error_class == "auth"
+    assert sandbox.state.stats(include_log=False)["requests_by_key"]["auth"] == 2
+
+
+def test_retry_timeline_with_injected_clock(sessions, provider, sandbox):
+    """Three 503s then success: attempt rows in order, each next_attempt_at = the policy's
+    backoff for that attempt from the injected clock; one effect."""
+    fault(sandbox, fault="error_before", status=503, count=3, match_key="timeline")
+    mid = add(sessions, "timeline")
+    clock, policy, expected = Clock(), retry_policy("payments"), []
+    for n in range(1, 4):
+        run(sessions, provider, mid, clock, seed=n)
+        expected.append(clock.now + policy.backoff(n, random.Random(n)))
+        clock.now = row(sessions, mid).next_attempt_at
+        assert clock.now == expected[-1]
+    assert run(sessions, provider, mid, clock).outcome is AttemptOutcome.DELIVERED
+    with sessions() as s:
+        attempts = s.query(Attempt).filter_by(message_id=mid).order_by(Attempt.id).all()
+    assert [a.outcome for a in attempts] == ["retry", "retry", "retry", "delivered"]
+    assert [a.next_attempt_at for a in attempts[:3]] == expected
+    assert [a.status_code for a in attempts] == [503, 503, 503, 200]
+    assert effects(sandbox, "timeline") == 1
+
+
+def test_attempts_exhausted_dead_letters(sessions, provider, sandbox, monkeypatch):
+    """With OUTBOX_PAYMENTS_MAX_ATTEMPTS=2, the second 503 dead-letters the message."""
+    monkeypatch.setenv("OUTBOX_PAYMENTS_MAX_ATTEMPTS", "2")
+    fault(sandbox, fault="error_before", status=503, match_key="exhaust")
+    mid = add(sessions, "exhaust")
+    clock = Clock()
+    assert run(sessions, provider, mid, clock).outcome is AttemptOutcome.RETRY
+    clock.now = row(sessions, mid).next_attempt_at
+    result = run(sessions, provider, mid, clock)
+    assert result.outcome is AttemptOutcome.DEAD
+    assert row(sessions, mid).attempts == 2
+
+
+def test_a_message_not_yet_due_is_not_delivered(sessions, provider, sandbox):
+    """A stale broker message for a row scheduled later does nothing (no provider call)."""
+    mid = add(sessions, "later", at=T0 + timedelta(minutes=5))
+    assert run(sessions, provider, mid, Clock()).outcome is None
+    assert sandbox.state.stats(include_log=False)["requests_total"] == 0
