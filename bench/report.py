@@ -58,8 +58,8 @@ def render(r: dict, stack: Stack) -> str:
     if slow:
         b, p = slow["rounds"]
         w(f"  supplementary, not a target — sandbox answering after {slow['provider_latency_ms']:g}"
-          f" ms (ideal {slow['ideal_per_s']:.0f}/s with {r['config']['worker'].split('-c ')[1].split(',')[0]}"
-          f" threads), {p['n']} per side:")
+          f" ms (ideal {slow['ideal_per_s']:.0f}/s with {r['config']['concurrency']} threads), "
+          f"{p['n']} per side:")
         w(f"    bare {b['per_s']:.1f}/s, pipeline {p['per_s']:.1f}/s → ratio {slow['ratio']:.2f}"
           f"  (worker took {p.get('tasks_received', '?')} deliver messages)")
     w("  CPU ms per delivery, per process (2 cores shared by all of them):")

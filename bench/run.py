@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             "latency_seconds": args.latency_seconds,
             "worker": f"1 process, -P threads -c {args.concurrency}, celeryconfig settings",
             "python": platform.python_version(), "cpus": os.cpu_count(),
+            "concurrency": args.concurrency,
         }}
 
         print(f"bench: (b) marginal request cost, {args.iterations} transactions per variant, "

@@ -10,9 +10,8 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from outbox import AuditEntry, Message, MessageStatus, enqueue
+from outbox import AuditEntry, Message, MessageStatus, deadletters, enqueue
 from outbox import cli as outbox_cli
-from outbox import deadletters
 from outbox.dispatch import dispatcher
 from tests.harness import wait_until
 
