@@ -39,8 +39,15 @@ _KINDS = {
 }
 
 
-class DeliveryRetry(Exception):
-    """Shown in Flower as the reason of a RETRY: ``transient 503: …``."""
+class AttemptFailed(Retry):
+    """Reported as RETRY. Flower shows its repr: ``AttemptFailed('transient 503: …; next …')``.
+
+    Raising a ``Retry`` ourselves (instead of ``task.retry()``) reports the state
+    without publishing a delayed message: the database holds the next attempt.
+    """
+
+    def __repr__(self) -> str:
+        return f"AttemptFailed({self.message!r})"
 
 
 class DeadLettered(Exception):
@@ -140,8 +147,8 @@ def deliver(self, message_id: str) -> str:
     result = deliver_message(message_id, sessions=runtime.sessions(), lease=runtime.lease(),
                              worker=runtime.worker_name(), on_dead=_publish_dead_letter)
     if result.outcome in (AttemptOutcome.RETRY, AttemptOutcome.DEFERRED):
-        raise Retry(f"{result.label}: {result.summary}", exc=DeliveryRetry(result.summary),
-                    when=result.next_attempt_at)
+        when = result.next_attempt_at.isoformat(timespec="seconds") + "Z"
+        raise AttemptFailed(f"{result.summary}; next attempt at {when}")
     if result.outcome is AttemptOutcome.DEAD:
         raise DeadLettered(result.label)
     return f"{result.label}: {result.summary}"
