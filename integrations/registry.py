@@ -25,6 +25,7 @@ from integrations.settings import ProviderSettings
 
 _ADAPTERS: dict[str, Callable[[], Adapter]] = {
     "payments": PaymentsAdapter,
+    "email": lambda: __import__("integrations.email", fromlist=["_"]).EmailAdapter(),
 }
 
 log = logging.getLogger("integrations.registry")

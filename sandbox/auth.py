@@ -1,4 +1,4 @@
-"""API-key checking for the payments API, with Stripe-style key masking."""
+"""API-key checking (payments here; email in ``sandbox.mail``), with Stripe-style key masking."""
 
 from __future__ import annotations
 
@@ -21,17 +21,27 @@ def mask_key(key: str) -> str:
     return prefix + "****"
 
 
+def presented_key(header: str) -> str:
+    """The key an ``Authorization`` header carries (Bearer, or Basic's user name); "" if none."""
+    scheme, _, cred = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return cred.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(cred.strip(), validate=True).decode().split(":", 1)[0]
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+    return ""
+
+
+def key_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison of a presented key with the expected one."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
 def check_auth(header: str, state: SandboxState) -> Result | None:
     """Return a 401 result unless ``header`` carries the configured key (Bearer or Basic)."""
-    scheme, _, cred = header.partition(" ")
-    given = None
-    if scheme.lower() == "bearer":
-        given = cred.strip()
-    elif scheme.lower() == "basic":
-        try:
-            given = base64.b64decode(cred.strip(), validate=True).decode().split(":", 1)[0]
-        except (binascii.Error, UnicodeDecodeError):
-            given = ""
+    given = presented_key(header)
     if not given:
         return payments.error(401, "invalid_request_error", (
             "You did not provide an API key. You need to provide your API key in the "
@@ -39,7 +49,7 @@ def check_auth(header: str, state: SandboxState) -> Result | None:
             "YOUR_SECRET_KEY')."))
     with state.lock:
         expected = state.api_key
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if not key_matches(given, expected):
         return payments.error(401, "invalid_request_error",
                               f"Invalid API Key provided: {mask_key(given)}")
     return None

@@ -37,12 +37,14 @@ DECLINES = {
 
 @dataclass
 class Result:
-    """An endpoint's answer. ``store`` says whether an idempotency key may keep it."""
+    """An endpoint's answer. ``store`` says whether an idempotency key may keep it; ``headers``
+    are sent with it."""
 
     status: int
-    body: dict
+    body: dict | None          # None: an empty response body (SendGrid's 202)
     effect: bool = False
     store: bool = True
+    headers: dict[str, str] | None = None
 
 
 class FormError(ValueError):

@@ -1,0 +1,187 @@
+"""The ``email`` provider: a SendGrid-shaped v3 Mail Send API (JSON, 202, no idempotency).
+
+    send  → POST /v3/mail/send      202 Accepted, empty body, ``X-Message-Id`` header
+
+SendGrid has no idempotency header, so ``supports_idempotency = False``: an ambiguous
+failure (500, read timeout, connection lost after sending) cannot be retried safely and
+the delivery task dead-letters it as "needs review". The outbox key still travels with
+every request, twice:
+
+* ``custom_args.outbox_key`` in the body — SendGrid stores custom args with the message
+  and returns them in Event Webhook events and the Email Activity API, so a person (or a
+  future verify step) can find out whether a "needs review" message was in fact sent;
+* an ``X-Message-Key`` request header — SendGrid ignores unknown request headers; the
+  sandbox uses it to count requests per key before it parses the body. Sent only when
+  the key is printable ASCII (HTTP header values are Latin-1 on the wire).
+
+Sender: the payload's ``from``, else ``OUTBOX_EMAIL_FROM`` (``shop@example.com`` or
+``Shop <shop@example.com>``, read when the adapter is built; a malformed value is a
+``ConfigurationError``). With neither, ``build_request`` raises ``ClientError``
+``sender_missing`` and the message dead-letters (re-drive after setting the variable).
+
+Error bodies look like ``{"errors": [{"message", "field", "help"}]}``; the status decides
+the class (``integrations.classify``), the first error's ``field`` becomes the code and
+the messages the detail:
+
+    400, 403, 404, 413          ClientError   (403: e.g. sender identity not verified)
+    401                         AuthError     (after one credential refresh)
+    429                         RateLimited   (Retry-After when given)
+    408, 502, 503, 504          Transient
+    500, other 5xx              Ambiguous     → "needs review" (no idempotency)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from email.utils import parseaddr
+from typing import Any
+
+import schemas
+from integrations.base import Adapter, Delivery, Request, Response
+from integrations.classify import classify
+from integrations.errors import ClientError, ConfigurationError, IntegrationError
+from integrations.sanitize import sanitize
+from integrations.settings import env_name
+
+PATH = "/v3/mail/send"
+KEY_ARG = "outbox_key"           # custom_args name that carries the outbox idempotency key
+KEY_HEADER = "X-Message-Key"
+FROM_VARIABLE = env_name("email", "FROM")
+_PRINTABLE_ASCII = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
+_MAX_ERRORS_IN_DETAIL = 3
+
+
+def _email_pattern() -> re.Pattern[str]:
+    """The address rule of the operation schema (one source of truth)."""
+    return re.compile(schemas.load("operations", "email.send")["$defs"]["email"]["pattern"])
+
+
+def parse_sender(value: str, *, variable: str = FROM_VARIABLE) -> dict[str, str]:
+    """Parse ``a@example.com`` or ``Name <a@example.com>`` into a SendGrid address object.
+
+    Raises:
+        ConfigurationError: not a valid address (the message names ``variable``, not the value).
+    """
+    name, address = parseaddr(value)
+    if (not address or not _email_pattern().match(address) or len(address) > 254
+            or any(c in value for c in "\r\n")):
+        raise ConfigurationError(f"{variable} must be an email address, optionally "
+                                 "'Name <address>'")
+    return {"email": address, "name": name} if name else {"email": address}
+
+
+class EmailAdapter(Adapter):
+    """Builds SendGrid-shaped mail-send requests and parses their responses; no I/O."""
+
+    name = "email"
+    operations = frozenset({"send"})
+    supports_idempotency = False
+    auth = "bearer"
+
+    def __init__(self, default_from: str | None = None,
+                 environ: Mapping[str, str] | None = None):
+        """Args:
+            default_from: sender used when a payload has no ``from``; default
+                ``OUTBOX_EMAIL_FROM`` from ``environ`` (default ``os.environ``).
+
+        Raises:
+            ConfigurationError: the default sender is not a valid address.
+        """
+        if default_from is None:
+            env = os.environ if environ is None else environ
+            default_from = env.get(FROM_VARIABLE, "").strip() or None
+        self.default_from = parse_sender(default_from) if default_from else None
+
+    def build_request(self, operation: str, payload: Mapping[str, Any],
+                      idempotency_key: str) -> Request:
+        """Return the JSON POST for ``send``.
+
+        Args:
+            operation: ``send``.
+            payload: valid against ``schemas/operations/email.send``.
+            idempotency_key: carried in ``custom_args.outbox_key`` and ``X-Message-Key``.
+
+        Raises:
+            ValueError: unknown operation or empty key.
+            ClientError: ``sender_missing`` — no ``from`` and no ``OUTBOX_EMAIL_FROM``.
+        """
+        if operation not in self.operations:
+            raise ValueError(f"unknown email operation {operation!r}")
+        if not idempotency_key:
+            raise ValueError("email requests need an idempotency key")
+        sender = _address(payload["from"]) if payload.get("from") else self.default_from
+        if sender is None:
+            raise ClientError(f"no sender: the payload has no 'from' and {FROM_VARIABLE} "
+                              "is not set", code="sender_missing")
+        to = payload["to"]
+        body: dict[str, Any] = {
+            "personalizations": [{"to": _unique(_address(a) for a in (
+                to if isinstance(to, list) else [to]))}],
+            "from": sender,
+            "subject": payload["subject"],
+            # SendGrid requires text/plain first, then text/html.
+            "content": [{"type": kind, "value": payload[field]}
+                        for field, kind in (("text", "text/plain"), ("html", "text/html"))
+                        if payload.get(field)],
+            "custom_args": {KEY_ARG: idempotency_key},
+        }
+        if payload.get("reply_to"):
+            body["reply_to"] = _address(payload["reply_to"])
+        if payload.get("categories"):
+            body["categories"] = list(payload["categories"])
+        headers = {KEY_HEADER: idempotency_key} if _PRINTABLE_ASCII.match(idempotency_key) else {}
+        return Request("POST", PATH, headers=headers, json=body)
+
+    def parse_response(self, operation: str, response: Response) -> Delivery:
+        """Return the Delivery for a 2xx (202, or 200 in SendGrid's sandbox mode), else raise.
+
+        A 2xx without ``X-Message-Id`` is still a delivery (the mail was accepted), with
+        ``provider_ref`` None.
+
+        Raises:
+            ClientError, AuthError, RateLimited, Transient, Ambiguous: per the module table.
+        """
+        if 200 <= response.status_code < 300:
+            raw = response.headers.get("X-Message-Id")
+            ref = sanitize(raw, 80) if raw else None
+            return Delivery(status_code=response.status_code, provider_ref=ref,
+                            summary=f"{response.status_code} accepted {ref or '(no message id)'}")
+        raise self.error_for(response)
+
+    def error_for(self, response: Response) -> IntegrationError:
+        """Classify a non-2xx response, with the SendGrid error list as code and detail."""
+        errors = _error_list(response.body)
+        code = next((e["field"] for e in errors if e.get("field")), None)
+        messages = [e["message"] for e in errors if e.get("message")]
+        detail = "; ".join(dict.fromkeys(messages[:_MAX_ERRORS_IN_DETAIL])) or None
+        found = classify(response, code=code, detail=detail)
+        assert found is not None  # only called for non-2xx
+        return found
+
+
+def _address(value: str | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(value, str):
+        return {"email": value}
+    out = {"email": value["email"]}
+    if value.get("name"):
+        out["name"] = value["name"]
+    return out
+
+
+def _unique(addresses) -> list[dict[str, str]]:
+    """Drop repeated addresses (case-insensitive): SendGrid rejects duplicates with a 400."""
+    seen: dict[str, dict[str, str]] = {}
+    for address in addresses:
+        seen.setdefault(address["email"].lower(), address)
+    return list(seen.values())
+
+
+def _error_list(body: Any) -> list[dict[str, str]]:
+    """The string fields of each error in a SendGrid error body, or [] when it is not one."""
+    try:
+        schemas.validate_response("email", "error", body)
+    except schemas.SchemaError:
+        return []
+    return [{k: v for k, v in e.items() if isinstance(v, str)} for e in body["errors"]]

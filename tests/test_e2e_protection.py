@@ -1,0 +1,156 @@
+"""Provider protection with several real worker processes sharing one Redis (issue 3).
+
+The sandbox's request log (arrival times) is the witness: what the provider saw.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+import requests
+from sqlalchemy import func, select
+
+from outbox import Message, MessageStatus, enqueue
+from tests.harness import BIN, ROOT, wait_until
+
+pytestmark = pytest.mark.slow
+
+CHARGE = {"amount": 1999, "currency": "usd"}
+
+
+def _count(sessions, status):
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(Message).where(Message.status == status))
+
+
+def _enqueue(sessions, n, prefix):
+    with sessions() as session:
+        for i in range(n):
+            enqueue(session, provider="payments", operation="charge",
+                    payload={**CHARGE, "amount": 100 + i}, idempotency_key=f"{prefix}-{i}")
+        session.commit()
+
+
+def _arrivals(sandbox, path="/v1/payment_intents"):
+    log = sandbox.state.stats()["request_log"]
+    return sorted(e["t"] for e in log if e["path"] == path)
+
+
+def max_in_window(times, window_s=1.0):
+    """Highest number of arrivals in any window [t, t + window_s)."""
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def _fault(sandbox, **rule):
+    r = requests.post(sandbox.url + "/_sandbox/faults", json=rule, timeout=5)
+    r.raise_for_status()
+    return r.json()["id"]
+
+
+def test_four_workers_share_one_global_rate_limit(sessions, procs, sandbox, celery_publisher):
+    """4 worker processes, limit 20/s, 400 messages: never more than 20 requests in any
+    1-second window at the sandbox, and done within 10 % of the ideal 20 s."""
+    for n in range(4):
+        procs.worker(f"w{n}", queues="payments", concurrency=4,
+                     OUTBOX_PAYMENTS_RATE_LIMIT="20/s")
+    procs.relay()
+    _enqueue(sessions, 400, "rl")
+    wait_until(lambda: _count(sessions, MessageStatus.DELIVERED) == 400, 60,
+               interval_s=0.5, message="400 deliveries")
+    times = _arrivals(sandbox)
+    assert len(times) == 400
+    assert max_in_window(times) <= 20
+    elapsed = times[-1] - times[0]
+    ideal = (400 - 1) / 20
+    assert elapsed <= ideal * 1.10, f"took {elapsed:.2f} s, ideal {ideal:.2f} s"
+    assert _count(sessions, MessageStatus.DEAD) == 0
+
+
+def test_concurrency_cap_holds_across_workers_and_a_killed_worker_returns_its_permit(
+        sessions, procs, sandbox, celery_publisher):
+    """Cap 3 with slow (0.4 s) responses and 2 workers × 4 threads: at most 3 in flight at the
+    sandbox; after one worker is SIGKILLed mid-request its permit comes back after the lease."""
+    env = {"OUTBOX_PAYMENTS_MAX_CONCURRENCY": "3", "OUTBOX_PAYMENTS_CONCURRENCY_LEASE": "3",
+           "OUTBOX_LEASE": "4"}
+    _fault(sandbox, fault="latency", delay_s=0.4)
+    first = procs.worker("w1", queues="payments", concurrency=4, **env)
+    procs.worker("w2", queues="payments", concurrency=4, **env)
+    procs.relay()
+    _enqueue(sessions, 30, "cap")
+    wait_until(lambda: sandbox.state.stats(include_log=False)["in_flight"] >= 2, 30,
+               message="requests in flight")
+    procs.kill(first)
+    wait_until(lambda: _count(sessions, MessageStatus.DELIVERED) == 30, 90, interval_s=0.2,
+               message="30 deliveries after the kill")
+    stats = sandbox.state.stats(include_log=False)
+    assert stats["max_in_flight"] <= 3
+    # The killed worker's permits were returned: the survivor reached the full cap again.
+    late = [e for e in sandbox.state.stats()["request_log"]
+            if e["t"] > time.time() - 60 and e["status"] == 200]
+    assert len(late) >= 30
+    assert set(stats["effects_by_key"].values()) == {1}
+
+
+def test_one_429_pauses_every_worker_for_retry_after(sessions, procs, sandbox, celery_publisher):
+    """One 429 with Retry-After: 2 → no worker sends that provider anything for 2 s."""
+    _fault(sandbox, fault="rate_limit", retry_after="2", count=1)
+    for n in range(2):
+        procs.worker(f"w{n}", queues="payments", concurrency=4)
+    procs.relay()
+    _enqueue(sessions, 40, "pause")
+    wait_until(lambda: _count(sessions, MessageStatus.DELIVERED) == 40, 60, interval_s=0.2,
+               message="40 deliveries")
+    log = sandbox.state.stats()["request_log"]
+    [throttled] = [e for e in log if e["status"] == 429]
+    # Requests already on the wire when the 429 was answered may still land just after it.
+    quiet = [e for e in log if throttled["t_end"] + 0.1 < e["t"] < throttled["t_end"] + 1.95]
+    assert quiet == [], f"{len(quiet)} request(s) during the pause"
+    assert _count(sessions, MessageStatus.DEAD) == 0
+
+
+def test_provider_down_opens_the_breaker_and_nothing_is_lost(sessions, procs, sandbox,
+                                                              celery_publisher):
+    """Provider answers 503 for 30 s: the breaker opens after 5 failures, at most one probe per
+    half-open interval reaches it, no message is dead-lettered or spends attempts on deferrals,
+    and everything is delivered after recovery."""
+    env = {"OUTBOX_PAYMENTS_BREAKER_FAILURES": "5", "OUTBOX_PAYMENTS_BREAKER_OPEN": "5",
+           "OUTBOX_PAYMENTS_BREAKER_PROBES": "1", "OUTBOX_PAYMENTS_RETRY_BASE": "0.5",
+           "OUTBOX_PAYMENTS_RETRY_CAP": "2"}
+    down = _fault(sandbox, fault="down", mode="503")
+    for n in range(2):
+        procs.worker(f"w{n}", queues="payments", concurrency=4, **env)
+    procs.relay(**env)
+    started = time.time()
+    _enqueue(sessions, 20, "down")
+    time.sleep(max(0.0, 30 - (time.time() - started)))   # the outage lasts 30 s, by design
+    during = _arrivals(sandbox)
+    requests.delete(f"{sandbox.url}/_sandbox/faults/{down}", timeout=5).raise_for_status()
+    wait_until(lambda: _count(sessions, MessageStatus.DELIVERED) == 20, 60, interval_s=0.2,
+               message="20 deliveries after recovery")
+    # 5 failures open it; then at most 1 probe per 5 s half-open interval (+1 for edges).
+    assert len(during) <= 5 + 1 * (30 // 5 + 1), f"{len(during)} requests reached the provider"
+    assert _count(sessions, MessageStatus.DEAD) == 0
+    with sessions() as s:
+        worst = s.scalar(select(func.max(Message.attempts)))
+    assert worst <= 3, f"a message spent {worst} attempts during a 30 s outage"
+
+
+def test_bad_rate_limit_specs_stop_the_worker_at_start_up(stack_env):
+    """`fast`, `0/s`, `-1/m` → the worker exits at once with an error naming the variable."""
+    for spec in ("fast", "0/s", "-1/m"):
+        env = {**stack_env, "OUTBOX_PAYMENTS_RATE_LIMIT": spec}
+        done = subprocess.run([str(BIN / "celery"), "-A", "tasks", "worker", "-Q", "payments",
+                               "-P", "solo", "--loglevel", "INFO"], cwd=ROOT,
+                              env={**os.environ, **env}, capture_output=True,
+                              text=True, timeout=60)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0, output[-2000:]
+        assert "OUTBOX_PAYMENTS_RATE_LIMIT" in output and spec in output, output[-2000:]
