@@ -11,6 +11,9 @@ export SANDBOX_PORT ?= 8100
 export OUTBOX_PAYMENTS_BASE_URL ?= http://127.0.0.1:$(SANDBOX_PORT)
 export OUTBOX_PAYMENTS_API_KEY ?= sk_test_sandbox
 export SANDBOX_PAYMENTS_API_KEY ?= $(OUTBOX_PAYMENTS_API_KEY)
+export OUTBOX_EMAIL_BASE_URL ?= http://127.0.0.1:$(SANDBOX_PORT)
+export OUTBOX_EMAIL_API_KEY ?= $(OUTBOX_PAYMENTS_API_KEY)
+export OUTBOX_EMAIL_FROM ?= Demo Shop <shop@example.com>
 
 .PHONY: install migrate redis run test bench lint clean
 

@@ -3,8 +3,13 @@
 Adding a provider = one adapter module + one line in ``_ADAPTERS``.
 
 Providers are built lazily from the environment on first use and cached; ``reset()``
-drops the cache (tests that change the environment call it). The cache is also dropped
-in a forked child, so prefork workers never share pooled sockets with their parent.
+drops the cache and the shared Redis client (tests that change the environment call it).
+The cache is also dropped in a forked child, so prefork workers never share pooled
+sockets with their parent.
+
+``get_provider`` providers are protected (``integrations.protection``: quota, breaker,
+concurrency cap, rate limit, 429 pause) through the process's shared Redis client
+(``REDIS_URL``). ``build_provider`` protects only when given ``redis`` or ``protection``.
 """
 
 from __future__ import annotations
@@ -18,9 +23,19 @@ from typing import Any
 
 import schemas
 from integrations.base import Adapter, Delivery
-from integrations.errors import ClientError, IntegrationError, InvalidResponse
+from integrations.errors import (
+    Ambiguous,
+    ClientError,
+    Deferred,
+    IntegrationError,
+    InvalidResponse,
+    RateLimited,
+    Transient,
+)
 from integrations.http import HttpClient
 from integrations.payments import PaymentsAdapter
+from integrations.protection import DEFAULT_429_PAUSE_S, Protection, ProtectionSettings
+from integrations.protection import store as protection_store
 from integrations.settings import ProviderSettings
 
 _ADAPTERS: dict[str, Callable[[], Adapter]] = {
@@ -40,6 +55,7 @@ class Provider:
     adapter: Adapter
     settings: ProviderSettings
     client: HttpClient
+    protection: Protection | None = None
 
     @property
     def name(self) -> str:
@@ -49,8 +65,11 @@ class Provider:
     def deliver(self, operation: str, payload: Mapping[str, Any], idempotency_key: str) -> Delivery:
         """Perform ``operation`` at the provider once (plus one retry after a 401).
 
-        Validates the payload against its operation schema, builds the request, sends it;
-        on a 401 refreshes the credential and sends once more; parses the response.
+        Validates the payload against its operation schema, builds the request, passes the
+        protection guards (may sleep briefly for a rate-limit slot or permit), sends it;
+        on a 401 refreshes the credential and sends once more; parses the response. Every
+        response's rate-limit headers are observed, a 429 pauses the provider for every
+        worker, and the outcome is reported to the breaker.
 
         Args:
             operation: e.g. ``charge``.
@@ -63,18 +82,56 @@ class Provider:
         Raises:
             IntegrationError: only subclasses of it — ``ClientError`` (code
                 ``unknown_operation``/``invalid_payload``) for a message that can never be
-                sent, ``AuthError`` after the second 401, and whatever the client and the
-                adapter classify.
+                sent, ``AuthError`` after the second 401, ``Deferred`` when protection
+                says wait (no call made), and whatever the client and the adapter classify.
         """
         request = self._build(operation, payload, idempotency_key)
+        if self.protection is None:
+            return self._send(operation, request)
+        permit = self.protection.admit(operation)
+        error: BaseException | None = None
+        try:
+            return self._send(operation, request)
+        except BaseException as exc:
+            error = exc
+            if permit.probe and self._outage_evidence(exc):
+                # A failed half-open probe says the provider is still down, nothing about
+                # this message: reschedule it without spending an attempt, or an unlucky
+                # message chosen as the probe again and again would be dead-lettered by
+                # an outage the defaults promise to survive.
+                raise Deferred(f"breaker probe failed ({exc.summary()})",
+                               status_code=exc.status_code, code="probe_failed",
+                               retry_after_s=self.protection.settings.breaker.open_s) from exc
+            raise
+        finally:
+            permit.release(error)
+
+    def _outage_evidence(self, exc: BaseException) -> bool:
+        """A transient failure, or an ambiguous one the provider's idempotency makes safe."""
+        return isinstance(exc, Transient) or (
+            isinstance(exc, Ambiguous) and self.adapter.supports_idempotency)
+
+    def _send(self, operation: str, request) -> Delivery:
         auth = getattr(self.adapter, "auth", None)
-        response = self.client.send(request, auth=auth)
+        response = self._observed(self.client.send(request, auth=auth))
         if response.status_code == 401 and auth is not None:
             log.info("%s: 401, refreshing credentials and retrying once", self.name,
                      extra={"provider": self.name})
             self.client.credentials.refresh()
-            response = self.client.send(request, auth=auth)
-        return self._parse(operation, response)
+            if self.protection is not None:
+                self.protection.pace(operation)   # the second request needs its own slot
+            response = self._observed(self.client.send(request, auth=auth))
+        try:
+            return self._parse(operation, response)
+        except RateLimited as exc:
+            if self.protection is not None:
+                self.protection.pause(exc.retry_after_s or DEFAULT_429_PAUSE_S)
+            raise
+
+    def _observed(self, response):
+        if self.protection is not None:
+            self.protection.observe(response)
+        return response
 
     def _build(self, operation: str, payload: Mapping[str, Any], idempotency_key: str):
         if operation not in self.adapter.operations:
@@ -102,7 +159,7 @@ class Provider:
                                   status_code=response.status_code) from exc
 
     def close(self) -> None:
-        """Release the client's pooled connections."""
+        """Release the client's pooled connections (the Redis client is shared: kept)."""
         self.client.close()
 
 
@@ -112,8 +169,19 @@ def known_providers() -> list[str]:
 
 
 def build_provider(name: str, environ: Mapping[str, str] | None = None, *,
-                   transport=None) -> Provider:
+                   transport=None, redis=None, protection: Protection | None = None
+                   ) -> Provider:
     """Build a fresh, uncached ``Provider`` (tests pass a fake ``transport``).
+
+    The protection settings are always read and validated (bad rate specs fail here, at
+    start-up); protection is enabled only with ``redis`` or ``protection``.
+
+    Args:
+        name: provider name.
+        environ: the environment (default ``os.environ``).
+        transport: the HTTP I/O object (default: the real one).
+        redis: a Redis client or URL holding the shared protection state.
+        protection: a ready ``Protection`` (wins over ``redis``). Neither: unprotected.
 
     Raises:
         KeyError: unknown provider.
@@ -122,7 +190,18 @@ def build_provider(name: str, environ: Mapping[str, str] | None = None, *,
     if name not in _ADAPTERS:
         raise KeyError(f"unknown provider {name!r}; known: {', '.join(known_providers())}")
     settings = ProviderSettings.from_env(name, environ)
-    return Provider(_ADAPTERS[name](), settings, HttpClient(settings, transport))
+    adapter = _ADAPTERS[name]()
+    limits = ProtectionSettings.from_env(
+        name, environ, operations=adapter.operations,
+        default_rate_limit=getattr(adapter, "rate_limit", None),
+        default_operation_rate_limits=getattr(adapter, "operation_rate_limits", None))
+    if protection is None and redis is not None:
+        if isinstance(redis, str):
+            redis = protection_store.shared_redis(redis)
+        # A permit must outlast the longest call: connect + read timeout + the slot wait.
+        lease_s = settings.connect_timeout_s + settings.read_timeout_s + limits.max_wait_s + 5
+        protection = Protection(limits, redis, lease_s=lease_s)
+    return Provider(adapter, settings, HttpClient(settings, transport), protection)
 
 
 def get_provider(name: str) -> Provider:
@@ -137,17 +216,19 @@ def get_provider(name: str) -> Provider:
         return provider
     with _lock:
         if name not in _providers:
-            _providers[name] = build_provider(name)
+            _providers[name] = build_provider(name, redis=protection_store.redis_url())
         return _providers[name]
 
 
 def reset() -> None:
-    """Close and forget every cached provider, so the next ``get_provider`` re-reads the env."""
+    """Close and forget every cached provider and the shared Redis client, so the next
+    ``get_provider`` re-reads the env."""
     with _lock:
         providers = list(_providers.values())
         _providers.clear()
     for provider in providers:
         provider.close()
+    protection_store.reset()
 
 
 def _forget_after_fork() -> None:

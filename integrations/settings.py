@@ -5,9 +5,13 @@ Variables for provider ``NAME`` (upper case)::
     OUTBOX_<NAME>_BASE_URL          https://...; http:// only for loopback hosts
     OUTBOX_<NAME>_TIMEOUT           read timeout, seconds, float > 0       (default 10)
     OUTBOX_<NAME>_CONNECT_TIMEOUT   connect timeout, seconds, float > 0    (default 3.05)
-    OUTBOX_<NAME>_MAX_CONCURRENCY   HTTP connection pool size, int >= 1    (default 10)
+    OUTBOX_<NAME>_MAX_CONCURRENCY   HTTP connection pool size, int >= 1    (default 10); when
+                                    set, also the global cap on calls in flight
     OUTBOX_<NAME>_API_KEY           the key itself, or
     OUTBOX_<NAME>_API_KEY_FILE      a file holding it (re-read when it changes)
+
+Rate limits, quotas, the concurrency cap and the circuit breaker have their own variables,
+read by ``integrations.protection.settings``.
 
 Every error is a ``ConfigurationError`` whose message names the variable and never quotes
 a credential.

@@ -103,9 +103,53 @@ def cmd_relay(args, sessions):
     relay.run(engine, disp, settings, stop)
 
 
+def _protection(names) -> dict:
+    """Each provider's shared limiter, quota and breaker state (from Redis)."""
+    from integrations.registry import get_provider, known_providers
+
+    snapshots = {}
+    for name in sorted(set(names) | set(known_providers())):
+        try:
+            snapshots[name] = get_provider(name).protection.snapshot()
+        except Exception as exc:   # status must answer even when a provider is misconfigured
+            snapshots[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return snapshots
+
+
+def _protection_line(name: str, p: dict) -> str:
+    if "error" in p and "breaker" not in p:
+        return f"{name:<12}protection unavailable: {p['error']}"
+    breaker = p.get("breaker") or {}
+    parts = [f"limit {p.get('rate_limit') or 'none'}"]
+    parts += [f"{op} {spec}" for op, spec in (p.get("operation_rate_limits") or {}).items()]
+    if p.get("paused_for_s"):
+        parts.append(f"PAUSED {p['paused_for_s']:.1f}s (429)")
+    if p.get("max_concurrency"):
+        parts.append(f"in flight {p.get('permits_in_use')}/{p['max_concurrency']}")
+    if p.get("daily_quota"):
+        state = "EXHAUSTED, waits for" if p.get("quota_remaining") == 0 else "resets in"
+        parts.append(f"quota {p.get('quota_used')}/{p['daily_quota']} ({state} "
+                     f"{(p.get('quota_resets_in_s') or 0) / 3600:.1f} h)")
+    state = breaker.get("state", "?")
+    detail = f"{breaker.get('failures', 0)} failure(s) in window"
+    if state != "closed" and breaker.get("half_open_in_s") is not None:
+        detail += f", half-open in {breaker['half_open_in_s']:.1f}s"
+    parts.append(f"breaker {state.upper() if state != 'closed' else state} ({detail})")
+    if "error" in p:
+        parts.append(f"(partial: {p['error']})")
+    return f"{name:<12}" + "   ".join(parts)
+
+
 def cmd_status(args, sessions):
     with sessions() as session:
         data = status.report(session)
+    data["protection"] = _protection(data["providers"])
+    for name, p in data["protection"].items():
+        if (p.get("breaker") or {}).get("state", "closed") != "closed":   # seed: breaker open
+            data["level"] = "critical"
+            if name in data["providers"]:
+                data["providers"][name]["checks"]["breaker"] = "critical"
+                data["providers"][name]["level"] = "critical"
     lines = [f"outbox status: {data['level']}   dead letters awaiting action: {data['dead_awaiting']}"]
     header = f"{'provider':<12}{'pending':>8}{'queued':>8}{'flight':>8}{'retry@':>8}{'deliv.':>9}" \
              f"{'dead':>6}{'disc.':>6}{'oldest due':>12}{'err 5m':>8}  level"
@@ -118,6 +162,8 @@ def cmd_status(args, sessions):
                      f"{e['error_rate_5m'] * 100:>7.1f}%  {e['level']}")
     if not data["providers"]:
         lines.append("(no messages yet)")
+    lines.append("protection (shared by every worker):")
+    lines += ["  " + _protection_line(name, p) for name, p in data["protection"].items()]
     _emit(args, data, lines)
 
 

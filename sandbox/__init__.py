@@ -1,8 +1,9 @@
 """Fake providers on loopback with switchable faults, for development, tests and benchmarks.
 
-``SandboxServer`` serves a Stripe-shaped payments API plus a control API under
-``/_sandbox/`` that injects faults and reports what the provider actually did
-(effects per idempotency key), which is what end-to-end tests assert on.
+``SandboxServer`` serves a Stripe-shaped payments API and a SendGrid-shaped email API
+(``/v3/mail/send``) plus a control API under ``/_sandbox/`` that injects faults, sets a
+server-side rate limit and reports what the provider actually did (effects per
+idempotency key), which is what end-to-end tests assert on.
 """
 
 from sandbox.server import SandboxServer

@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from sandbox.auth import mask_key
-from sandbox.state import SandboxState
+from sandbox.state import RateLimit, SandboxState
 
 PREFIX = "/_sandbox/"
 
@@ -20,6 +20,38 @@ def _json_body(body: bytes) -> Any:
     if not body.strip():
         return {}
     return json.loads(body)
+
+
+def parse_rate_limit(spec: Any) -> RateLimit | None:
+    """``{"limit": 20, "window_s": 1.0, "path_prefix": "/v3/"}`` (prefix optional) or None.
+
+    Raises:
+        ValueError: with the reason.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError("rate_limit must be an object or null")
+    unknown = set(spec) - {"limit", "window_s", "path_prefix"}
+    if unknown:
+        raise ValueError(f"unknown rate_limit settings: {sorted(unknown)}")
+    limit, window, prefix = spec.get("limit"), spec.get("window_s"), spec.get("path_prefix")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError("rate_limit.limit must be an integer >= 1")
+    if not isinstance(window, int | float) or isinstance(window, bool) or not 0 < window <= 86400:
+        raise ValueError("rate_limit.window_s must be a number of seconds > 0")
+    if prefix is not None and (not isinstance(prefix, str) or not prefix.startswith("/")):
+        raise ValueError("rate_limit.path_prefix must be a path starting with '/'")
+    return RateLimit(limit, float(window), prefix)
+
+
+def _config(state: SandboxState) -> dict:
+    with state.lock:
+        return {"api_key": mask_key(state.api_key),
+                "email_api_key": mask_key(state.email_api_key) if state.email_api_key else None,
+                "idempotency": state.idempotency,
+                "declined_customers": sorted(state.declined_customers),
+                "rate_limit": state.rate_limit.to_dict() if state.rate_limit else None}
 
 
 def handle_control(state: SandboxState, method: str, path: str, query: str,
@@ -72,24 +104,33 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
         if method == "POST":
             if not isinstance(data, dict):
                 return _bad("body must be a JSON object")
-            unknown = set(data) - {"api_key", "idempotency", "declined_customers"}
+            unknown = set(data) - {"api_key", "email_api_key", "idempotency",
+                                   "declined_customers", "rate_limit"}
             if unknown:
                 return _bad(f"unknown settings: {sorted(unknown)}")
             key, idem = data.get("api_key"), data.get("idempotency")
-            if key is not None and (not isinstance(key, str) or not key):
+            # email_api_key absent: unchanged; null: share the payments key again.
+            email_key = data["email_api_key"] if "email_api_key" in data else False
+            if key is not None and not (isinstance(key, str) and key):
                 return _bad("api_key must be a non-empty string")
+            if email_key not in (False, None) and not (isinstance(email_key, str) and email_key):
+                return _bad("email_api_key must be a non-empty string or null")
+            try:
+                # Absent: unchanged; null: removed.
+                limit = parse_rate_limit(data["rate_limit"]) if "rate_limit" in data else False
+            except ValueError as exc:
+                return _bad(str(exc))
             if idem is not None and not isinstance(idem, bool):
                 return _bad("idempotency must be true or false")
             declined = data.get("declined_customers")
             if declined is not None and not (isinstance(declined, list)
                                              and all(isinstance(c, str) for c in declined)):
                 return _bad("declined_customers must be a list of customer ids")
-            state.configure(api_key=key, idempotency=idem, declined_customers=declined)
+            state.configure(api_key=key, idempotency=idem, declined_customers=declined,
+                            email_api_key=email_key, rate_limit=limit)
         elif method != "GET":
             return _bad("method not allowed", 405)
-        with state.lock:
-            return 200, {"api_key": mask_key(state.api_key), "idempotency": state.idempotency,
-                         "declined_customers": sorted(state.declined_customers)}
+        return 200, _config(state)
 
     return _bad(f"unknown control path {path}", 404)
 

@@ -1,4 +1,10 @@
-"""HTTP request handler: routing, auth, faults and Stripe-style idempotency."""
+"""HTTP request handler: routing, auth, rate limit, faults and Stripe-style idempotency.
+
+Two provider APIs share the plumbing: payments (Stripe-shaped, every path outside
+``/v3/``) and email (SendGrid-shaped, ``/v3/``). Each request answers errors in its
+provider's shape (``_flavor``). Order for both: body read, rate limit, fault rule, auth,
+routing and validation, endpoint (the effect), post-effect fault.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import sys
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from sandbox import payments
+from sandbox import mail, payments
 from sandbox.auth import check_auth
 from sandbox.control import PREFIX, handle_control
 from sandbox.faults import FaultRule
@@ -29,8 +35,14 @@ class _Dropped(Exception):
     """The connection was closed on purpose; nothing more may be written."""
 
 
-def _api_error(status: int, message: str) -> Result:
-    return payments.error(status, "api_error", message)
+PAYMENTS, EMAIL = "payments", "email"
+_SERVER_ERROR = {
+    "before": ("An error occurred with our connection to Stripe. (sandbox fault)",
+               "An internal error occurred. (sandbox fault)"),
+    "after": ("An unknown error occurred after processing. (sandbox fault)",
+              "An internal error occurred after processing. (sandbox fault)"),
+    "down": ("Service unavailable. (sandbox down)", "Service unavailable. (sandbox down)"),
+}
 
 
 class SandboxHandler(BaseHTTPRequestHandler):
@@ -80,9 +92,11 @@ class SandboxHandler(BaseHTTPRequestHandler):
         return self.server.state
 
     def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
+        """Send a JSON body, or an empty one when ``body`` is None."""
+        data = b"" if body is None else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        if body is not None:
+            self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Request-Id", "req_" + secrets.token_hex(7))
         version = self.headers.get("Stripe-Version")
@@ -117,19 +131,16 @@ class SandboxHandler(BaseHTTPRequestHandler):
                 raise ValueError
         except ValueError:
             self.close_connection = True
-            self._send(400, {"error": {"type": "invalid_request_error",
-                                       "message": "Invalid Content-Length."}})
-            return 400
+            return self._respond(self._invalid(400, "Invalid Content-Length."))
         if length > MAX_BODY:
             # Refused before reading; the unread body makes the connection unusable.
             self.close_connection = True
-            self._send(413, {"error": {"type": "invalid_request_error",
-                                       "message": "Request body too large (max 1 MiB)."}})
-            return 413
+            return self._respond(self._invalid(413, "Request body too large (max 1 MiB)."))
         return self.rfile.read(length)
 
     def _dispatch(self) -> None:
         path, _, query = self.path.partition("?")
+        self._flavor = EMAIL if path.startswith(mail.PREFIX) else PAYMENTS
         try:
             if path.startswith(PREFIX):
                 body = self._read_body()
@@ -137,11 +148,43 @@ class SandboxHandler(BaseHTTPRequestHandler):
                     status, out = handle_control(self.state, self.command, path, query, body)
                     self._send(status, out)
                 return
-            self._payments(path)
+            if self._flavor == EMAIL:
+                self._email(path)
+            else:
+                self._payments(path)
         except _Dropped:
             pass
         except OSError:
             self.close_connection = True
+
+    # --- errors in the request's provider shape ------------------------------
+
+    def _invalid(self, status: int, message: str) -> Result:
+        if getattr(self, "_flavor", PAYMENTS) == EMAIL:
+            return mail.error(status, message)
+        return payments.error(status, "invalid_request_error", message)
+
+    def _server_error(self, status: int, which: str) -> Result:
+        payments_text, email_text = _SERVER_ERROR[which]
+        if self._flavor == EMAIL:
+            return mail.error(status, email_text)
+        return payments.error(status, "api_error", payments_text)
+
+    def _too_many(self, retry_after: str | None, why: str) -> int:
+        if self._flavor == EMAIL:
+            result = mail.error(429, f"too many requests ({why})")
+        else:
+            result = payments.error(429, "rate_limit_error", "Too many requests hit the API "
+                                    f"too quickly. ({why})", code="rate_limit")
+        return self._respond(result, {"Retry-After": retry_after} if retry_after is not None
+                             else {})
+
+    def _over_rate_limit(self, path: str) -> int | None:
+        """Answer 429 (no effect) if the server-side rate limit is exhausted; else None."""
+        wait_s = self.state.admit(path)
+        if wait_s is None:
+            return None
+        return self._too_many(str(wait_s), "sandbox rate limit")
 
     # --- payments API -------------------------------------------------------
 
@@ -159,13 +202,16 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self._account(DROPPED)  # no-op unless no response was sent
 
     def _respond(self, result: Result, headers: dict[str, str] | None = None) -> int:
-        self._send(result.status, result.body, headers)
+        self._send(result.status, result.body, {**(result.headers or {}), **(headers or {})})
         return result.status
 
     def _payments_inner(self, path: str, key: str | None) -> int:
         body = self._read_body()
         if isinstance(body, int):
             return body
+        limited = self._over_rate_limit(path)
+        if limited is not None:
+            return limited
         rule = self.state.faults.pick(path, key)
         if rule is not None:
             early = self._pre_effect_fault(rule)
@@ -229,25 +275,21 @@ class SandboxHandler(BaseHTTPRequestHandler):
         """Answer a fault that fires before the endpoint runs; None to carry on."""
         p = rule.params
         if rule.fault == "error_before":
-            return self._respond(_api_error(p["status"], "An error occurred with our connection "
-                                                         "to Stripe. (sandbox fault)"))
+            return self._respond(self._server_error(p["status"], "before"))
         if rule.fault == "rate_limit":
-            res = payments.error(429, "rate_limit_error", "Too many requests hit the API too "
-                                 "quickly. (sandbox fault)", code="rate_limit")
-            headers = {"Retry-After": p["retry_after"]} if p["retry_after"] is not None else {}
-            return self._respond(res, headers)
+            return self._too_many(p["retry_after"], "sandbox fault")
         if rule.fault == "status":
-            body = p["body"] if p["body"] is not None else {"error": {
-                "type": "invalid_request_error", "message": "Sandbox status fault."}}
-            return self._respond(Result(p["status"], body))
+            if p["body"] is not None:
+                return self._respond(Result(p["status"], p["body"]))
+            return self._respond(self._invalid(p["status"], "Sandbox status fault."))
         if rule.fault == "down":
             if rule.params["mode"] == "503":
-                return self._respond(_api_error(503, "Service unavailable. (sandbox down)"))
+                return self._respond(self._server_error(503, "down"))
             while self.state.faults.active(rule.id):
                 if self.state.stopping.wait(0.05):
                     self._drop()
             # A request caught by an outage never reaches the endpoint, even once it ends.
-            return self._respond(_api_error(503, "Service unavailable. (sandbox down)"))
+            return self._respond(self._server_error(503, "down"))
         return None
 
     def _sleep_latency(self, rule: FaultRule | None) -> None:
@@ -258,13 +300,60 @@ class SandboxHandler(BaseHTTPRequestHandler):
         """Send the result, applying any fault that fires after the effect."""
         fault = rule.fault if rule is not None else None
         if fault == "error_after":
-            return self._respond(_api_error(rule.params["status"], "An unknown error occurred "
-                                            "after processing. (sandbox fault)"), headers)
+            return self._respond(self._server_error(rule.params["status"], "after"), headers)
         if fault == "drop_after":
             self._drop()
         if fault == "slow_after" and self.state.stopping.wait(rule.params["delay_s"]):
             self._drop()
         return self._respond(result, headers)
+
+    # --- email API ------------------------------------------------------------
+
+    def _email(self, path: str) -> None:
+        # Counted under the header key now; moved to custom_args.outbox_key once parsed.
+        key = self.headers.get(mail.KEY_HEADER) or ""
+        self._token = self.state.begin_request(path, key)
+        try:
+            self._email_inner(path, key)
+        finally:
+            self._account(DROPPED)  # no-op unless no response was sent
+
+    def _email_inner(self, path: str, header_key: str) -> int:
+        body = self._read_body()
+        if isinstance(body, int):
+            return body
+        try:
+            document = mail.parse_json(body)
+        except ValueError:
+            document = None
+            bad_json = True
+        else:
+            bad_json = False
+        key = mail.outbox_key(document) or header_key
+        if key != header_key and self._token is not None:
+            self.state.rekey_request(self._token, key)
+        limited = self._over_rate_limit(path)
+        if limited is not None:
+            return limited
+        rule = self.state.faults.pick(path, key or None)
+        if rule is not None:
+            early = self._pre_effect_fault(rule)
+            if early is not None:
+                return early
+        auth = mail.check_auth(self.headers.get("Authorization", ""), self.state)
+        if auth is not None:
+            return self._respond(auth)
+        if path != mail.SEND_PATH:
+            return self._respond(mail.error(404, "resource not found"))
+        if self.command != "POST":
+            return self._respond(mail.error(405, "method not allowed"))
+        if bad_json:
+            return self._respond(mail.error(400, "Bad Request: the body is not valid JSON."))
+        problems = mail.validate(document)
+        if problems:
+            return self._respond(mail.errors(400, problems))
+        self._sleep_latency(rule)
+        return self._finish(mail.send(self.state, document, key), rule, {})
 
     def _route(self, path: str):
         """Return (endpoint, None) for a POST, (None, args) for a GET, or (Result, None)."""

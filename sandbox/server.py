@@ -34,6 +34,9 @@ class _HTTPServer(ThreadingHTTPServer):
     # Idle keep-alive threads would make server_close() wait forever; stop() closes them instead.
     block_on_close = False
     allow_reuse_address = True
+    # socketserver's default backlog of 5 drops SYNs under a burst of concurrent clients,
+    # and each dropped SYN costs the client a 1 s retransmission.
+    request_queue_size = 128
 
     def __init__(self, address, state: SandboxState, access_log: bool, family: int) -> None:
         self.address_family = family
@@ -74,18 +77,22 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class SandboxServer:
-    """A fake Stripe-shaped payments provider on loopback, with a ``/_sandbox/`` control API.
+    """Fake Stripe-shaped payments and SendGrid-shaped email providers on loopback, with a
+    ``/_sandbox/`` control API.
 
     ``SandboxServer(port=0).start()`` listens on an ephemeral port; ``url`` says where.
+    Both APIs take ``Authorization: Bearer <key>``; the email API accepts
+    ``email_api_key``, or the payments key when that is None.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 payments_api_key: str = DEFAULT_API_KEY, access_log: bool = False) -> None:
+                 payments_api_key: str = DEFAULT_API_KEY, access_log: bool = False,
+                 email_api_key: str | None = None) -> None:
         """Bind to ``host:port`` (loopback only; ValueError otherwise) without serving yet."""
         if not is_loopback(host):
             raise ValueError(f"refusing to bind the sandbox to non-loopback host {host!r}; "
                              "use 127.0.0.1, ::1 or localhost")
-        self.state = SandboxState(payments_api_key)
+        self.state = SandboxState(payments_api_key, email_api_key)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._httpd = _HTTPServer((host.strip("[]"), port), self.state, access_log, family)
         self._thread: threading.Thread | None = None
@@ -128,7 +135,8 @@ class SandboxServer:
 def main(argv: list[str] | None = None) -> int:
     """Run the sandbox in the foreground until SIGTERM or SIGINT; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m sandbox",
-                                     description="Fake payments provider with fault injection.")
+                                     description="Fake payments and email providers with "
+                                                 "fault injection.")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8100, help="port (default 8100; 0 = any)")
     parser.add_argument("--access-log", action="store_true",
@@ -136,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     api_key = (os.environ.get("SANDBOX_PAYMENTS_API_KEY")
                or os.environ.get("OUTBOX_PAYMENTS_API_KEY") or DEFAULT_API_KEY)
+    # Unset: the email API shares the payments key.
+    email_key = (os.environ.get("SANDBOX_EMAIL_API_KEY")
+                 or os.environ.get("OUTBOX_EMAIL_API_KEY") or None)
     try:
-        srv = SandboxServer(args.host, args.port, api_key, access_log=args.access_log)
+        srv = SandboxServer(args.host, args.port, api_key, access_log=args.access_log,
+                            email_api_key=email_key)
     except (ValueError, OSError) as exc:
         print(f"sandbox: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -13,6 +14,28 @@ from sandbox.faults import FaultTable
 
 LOG_CAP = 100_000
 DEFAULT_DECLINED_CUSTOMERS = ("cus_declined", "cus_insufficient")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``limit`` requests admitted in any ``window_s`` seconds (a sliding log).
+
+    Applies to provider paths starting with ``path_prefix`` (every provider path when
+    None); the control API is never limited. Requests answered 429 are not admitted, so
+    they do not extend the wait.
+    """
+
+    limit: int
+    window_s: float
+    path_prefix: str | None = None
+
+    def applies_to(self, path: str) -> bool:
+        """True if requests on ``path`` count against this limit."""
+        return self.path_prefix is None or path.startswith(self.path_prefix)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as accepted by ``POST /_sandbox/config``."""
+        return {"limit": self.limit, "window_s": self.window_s, "path_prefix": self.path_prefix}
 
 
 @dataclass
@@ -32,10 +55,17 @@ class StoredResult:
 class SandboxState:
     """All mutable sandbox state behind one lock; every method is thread-safe."""
 
-    def __init__(self, api_key: str) -> None:
-        """Start empty with ``api_key`` as the accepted payments key."""
+    def __init__(self, api_key: str, email_api_key: str | None = None) -> None:
+        """Start empty with ``api_key`` as the accepted payments key.
+
+        ``email_api_key`` is the key the email API accepts; None shares the payments key
+        (then rotating ``api_key`` rotates both).
+        """
         self.lock = threading.RLock()
         self.api_key = api_key
+        self.email_api_key = email_api_key
+        self.rate_limit: RateLimit | None = None
+        self._admitted: collections.deque[float] = collections.deque()
         self.idempotency = True
         # Customers whose card declines; an operator "fixes the card data" by removing one.
         self.declined_customers = set(DEFAULT_DECLINED_CUSTOMERS)
@@ -57,21 +87,37 @@ class SandboxState:
         self.idem: dict[str, StoredResult] = {}
         self.payment_intents: dict[str, dict] = {}
         self.refunds: dict[str, dict] = {}
+        # Accepted emails by X-Message-Id: {"key", "to", "subject", "t"} (no bodies).
+        self.emails: dict[str, dict] = {}
+        self._admitted.clear()
 
     def reset(self) -> None:
-        """Forget requests, effects, objects, stored keys and faults; keep the API key."""
+        """Forget requests, effects, objects, stored keys, faults and the rate limit; keep the API keys."""
         with self.lock:
             # Requests still running belong to the old generation and must not leak into the new one.
             self._generation += 1
             self.idempotency = True
+            self.rate_limit = None
             self.declined_customers = set(DEFAULT_DECLINED_CUSTOMERS)
             self.faults.clear()
             self._clear()
 
     def configure(self, api_key: str | None = None, idempotency: bool | None = None,
-                  declined_customers: list[str] | None = None) -> None:
-        """Change the accepted API key, switch idempotency handling, set the declining customers."""
+                  declined_customers: list[str] | None = None,
+                  email_api_key: str | None | bool = False,
+                  rate_limit: RateLimit | None | bool = False) -> None:
+        """Change the accepted API keys, switch idempotency handling, set the declining customers.
+
+        ``email_api_key``: a key, None to share the payments key again, False (default) to
+        leave it. ``rate_limit``: a ``RateLimit`` to install (its window starts empty), None
+        to remove it, False (default) to leave it.
+        """
         with self.lock:
+            if email_api_key is not False:
+                self.email_api_key = email_api_key
+            if rate_limit is not False:
+                self.rate_limit = rate_limit
+                self._admitted.clear()
             if declined_customers is not None:
                 self.declined_customers = set(declined_customers)
             if api_key is not None:
@@ -79,10 +125,16 @@ class SandboxState:
             if idempotency is not None:
                 self.idempotency = idempotency
 
+    @property
+    def effective_email_api_key(self) -> str:
+        """The key the email API accepts: its own, or the payments key when it has none."""
+        with self.lock:
+            return self.email_api_key or self.api_key
+
     # --- request accounting -------------------------------------------------
 
     def begin_request(self, path: str, key: str) -> dict:
-        """Count an arriving payments request; returns its log entry (pass to end_request)."""
+        """Count an arriving provider request; returns its log entry (pass to end_request)."""
         with self.lock:
             # time.time() under the lock keeps request_log ordered by arrival.
             entry = {"t": time.time(), "t_end": None, "path": path, "key": key, "status": None}
@@ -92,6 +144,39 @@ class SandboxState:
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
             return {"entry": entry, "gen": self._generation}
+
+    def rekey_request(self, token: dict, key: str) -> None:
+        """Move a counted request to ``key`` (the email API learns its key from the body)."""
+        with self.lock:
+            entry = token["entry"]
+            old, entry["key"] = entry["key"], key
+            if old == key or token["gen"] != self._generation:
+                return
+            self.requests_by_key[old] -= 1
+            if self.requests_by_key[old] <= 0:
+                del self.requests_by_key[old]
+            self.requests_by_key[key] += 1
+
+    def admit(self, path: str) -> int | None:
+        """Apply the rate limit to a request arriving on ``path``.
+
+        Returns None when the request is admitted (and counted in the window), or the
+        whole seconds (>= 1) until the window has room: the ``Retry-After`` to send.
+        """
+        with self.lock:
+            limit = self.rate_limit
+            if limit is None or not limit.applies_to(path):
+                return None
+            now = time.monotonic()
+            admitted = self._admitted
+            while admitted and admitted[0] <= now - limit.window_s:
+                admitted.popleft()
+            if len(admitted) < limit.limit:
+                admitted.append(now)
+                return None
+            # Room comes back when enough of the oldest admissions have left the window.
+            frees_at = admitted[len(admitted) - limit.limit] + limit.window_s
+            return max(1, math.ceil(frees_at - now))
 
     def end_request(self, token: dict, status: int | str) -> None:
         """Record the outcome (an HTTP status, or "dropped") of a request."""
@@ -121,6 +206,7 @@ class SandboxState:
                 "in_flight": self._in_flight,
                 "max_in_flight": self.max_in_flight,
                 "faults": self.faults.list(),
+                "emails_total": len(self.emails),
             }
             if include_log:
                 out["request_log"] = [dict(e) for e in self.request_log]

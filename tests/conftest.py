@@ -161,6 +161,10 @@ def stack_env(db_url, redis_url, sandbox):
         "OUTBOX_PAYMENTS_BASE_URL": sandbox.url,
         "OUTBOX_PAYMENTS_API_KEY": "sk_test_outbox",
         "OUTBOX_PAYMENTS_TIMEOUT": "5",
+        "OUTBOX_EMAIL_BASE_URL": sandbox.url,
+        "OUTBOX_EMAIL_API_KEY": "sk_test_outbox",
+        "OUTBOX_EMAIL_FROM": "Outbox Tests <tests@example.com>",
+        "OUTBOX_EMAIL_TIMEOUT": "5",
         "OUTBOX_RELAY_GRACE": "0.5",
     }
 

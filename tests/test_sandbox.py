@@ -388,3 +388,225 @@ def test_main_runs_and_stops_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- email API (SendGrid-shaped) ------------------------------------------------
+
+MAIL = {
+    "personalizations": [{"to": [{"email": "ann@example.com", "name": "Ann"}]}],
+    "from": {"email": "shop@example.com"},
+    "subject": "Welcome",
+    "content": [{"type": "text/plain", "value": "Hello"}, {"type": "text/html", "value": "<p>Hi"}],
+}
+
+
+def send_mail(srv, key=None, body=None, headers=None, timeout=5, header_key=None, **kw):
+    doc = dict(MAIL if body is None else body)
+    if key is not None:
+        doc["custom_args"] = {"outbox_key": key}
+    h = dict(AUTH)
+    if header_key is not None:
+        h["X-Message-Key"] = header_key
+    h.update(headers or {})
+    return requests.post(srv.url + "/v3/mail/send", json=doc, headers=h, timeout=timeout, **kw)
+
+
+def test_email_accepted_202_empty_body_message_id_one_effect_per_request(srv):
+    r = send_mail(srv, "welcome-1")
+    assert r.status_code == 202 and r.content == b""
+    assert len(r.headers["X-Message-Id"]) == 22
+    assert srv.state.emails[r.headers["X-Message-Id"]]["to"] == ["ann@example.com"]
+    # Not idempotent: the same key again is a second email, whatever the idempotency setting.
+    assert send_mail(srv, "welcome-1").status_code == 202
+    s = stats(srv)
+    assert s["effects_by_key"] == {"welcome-1": 2} and s["requests_by_key"] == {"welcome-1": 2}
+    assert s["status_counts"] == {"202": 2} and s["emails_total"] == 2
+
+
+def test_email_key_from_custom_args_else_header(srv):
+    send_mail(srv, "from-body", header_key="from-body")
+    send_mail(srv, header_key="header-only")
+    send_mail(srv, "body-wins", header_key="stale")
+    send_mail(srv)
+    s = stats(srv)
+    expected = {"from-body": 1, "header-only": 1, "body-wins": 1, "": 1}
+    assert s["effects_by_key"] == expected and s["requests_by_key"] == expected
+    assert [e["key"] for e in s["request_log"]] == ["from-body", "header-only", "body-wins", ""]
+
+
+def test_email_missing_everything_lists_every_sendgrid_error(srv):
+    r = send_mail(srv, "bad", body={})
+    assert r.status_code == 400
+    errors = r.json()["errors"]
+    assert [e["field"] for e in errors] == ["personalizations", "from", "subject", "content"]
+    assert all(e["message"] and "help" in e for e in errors)
+    assert stats(srv)["effects_total"] == 0
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"personalizations": [{"to": []}]}, "personalizations.0.to"),
+    ({"personalizations": [{"to": [{"email": "nope"}]}]}, "personalizations.0.to.0.email"),
+    ({"personalizations": [{"to": [{"email": "a@x.io"}, {"email": "A@x.io"}]}]},
+     "personalizations.0"),
+    ({"from": {"email": "shop@"}}, "from.email"),
+    ({"reply_to": {"name": "x"}}, "reply_to"),
+    ({"subject": ""}, "subject"),
+    ({"content": [{"type": "text/html", "value": "h"}, {"type": "text/plain", "value": "p"}]},
+     "content"),
+    ({"content": [{"type": "text/plain", "value": ""}]}, "content.0.value"),
+    ({"categories": [str(i) for i in range(11)]}, "categories"),
+    ({"custom_args": {"n": 1}}, "custom_args"),
+    ({"reply-to": {"email": "a@x.io"}}, "reply-to"),
+])
+def test_email_validation_errors_name_the_field(srv, change, field):
+    r = send_mail(srv, body={**MAIL, **change})
+    assert r.status_code == 400
+    assert [e["field"] for e in r.json()["errors"]] == [field]
+    assert stats(srv)["effects_total"] == 0
+
+
+def test_email_subject_per_personalization_and_html_only_are_fine(srv):
+    body = {**MAIL, "personalizations": [{"to": [{"email": "a@x.io"}], "subject": "S"}],
+            "content": [{"type": "text/html", "value": "<p>x"}]}
+    del body["subject"]
+    assert send_mail(srv, body=body).status_code == 202
+
+
+def test_email_auth_method_path_json_and_size(srv):
+    r = send_mail(srv, headers={"Authorization": "Bearer SG.wrong"})
+    assert r.status_code == 401
+    assert r.json()["errors"][0]["message"].startswith("The provided authorization grant")
+    assert send_mail(srv, headers={"Authorization": ""}).status_code == 401
+    r = requests.get(srv.url + "/v3/mail/send", headers=AUTH, timeout=5)
+    assert r.status_code == 405 and "errors" in r.json()
+    r = requests.post(srv.url + "/v3/nothing", json=MAIL, headers=AUTH, timeout=5)
+    assert r.status_code == 404 and "errors" in r.json()
+    r = requests.post(srv.url + "/v3/mail/send", data=b"{not json", headers=AUTH, timeout=5)
+    assert r.status_code == 400 and "errors" in r.json()
+    r = requests.post(srv.url + "/v3/mail/send", data=b"a" * (1024 * 1024 + 1), headers=AUTH,
+                      timeout=5)
+    assert r.status_code == 413 and "errors" in r.json()
+    assert stats(srv)["effects_total"] == 0
+
+
+def test_email_separate_key(srv):
+    """By default the email API shares the payments key; email_api_key gives it its own."""
+    try:
+        configure(srv, email_api_key="SG.mailmailmail1234")
+        assert send_mail(srv).status_code == 401
+        mail_auth = {"Authorization": "Bearer SG.mailmailmail1234"}
+        assert send_mail(srv, headers=mail_auth).status_code == 202
+        # The payments API keeps its own key.
+        assert charge(srv).status_code == 200
+        assert charge(srv, headers=mail_auth).status_code == 401
+        shown = configure(srv)["email_api_key"]
+        assert shown.endswith("1234") and "mailmailmail" not in shown
+    finally:
+        assert configure(srv, email_api_key=None)["email_api_key"] is None
+    assert send_mail(srv).status_code == 202
+    r = requests.post(srv.url + "/_sandbox/config", json={"email_api_key": ""}, timeout=5)
+    assert r.status_code == 400
+
+
+def test_email_faults_answer_in_sendgrid_shape(srv):
+    fault(srv, fault="error_before", status=503, path="/v3/mail/send", count=1)
+    fault(srv, fault="error_after", status=500, match_key="after", count=1)
+    fault(srv, fault="drop_after", match_key="drop", count=1)
+    r = send_mail(srv, "before")
+    assert r.status_code == 503 and r.json()["errors"][0]["message"]
+    r = send_mail(srv, "after")
+    assert r.status_code == 500 and "errors" in r.json()
+    with pytest.raises(requests.ConnectionError):
+        send_mail(srv, "drop")
+    s = stats(srv)
+    # error_before: no email; error_after and drop_after: the email went out.
+    assert s["effects_by_key"] == {"after": 1, "drop": 1}
+    assert s["status_counts"] == {"503": 1, "500": 1, "dropped": 1}
+    # Payments paths are untouched by the email path filter.
+    assert charge(srv, "pay").status_code == 200
+
+
+def test_email_rate_limit_fault_and_down(srv):
+    fault(srv, fault="rate_limit", retry_after="7", count=1)
+    r = send_mail(srv, "rl")
+    assert r.status_code == 429 and r.headers["Retry-After"] == "7"
+    assert r.json()["errors"][0]["message"].startswith("too many requests")
+    fault(srv, fault="down", mode="503", count=1)
+    assert send_mail(srv, "down").status_code == 503
+    assert stats(srv)["effects_total"] == 0
+
+
+# --- server-side rate limit --------------------------------------------------------
+
+def configure(srv, **settings):
+    r = requests.post(srv.url + "/_sandbox/config", json=settings, timeout=5)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _burst(fn, n):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        return list(pool.map(fn, range(n)))
+
+
+@pytest.mark.parametrize("api", ["email", "payments"])
+def test_rate_limit_admits_exactly_the_limit_per_window(srv, api):
+    """30 requests fired at once against 20/1 s: 20 accepted, 10 answered 429 with Retry-After."""
+    assert configure(srv, rate_limit={"limit": 20, "window_s": 1.0})["rate_limit"] == {
+        "limit": 20, "window_s": 1.0, "path_prefix": None}
+    if api == "email":
+        responses = _burst(lambda i: send_mail(srv, f"m-{i}"), 30)
+        ok = 202
+    else:
+        responses = _burst(lambda i: charge(srv, f"c-{i}"), 30)
+        ok = 200
+    log = stats(srv)["request_log"]
+    assert log[-1]["t"] - log[0]["t"] < 1.0, "the burst took over a second; the test is void"
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [ok] * 20 + [429] * 10
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["Retry-After"].isdigit() and int(r.headers["Retry-After"]) >= 1
+            body = r.json()
+            if api == "email":
+                assert body["errors"][0]["message"].startswith("too many requests")
+            else:
+                assert (body["error"]["type"], body["error"]["code"]) == ("rate_limit_error",
+                                                                          "rate_limit")
+    s = stats(srv)
+    assert s["effects_total"] == 20
+    assert s["status_counts"] == {str(ok): 20, "429": 10}
+
+
+def test_rate_limit_window_slides_and_rejections_do_not_extend_it(srv):
+    configure(srv, rate_limit={"limit": 2, "window_s": 0.5})
+    assert [send_mail(srv).status_code for _ in range(2)] == [202, 202]
+    for _ in range(3):
+        r = send_mail(srv)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    time.sleep(0.55)
+    assert [send_mail(srv).status_code for _ in range(3)] == [202, 202, 429]
+    assert stats(srv)["effects_total"] == 4
+
+
+def test_rate_limit_path_prefix_removal_reset_and_validation(srv):
+    configure(srv, rate_limit={"limit": 1, "window_s": 60, "path_prefix": "/v3/"})
+    assert send_mail(srv).status_code == 202
+    r = send_mail(srv)
+    assert r.status_code == 429 and 59 <= int(r.headers["Retry-After"]) <= 60
+    assert [charge(srv).status_code for _ in range(3)] == [200] * 3   # other paths are free
+    assert stats(srv)["status_counts"]["429"] == 1                    # the control API is free
+    assert configure(srv, rate_limit=None)["rate_limit"] is None
+    assert send_mail(srv).status_code == 202
+    configure(srv, rate_limit={"limit": 1, "window_s": 60})
+    assert charge(srv).status_code == 200 and charge(srv).status_code == 429
+    requests.post(srv.url + "/_sandbox/reset", timeout=5).raise_for_status()
+    assert configure(srv)["rate_limit"] is None
+    assert charge(srv).status_code == 200
+    for bad in ({"limit": 0, "window_s": 1}, {"limit": 1, "window_s": 0}, {"limit": 1},
+                {"limit": 1, "window_s": 1, "path_prefix": "v3"}, {"limit": 1, "window_s": 1,
+                                                                    "per": "x"}, [1]):
+        r = requests.post(srv.url + "/_sandbox/config", json={"rate_limit": bad}, timeout=5)
+        assert r.status_code == 400, bad
