@@ -23,6 +23,7 @@ from typing import Any
 
 import schemas
 from integrations.base import Adapter, Delivery
+from integrations.email import EmailAdapter
 from integrations.errors import (
     Ambiguous,
     ClientError,
@@ -40,7 +41,7 @@ from integrations.settings import ProviderSettings
 
 _ADAPTERS: dict[str, Callable[[], Adapter]] = {
     "payments": PaymentsAdapter,
-    "email": lambda: __import__("integrations.email", fromlist=["_"]).EmailAdapter(),
+    "email": EmailAdapter,
 }
 
 log = logging.getLogger("integrations.registry")
