@@ -214,7 +214,7 @@ def _email_latencies(sessions, sandbox, n, prefix):
                              "text": "Thank you."}, idempotency_key=key)
             session.commit()
             committed = time.time()
-        wait_until(lambda: sandbox.state.stats(include_log=False)["requests_by_key"].get(key),
+        wait_until(lambda k=key: sandbox.state.stats(include_log=False)["requests_by_key"].get(k),
                    30, interval_s=0.001, message=f"email {key}")
         [arrival] = [e["t"] for e in sandbox.state.stats()["request_log"] if e["key"] == key]
         latencies.append(arrival - committed)
