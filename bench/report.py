@@ -133,13 +133,11 @@ def _whys(r: dict) -> list[str]:
             "schema checks, logging.")
     if mc["ratio"] > TARGET_MARGINAL:
         parts = r["enqueue_breakdown_us"]
-        built = parts.get("INSERT as enqueue builds it", 0)
-        prepared = parts.get("INSERT prepared once, with parameters", 0)
         lines.append(
             f"(b) enqueue adds {mc['marginal_enqueue_us']:.0f} µs vs {mc['marginal_delay_us']:.0f}"
-            f" µs for .delay(): its INSERT, rebuilt per call as an ORM insert with literal values,"
-            f" costs {built:.0f} µs ({prepared:.0f} µs prepared once), the SELECT back of the row "
-            f"(session.get) {parts.get('session.get after insert', 0):.0f} µs, and the dispatch "
+            f" µs for .delay(): its prepared INSERT costs "
+            f"{parts.get('INSERT prepared once, with parameters (enqueue)', 0):.0f} µs, schema "
+            f"validation {parts.get('validate (schema)', 0):.0f} µs, and the dispatch "
             f"thread's publish competes for the GIL at commit "
             f"(+{mc['marginal_enqueue_us'] - r['marginal_without_broker']['marginal_enqueue_us']:.0f}"
             " µs).")

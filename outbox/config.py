@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 
 from .errors import ConfigurationError
 from .retry import RetryPolicy
@@ -85,6 +86,28 @@ def retry_policy(provider: str, environ: Mapping[str, str] | None = None) -> Ret
         raise ConfigurationError(f"{prefix}*: {exc}") from exc
 
 
+_RETRY_SUFFIXES = ("RETRY_BASE", "RETRY_CAP", "MAX_ATTEMPTS", "MAX_AGE")
+
+
+def current_retry_policy(provider: str) -> RetryPolicy:
+    """``retry_policy(provider)`` for the current ``os.environ``, for per-delivery use.
+
+    Reads the four variables on every call (a changed setting takes effect, as before)
+    but parses and validates each distinct combination only once. Raises ConfigurationError.
+    """
+    prefix = f"OUTBOX_{provider.upper()}_"
+    return _parsed_retry_policy(provider, tuple(os.environ.get(prefix + suffix)
+                                                for suffix in _RETRY_SUFFIXES))
+
+
+@lru_cache(maxsize=256)
+def _parsed_retry_policy(provider: str, values: tuple[str | None, ...]) -> RetryPolicy:
+    prefix = f"OUTBOX_{provider.upper()}_"
+    environ = {prefix + suffix: value for suffix, value in zip(_RETRY_SUFFIXES, values, strict=True)
+               if value is not None}
+    return retry_policy(provider, environ)
+
+
 @dataclass(frozen=True)
 class RelaySettings:
     """How the relay and the lease behave.
@@ -99,7 +122,10 @@ class RelaySettings:
 
     poll_interval_s: float = 0.5
     batch_size: int = 500
-    grace_s: float = 2.0
+    # Long enough for the after-commit dispatch to mark its rows queued even when it waits
+    # for SQLite's write lock behind the application's transactions; it delays only a
+    # dispatch that was lost (crash, broker down).
+    grace_s: float = 10.0
     requeue_after_s: float = 300.0
     lease_s: float = 120.0
 

@@ -15,8 +15,9 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from .clock import utcnow
 from .models import Attempt, AttemptOutcome, Message, MessageStatus
@@ -82,38 +83,95 @@ def claim(session: Session, message_id: str, lease: timedelta,
     Commits.
     """
     now = now or utcnow()
-    row = session.execute(
-        update(Message)
-        .where(Message.id == message_id,
-               Message.status.in_([MessageStatus.PENDING, MessageStatus.QUEUED]),
-               Message.next_attempt_at <= now)
-        .values(status=MessageStatus.IN_FLIGHT, lease_token=Message.lease_token + 1,
-                lease_expires_at=now + lease, updated_at=now)
-        .returning(Message.id, Message.provider, Message.operation, Message.payload,
-                   Message.idempotency_key, Message.correlation_id, Message.attempts,
-                   Message.rate_limited_count, Message.lease_token, Message.budget_started_at)
-    ).one_or_none()
+    rows = _execute(session, _CLAIM, {"m_id": message_id, "now": now, "expires": now + lease},
+                    message_id)
     session.commit()
-    if row is None:
+    if not rows:
         return None
-    return Claim(*row, claimed_at=now)
+    return Claim(*rows[0], claimed_at=now)
 
 
-def _fenced(claim: Claim):
-    return and_(Message.id == claim.id, Message.lease_token == claim.lease_token,
-                Message.status == MessageStatus.IN_FLIGHT)
+# The per-message statements, built once as Core statements on the tables with bound
+# parameters: SQLAlchemy compiles each once, and no ORM bulk-update machinery runs per call.
+_M = Message.__table__
+_A = Attempt.__table__
+
+_CLAIM = (
+    update(_M)
+    .where(_M.c.id == bindparam("m_id"),
+           _M.c.status.in_([MessageStatus.PENDING, MessageStatus.QUEUED]),
+           _M.c.next_attempt_at <= bindparam("now"))
+    .values(status=MessageStatus.IN_FLIGHT, lease_token=_M.c.lease_token + 1,
+            lease_expires_at=bindparam("expires"), updated_at=bindparam("now"))
+    .returning(_M.c.id, _M.c.provider, _M.c.operation, _M.c.payload, _M.c.idempotency_key,
+               _M.c.correlation_id, _M.c.attempts, _M.c.rate_limited_count, _M.c.lease_token,
+               _M.c.budget_started_at)
+)
+
+# Outcomes: only under the lease token this worker claimed, and only while still in flight.
+_FENCED = update(_M).where(_M.c.id == bindparam("m_id"), _M.c.lease_token == bindparam("token"),
+                           _M.c.status == MessageStatus.IN_FLIGHT)
+
+_DELIVERED = _FENCED.values(
+    status=MessageStatus.DELIVERED, delivered_at=bindparam("now"), updated_at=bindparam("now"),
+    lease_expires_at=None, provider_ref=bindparam("ref"), last_status_code=bindparam("code"),
+    attempts=_M.c.attempts + 1)
+
+_FAILED = {   # status → statement; the failure columns come from the Failure
+    status: _FENCED.values(
+        status=status, updated_at=bindparam("now"), lease_expires_at=None,
+        attempts=bindparam("n_attempts"), rate_limited_count=bindparam("n_limited"),
+        last_error_class=bindparam("error_class"), last_status_code=bindparam("code"),
+        last_error=bindparam("error"),
+        **({"next_attempt_at": bindparam("next_at")} if status == MessageStatus.PENDING
+           else {"dead_at": bindparam("now")}))
+    for status in (MessageStatus.PENDING, MessageStatus.DEAD)
+}
+
+_INSERT_ATTEMPT = insert(_A)
+
+
+def _execute(session: Session, statement, params: dict[str, Any], message_id: str):
+    """Run a prepared UPDATE on one message with the ORM's manners; returns its RETURNING rows,
+    or the number of rows updated.
+
+    Autoflush first; afterwards a copy of the message that ``session`` holds (never in the
+    worker's fresh sessions) is refreshed, as the ORM update's session synchronisation
+    would have brought it up to date.
+    """
+    if session.autoflush:
+        session.flush()
+    result = session.execute(statement, params)
+    outcome = result.all() if result.returns_rows else result.rowcount
+    if session.identity_map:
+        held = session.identity_map.get(identity_key(Message, message_id))
+        if held is not None:
+            session.refresh(held)
+    return outcome
 
 
 def _record_attempt(session: Session, claim: Claim, outcome: AttemptOutcome, now: datetime,
                     worker: str | None, failure: Failure | None = None,
                     status_code: int | None = None, next_attempt_at: datetime | None = None):
-    session.execute(insert(Attempt).values(
-        message_id=claim.id, lease_token=claim.lease_token, started_at=claim.claimed_at,
-        duration_ms=(now - claim.claimed_at).total_seconds() * 1000, outcome=outcome,
-        status_code=failure.status_code if failure else status_code,
-        error_class=failure.error_class if failure else None,
-        error=failure.detail if failure else None,
-        next_attempt_at=next_attempt_at, worker=worker))
+    session.execute(_INSERT_ATTEMPT, {
+        "message_id": claim.id, "lease_token": claim.lease_token, "started_at": claim.claimed_at,
+        "duration_ms": (now - claim.claimed_at).total_seconds() * 1000, "outcome": outcome,
+        "status_code": failure.status_code if failure else status_code,
+        "error_class": failure.error_class if failure else None,
+        "error": failure.detail if failure else None,
+        "next_attempt_at": next_attempt_at, "worker": worker})
+
+
+def _failed(session: Session, claim: Claim, status: MessageStatus, failure: Failure,
+            now: datetime, attempts: int, rate_limited: int,
+            next_at: datetime | None = None) -> bool:
+    """The fenced UPDATE of a failed attempt; True if our lease still held."""
+    params = {"m_id": claim.id, "token": claim.lease_token, "now": now, "n_attempts": attempts,
+              "n_limited": rate_limited, "error_class": failure.error_class,
+              "code": failure.status_code, "error": failure.detail}
+    if next_at is not None:
+        params["next_at"] = next_at
+    return _execute(session, _FAILED[status], params, claim.id) == 1
 
 
 def mark_delivered(session: Session, claim: Claim, *, status_code: int,
@@ -121,12 +179,9 @@ def mark_delivered(session: Session, claim: Claim, *, status_code: int,
                    worker: str | None = None) -> Outcome:
     """Record a successful delivery. Commits."""
     now = now or utcnow()
-    updated = session.execute(
-        update(Message).where(_fenced(claim)).values(
-            status=MessageStatus.DELIVERED, delivered_at=now, updated_at=now,
-            lease_expires_at=None, provider_ref=provider_ref, last_status_code=status_code,
-            attempts=Message.attempts + 1)
-    ).rowcount
+    updated = _execute(session, _DELIVERED, {"m_id": claim.id, "token": claim.lease_token,
+                                             "now": now, "ref": provider_ref,
+                                             "code": status_code}, claim.id)
     _record_attempt(session, claim, AttemptOutcome.DELIVERED, now, worker, status_code=status_code)
     session.commit()
     return Outcome(AttemptOutcome.DELIVERED, recorded=updated == 1)
@@ -165,16 +220,11 @@ def record_failure(session: Session, claim: Claim, failure: Failure, policy: Ret
     else:
         next_at = policy.next_attempt_at(now, max(attempts, 1), failure.retry_after_s, rng)
         outcome = AttemptOutcome.RETRY
-    updated = session.execute(
-        update(Message).where(_fenced(claim)).values(
-            status=MessageStatus.PENDING, next_attempt_at=next_at, updated_at=now,
-            lease_expires_at=None, attempts=attempts, rate_limited_count=rate_limited,
-            last_error_class=failure.error_class, last_status_code=failure.status_code,
-            last_error=failure.detail)
-    ).rowcount
+    recorded = _failed(session, claim, MessageStatus.PENDING, failure, now, attempts,
+                       rate_limited, next_at)
     _record_attempt(session, claim, outcome, now, worker, failure, next_attempt_at=next_at)
     session.commit()
-    return Outcome(outcome, next_attempt_at=next_at, recorded=updated == 1)
+    return Outcome(outcome, next_attempt_at=next_at, recorded=recorded)
 
 
 def dead_letter(session: Session, claim: Claim, failure: Failure, reason: str, *,
@@ -186,16 +236,10 @@ def dead_letter(session: Session, claim: Claim, failure: Failure, reason: str, *
 
 
 def _dead(session, claim, failure, reason, attempts, rate_limited, now, worker) -> Outcome:
-    updated = session.execute(
-        update(Message).where(_fenced(claim)).values(
-            status=MessageStatus.DEAD, dead_at=now, updated_at=now, lease_expires_at=None,
-            attempts=attempts, rate_limited_count=rate_limited,
-            last_error_class=failure.error_class, last_status_code=failure.status_code,
-            last_error=failure.detail)
-    ).rowcount
+    recorded = _failed(session, claim, MessageStatus.DEAD, failure, now, attempts, rate_limited)
     _record_attempt(session, claim, AttemptOutcome.DEAD, now, worker, failure)
     session.commit()
-    return Outcome(AttemptOutcome.DEAD, reason=reason, recorded=updated == 1)
+    return Outcome(AttemptOutcome.DEAD, reason=reason, recorded=recorded)
 
 
 def recover_expired_leases(session: Session, *, now: datetime | None = None,

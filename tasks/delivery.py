@@ -97,7 +97,7 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
         claim = lifecycle.claim(session, message_id, lease, now=clock())
         if claim is None:
             return Result(None, message_id, "nothing to do (duplicate or stale message)")
-        policy = config.retry_policy(claim.provider)
+        policy = config.current_retry_policy(claim.provider)
         spent = policy.exhausted(claim.attempts, claim.budget_started_at, claim.claimed_at)
         if spent:
             failure = Failure(FailureKind.PERMANENT, "exhausted", spent)

@@ -6,7 +6,8 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
+from sqlalchemy.orm import Session
 
 from outbox import (
     IdempotencyConflict,
@@ -126,6 +127,73 @@ def test_same_key_same_payload_returns_the_same_message(sessions, publisher):
     assert first.id == again.id == later.id
     assert _count(sessions) == 1
     assert publisher.ids == [first.id]
+
+
+class _Statements:
+    """Records the SQL an engine sends (first word, upper case) while it is listening."""
+
+    def __init__(self, engine):
+        self.engine, self.sent = engine, []
+
+    def __enter__(self):
+        event.listen(self.engine, "before_cursor_execute", self._record)
+        return self
+
+    def __exit__(self, *exc):
+        event.remove(self.engine, "before_cursor_execute", self._record)
+
+    def _record(self, conn, cursor, statement, parameters, context, executemany):
+        self.sent.append(statement.split(None, 1)[0].upper())
+
+    def count(self, verb):
+        return self.sent.count(verb)
+
+
+def test_new_message_is_returned_without_reading_it_back(engine, publisher):
+    """A new message costs one INSERT: no SELECT, no second INSERT at flush or commit; its
+    attributes read fine after commit, as a loaded row's would."""
+    sessions = make_sessionmaker(engine)
+    with sessions() as session, _Statements(engine) as sql:
+        message = _charge(session, correlation_id="req-7")
+        session.flush()
+        session.commit()
+        assert (message.provider, message.operation, message.idempotency_key) == (
+            "payments", "charge", "order-42-charge")
+        assert message.payload == CHARGE and message.payload is not CHARGE
+        assert (message.status, message.attempts, message.lease_token) == ("pending", 0, 0)
+        assert message.correlation_id == "req-7" and message.created_at is not None
+        assert message.queued_at is None and message.last_error is None
+        assert message.label == f"payments.charge {message.id}"
+    assert (sql.count("INSERT"), sql.count("SELECT"), sql.count("UPDATE")) == (1, 0, 0)
+    assert message.status == "pending"     # session closed: still readable, nothing expired
+    with sessions() as session:
+        row = session.get(Message, message.id)
+        assert (row.payload, row.correlation_id, row.created_at) == (
+            CHARGE, "req-7", message.created_at)
+
+
+def test_new_message_expires_on_commit_like_a_loaded_row(engine, publisher):
+    """With expire_on_commit (the default) the returned message reloads from the database."""
+    with Session(engine) as session:
+        message = _charge(session)
+        session.commit()
+        with _Statements(engine) as sql:
+            assert message.status == MessageStatus.PENDING
+        assert sql.count("SELECT") == 1
+
+
+def test_repeated_key_selects_the_existing_row(engine, publisher):
+    """The conflict path reads the existing row: same payload → that message, one row."""
+    sessions = make_sessionmaker(engine)
+    with sessions() as session:
+        first = _charge(session)
+        session.commit()
+    with sessions() as session, _Statements(engine) as sql:
+        again = _charge(session)
+        session.commit()
+    assert again.id == first.id and again.payload == CHARGE
+    assert sql.count("SELECT") == 1
+    assert _count(sessions) == 1
 
 
 def test_payload_key_order_does_not_matter(sessions, publisher):
@@ -264,9 +332,11 @@ def test_missing_field_error_names_the_field(sessions):
 
 @pytest.mark.parametrize("key", [
     "", " ", "\t ", "a" * 256, "order\n42", "order\x00", "order\x7f", "tab\there", 42, None,
+    "заказ-42", "order-42-café",
 ])
 def test_bad_idempotency_keys_are_refused(sessions, key):
-    """Empty, blank, over 255 chars, control characters or not a string → InvalidIdempotencyKey; zero rows."""
+    """Empty, blank, over 255 chars, control or non-ASCII characters (the key goes in an HTTP
+    header) or not a string → InvalidIdempotencyKey; zero rows."""
     with sessions() as session:
         with pytest.raises(InvalidIdempotencyKey):
             _charge(session, key=key)

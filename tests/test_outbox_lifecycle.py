@@ -327,3 +327,33 @@ def test_five_transient_failures_then_delivery_timeline(sessions, message_id, t0
     row = _row(sessions, message_id)
     assert row.status == MessageStatus.DELIVERED and row.attempts == 6
     assert row.provider_ref == "pi_123" and row.delivered_at == now + timedelta(milliseconds=300)
+
+
+def test_late_mark_queued_leaves_a_rescheduled_row_pending(sessions, publisher, engine):
+    """A dispatch that marks its rows queued after a worker already claimed, failed and
+    rescheduled one leaves that row pending, due at its retry time (not queued for the relay's
+    requeue delay)."""
+    with sessions() as session:
+        message = enqueue(session, provider="payments", operation="charge",
+                          payload={"amount": 1999, "currency": "usd"}, idempotency_key="late")
+        session.commit()          # the recording publisher has it; mark_queued may not have run
+    now = utcnow() + timedelta(seconds=1)
+    with sessions() as session:
+        c = claim(session, message.id, LEASE, now=now)
+        outcome = record_failure(session, c, TRANSIENT, RetryPolicy(), now=now,
+                                 rng=random.Random(1))
+    dispatch.dispatcher().flush()
+    dispatch.mark_queued(engine, [message.id])   # as if the dispatch thread were this late
+    row = _row(sessions, message.id)
+    assert (row.status, row.next_attempt_at) == (MessageStatus.PENDING, outcome.next_attempt_at)
+
+
+def test_outcome_updates_a_copy_the_session_holds(sessions, message_id, t0):
+    """A message loaded in the caller's session reads the new state after claim and outcome."""
+    with sessions() as session:
+        held = session.get(Message, message_id)
+        c = claim(session, message_id, LEASE, now=t0)
+        assert (held.status, held.lease_token) == (MessageStatus.IN_FLIGHT, c.lease_token)
+        mark_delivered(session, c, status_code=200, provider_ref="pi_9", now=t0)
+        assert (held.status, held.provider_ref, held.attempts) == (
+            MessageStatus.DELIVERED, "pi_9", 1)
