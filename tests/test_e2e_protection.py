@@ -223,23 +223,30 @@ def _email_latencies(sessions, sandbox, n, prefix):
 
 def test_a_hanging_provider_does_not_slow_another(sessions, procs, sandbox, celery_publisher):
     """Bulkhead: with payments hanging (every call waits for its timeout) and a backlog for it,
-    email's commit-to-delivered latency stays within 20 % of its baseline (median of 25)."""
+    email's commit-to-provider latency stays within 20 % of its baseline. Phases alternate
+    (baseline, hanging, baseline, hanging; 12 emails each) so a change in machine load during
+    the test does not masquerade as interference; pooled medians are compared."""
     procs.worker("payments", queues="payments", concurrency=4)
     procs.worker("email", queues="email", concurrency=4)
     procs.relay()
     _email_latencies(sessions, sandbox, 3, "warm")   # warm up connections and caches
-    baseline = _email_latencies(sessions, sandbox, 25, "base")
-    _fault(sandbox, fault="down", mode="hang", path="/v1/payment_intents")
-    _enqueue(sessions, 40, "hung")
-    wait_until(lambda: sandbox.state.stats(include_log=False)["in_flight"] >= 4, 30,
-               message="payments workers stuck on the hanging provider")
-    during = _email_latencies(sessions, sandbox, 25, "during")
-    base_p50, during_p50 = baseline[len(baseline) // 2], during[len(during) // 2]
+    baseline, during = [], []
+    for phase in range(2):
+        baseline += _email_latencies(sessions, sandbox, 12, f"base{phase}")
+        hang = _fault(sandbox, fault="down", mode="hang", path="/v1/payment_intents")
+        _enqueue(sessions, 20, f"hung{phase}")
+        wait_until(lambda: sandbox.state.stats(include_log=False)["in_flight"] >= 4, 30,
+                   message="payments workers stuck on the hanging provider")
+        during += _email_latencies(sessions, sandbox, 12, f"during{phase}")
+        assert sandbox.state.stats(include_log=False)["in_flight"] >= 4   # still hanging
+        requests.delete(f"{sandbox.url}/_sandbox/faults/{hang}", timeout=5).raise_for_status()
+        wait_until(lambda p=phase: _count(sessions, MessageStatus.DELIVERED) >= 20 * (p + 1)
+                   + 3 + 24 * (p + 1), 60, interval_s=0.1, message="payments backlog drained")
+    base_p50, during_p50 = sorted(baseline)[len(baseline) // 2], sorted(during)[len(during) // 2]
     print(f"email p50 baseline {base_p50 * 1000:.1f} ms, payments hanging {during_p50 * 1000:.1f} ms")
-    # 20 % of a ~10 ms baseline is below timer noise on a shared 2-core machine: allow 2 ms.
+    # 20 % of a ~5 ms baseline is below timer noise on a shared 2-core machine: allow 2 ms.
     assert during_p50 <= max(base_p50 * 1.20, base_p50 + 0.002), (
         f"email p50 {during_p50 * 1000:.1f} ms with payments hanging vs {base_p50 * 1000:.1f} ms")
-    assert sandbox.state.stats(include_log=False)["in_flight"] >= 4   # payments still hanging
 
 
 def test_exhausted_daily_quota_waits_for_midnight_without_spending_attempts(
