@@ -4,7 +4,7 @@ Every ``DRIVER_INTERVAL`` seconds (default 0.5) it places an order through the
 shop. Before some orders it arms a sandbox fault for that order's idempotency
 key, so Flower soon shows retries and dead letters:
 
-* every 7th: 503 twice, then success            → RETRY, RETRY, SUCCESS
+* every 7th: 503 once, then success             → RETRY (transient), SUCCESS
 * every 11th: 429 with Retry-After: 3           → RETRY (rate_limited), SUCCESS
 * every 13th: 500 after the charge was made     → RETRY (ambiguous), SUCCESS, one charge
 * every 9th: customer ``cus_declined``          → FAILURE, a dead letter (fix with
@@ -42,7 +42,7 @@ def order_for(n: int, run: str) -> tuple[dict, dict | None]:
     if n % 9 == 0:
         order["customer"] = "cus_declined"
     elif n % 7 == 0:
-        fault = {"fault": "error_before", "status": 503, "count": 2}
+        fault = {"fault": "error_before", "status": 503, "count": 1}
     elif n % 11 == 0:
         fault = {"fault": "rate_limit", "retry_after": "3", "count": 1}
     elif n % 13 == 0:

@@ -1,4 +1,5 @@
-"""A tiny web shop: placing an order writes the order and its charge in ONE transaction.
+"""A tiny web shop: placing an order writes the order, its charge and its receipt email in
+ONE transaction.
 
     POST /orders  {"reference": "A-1001", "amount": 1999, "currency": "usd", "customer": "cus_1"}
       → 201 {"order_id": 7, "message_id": "01J…", "status": "pending"}
@@ -38,7 +39,8 @@ class Order(ShopBase):
 
 def place_order(session: Session, *, reference: str, amount: int, currency: str,
                 customer: str | None = None, request_id: str | None = None) -> tuple[Order, str]:
-    """Record the order and enqueue its charge in the caller's transaction (the caller commits)."""
+    """Record the order and enqueue its charge and receipt in the caller's transaction
+    (the caller commits)."""
     order = Order(reference=reference, amount=amount, currency=currency)
     session.add(order)
     session.flush()
@@ -47,6 +49,10 @@ def place_order(session: Session, *, reference: str, amount: int, currency: str,
         payload["customer"] = customer
     message = enqueue(session, provider="payments", operation="charge", payload=payload,
                       idempotency_key=f"order-{reference}-charge", correlation_id=request_id)
+    enqueue(session, provider="email", operation="send",
+            payload={"to": "customer@example.com", "subject": f"Your order {reference}",
+                     "text": f"Thank you for your order {reference}."},
+            idempotency_key=f"order-{reference}-receipt", correlation_id=request_id)
     return order, message.id
 
 
