@@ -141,6 +141,9 @@ def summarize(side: str, stats: dict, key_prefix: str, limit: int, n: int, *, t0
         "duplicate_effects": duplicated,
         # requests arriving in each second since the start (whole seconds after t0)
         "per_second": [c for _, c in sorted(Counter(int(t - t0) for t in arrivals).items())],
+        # every request: (arrival after t0 in s, status), for offline analysis of windows
+        "arrivals": [(round(e["t"] - t0, 5), e["status"]) for e in sorted(entries,
+                                                                         key=lambda e: e["t"])],
     }
     if extra:
         out.update(extra)
@@ -446,11 +449,13 @@ def main(argv: list[str] | None = None) -> int:
             "database": stack.db_kind, "redis_url": args.redis_url,
             "ours_timeout_s": args.ours_timeout, "celery_seconds": args.celery_seconds,
             "python": platform.python_version(), "cpus": os.cpu_count(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         }}
         results["ours"] = run_ours(stack, sessions, args)
         _flush_redis(args.redis_url)   # nothing of ours left in the queue or the limiter
         results["celery"] = run_celery(stack, args)
         results["elapsed_s"] = round(time.monotonic() - started, 1)
+        results["config"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         results["target_met"] = target_met(results["ours"])
         print()
         print(render(results))
