@@ -20,6 +20,7 @@ import re
 import ssl
 import time
 from typing import Protocol
+from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -34,6 +35,7 @@ from integrations.sanitize import sanitize
 from integrations.settings import ProviderSettings
 
 USER_AGENT = "integration-outbox/0.1"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 BEARER = "bearer"
 
 log = logging.getLogger("integrations.http")
@@ -134,11 +136,26 @@ class HttpClient:
             headers["Authorization"] = f"Bearer {self.credentials.get()}"
         elif auth is not None:
             raise ValueError(f"unknown auth scheme {auth!r}")
-        kwargs = {"data": dict(request.form)} if request.form is not None else {}
-        if request.form is None and request.json is not None:
+        url = self.settings.base_url + request.path
+        if request.form is not None:
+            form = dict(request.form)
+            body = _encode_form(form) if form else ""
+            if body:
+                # The body and headers requests builds from the dict, built without its
+                # isinstance checks against typing Protocols (slow on Python 3.11): a str
+                # body is taken as is, and the Content-Type it would add is added here.
+                prepared = requests.Request(request.method.upper(), url, headers=headers,
+                                            data=body, params="").prepare()
+                if "content-type" not in prepared.headers:
+                    prepared.headers["Content-Type"] = FORM_CONTENT_TYPE
+                return prepared
+            kwargs = {"data": form}
+        elif request.json is not None:
             kwargs = {"json": request.json}
-        return requests.Request(request.method.upper(), self.settings.base_url + request.path,
-                                headers=headers, **kwargs).prepare()
+        else:
+            kwargs = {}
+        return requests.Request(request.method.upper(), url, headers=headers, params="",
+                                **kwargs).prepare()
 
     def send(self, request: Request, *, auth: str | None = None) -> Response:
         """Send ``request`` and return the response, whatever its status.
@@ -222,6 +239,20 @@ def _causes(exc: BaseException) -> list[BaseException]:
         # and turn "maybe sent" into "never sent", the one mistake that duplicates effects.
         todo.extend(x for x in (getattr(e, "reason", None), e.__cause__) if x)
     return seen
+
+
+def _encode_form(form: dict) -> str:
+    """``requests``' encoding of a dict ``data`` (``RequestEncodingMixin._encode_params``):
+    a str or bytes value or a non-iterable is one value, an iterable several; None dropped."""
+    pairs = []
+    for key, values in form.items():
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            values = [values]
+        for value in values:
+            if value is not None:
+                pairs.append((key.encode("utf-8") if isinstance(key, str) else key,
+                              value.encode("utf-8") if isinstance(value, str) else value))
+    return urlencode(pairs, doseq=True)
 
 
 def _decode_json(content: bytes):

@@ -31,6 +31,15 @@ _CARD = re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
+# Every keyword _PAIR looks for contains one of these (api_key/api-key/apikey: "key";
+# passwd/password: "passw"; session_id/session-id/sessionid: "session").
+_PAIR_WORDS = ("key", "token", "passw", "secret", "credential", "session")
+
+
+def _might_pair(lower: str) -> bool:
+    return any(word in lower for word in _PAIR_WORDS)
+
+
 def _luhn_ok(digits: str) -> bool:
     total = 0
     for i, ch in enumerate(reversed(digits)):
@@ -70,10 +79,20 @@ def sanitize(text: object, max_length: int | None = DEFAULT_MAX_LENGTH) -> str:
     """
     s = text if isinstance(text, str) else str(text)
     s = _CONTROL.sub(" ", s)
-    s = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2) + ' ' if m.group(2) else ''}{MASK}", s)
-    s = _BEARER.sub(rf"\1 {MASK}", s)
-    s = _PROVIDER_KEYS.sub(rf"\1{MASK}", s)
-    s = _PAIR.sub(_mask_pair, s)
+    # Each pattern below can only match text holding its literal words, so for ASCII text
+    # (where lower() folds case exactly as the patterns' IGNORECASE does) a pattern whose
+    # words are absent is skipped: it could not change anything. _PAIR's backtracking
+    # over every word is most of the cost of a typical log line.
+    ascii_ = s.isascii()
+    if not ascii_ or "authorization" in s.lower():
+        s = _AUTH_HEADER.sub(
+            lambda m: f"{m.group(1)}{m.group(2) + ' ' if m.group(2) else ''}{MASK}", s)
+    if not ascii_ or "bearer" in s.lower():
+        s = _BEARER.sub(rf"\1 {MASK}", s)
+    if not ascii_ or "_live_" in s or "_test_" in s or "whsec_" in s:
+        s = _PROVIDER_KEYS.sub(rf"\1{MASK}", s)
+    if not ascii_ or (("=" in s or ":" in s) and _might_pair(s.lower())):
+        s = _PAIR.sub(_mask_pair, s)
     s = _CARD.sub(_mask_card, s)
     if max_length is not None and len(s) > max_length:
         s = s[: max(max_length - 1, 0)] + "…"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -76,7 +77,115 @@ def operations() -> dict[str, frozenset[str]]:
     return {provider: frozenset(ops) for provider, ops in found.items()}
 
 
+# A fast pre-check for the common case, a valid document: schemas using only the keywords
+# below are compiled into a plain predicate that answers True only when jsonschema would
+# find no error (it is stricter where in doubt: exact types, no bool/float look-alikes).
+# Anything else — False, or a schema with another keyword — goes to jsonschema, which
+# decides and names the error as before. Worth it: a delivery validates twice (payload,
+# response), and jsonschema costs tens of µs per small document.
+_ANNOTATIONS = frozenset({"$schema", "$id", "$comment", "title", "description", "examples",
+                          "default", "deprecated", "readOnly", "writeOnly"})
+_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "object": (dict,),
+          "array": (list,), "boolean": (bool,), "null": (type(None),)}
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _compile(schema) -> Callable[[object], bool]:
+    """A predicate: True means ``schema`` certainly accepts the value. Raises _Unsupported."""
+    if schema is True:
+        return lambda value: True
+    if schema is False or not isinstance(schema, dict):
+        if schema is False:
+            return lambda value: False
+        raise _Unsupported
+    checks: list[Callable[[object], bool]] = []
+    for keyword, arg in schema.items():
+        if keyword in _ANNOTATIONS or keyword == "properties" or keyword == "additionalProperties":
+            continue
+        if keyword == "type":
+            names = [arg] if isinstance(arg, str) else arg
+            if not isinstance(names, list) or any(n not in _TYPES for n in names):
+                raise _Unsupported
+            exact = frozenset(t for n in names for t in _TYPES[n])
+            checks.append(lambda v, exact=exact: type(v) in exact)
+        elif keyword == "required":
+            keys = tuple(arg)
+            checks.append(lambda v, keys=keys: type(v) is not dict or all(k in v for k in keys))
+        elif keyword == "pattern":
+            search = re.compile(arg).search
+            checks.append(lambda v, search=search: type(v) is not str or search(v) is not None)
+        elif keyword in ("minLength", "maxLength", "minItems", "maxItems", "minProperties",
+                         "maxProperties"):
+            kind_ = {"L": str, "I": list, "P": dict}[keyword[3]]
+            bound = arg
+            if keyword.startswith("min"):
+                checks.append(lambda v, k=kind_, b=bound: type(v) is not k or len(v) >= b)
+            else:
+                checks.append(lambda v, k=kind_, b=bound: type(v) is not k or len(v) <= b)
+        elif keyword in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            if type(arg) not in (int, float):
+                raise _Unsupported
+            test = {"minimum": lambda v, b=arg: v >= b, "maximum": lambda v, b=arg: v <= b,
+                    "exclusiveMinimum": lambda v, b=arg: v > b,
+                    "exclusiveMaximum": lambda v, b=arg: v < b}[keyword]
+            # bool is not a number to jsonschema (the keyword ignores it); NaN fails every test
+            checks.append(lambda v, test=test: type(v) not in (int, float) or test(v))
+        elif keyword in ("const", "enum"):
+            values = [arg] if keyword == "const" else arg
+            if not isinstance(values, list) or any(type(x) is not str for x in values):
+                raise _Unsupported
+            allowed = frozenset(values)
+            checks.append(lambda v, allowed=allowed: type(v) is str and v in allowed)
+        elif keyword == "propertyNames":
+            names = _compile(arg)
+            checks.append(lambda v, names=names: type(v) is not dict or all(map(names, v)))
+        elif keyword == "items":
+            item = _compile(arg)
+            checks.append(lambda v, item=item: type(v) is not list or all(map(item, v)))
+        else:
+            raise _Unsupported   # $ref, anyOf, if/then/else, uniqueItems, format, ...
+    properties = schema.get("properties", {})
+    additional = schema.get("additionalProperties", True)
+    if not isinstance(properties, dict):
+        raise _Unsupported
+    if properties or additional is not True:
+        known = {k: _compile(sub) for k, sub in properties.items()}
+        rest = _compile(additional)
+
+        def members(v, known=known, rest=rest) -> bool:
+            if type(v) is not dict:
+                return True
+            for key, item in v.items():
+                check = known.get(key, rest)
+                if not check(item):
+                    return False
+            return True
+        checks.append(members)
+    if not checks:
+        return lambda value: True
+    if len(checks) == 1:
+        return checks[0]
+    checks_ = tuple(checks)
+    return lambda value: all(check(value) for check in checks_)
+
+
+@cache
+def _accepts(kind: str, name: str) -> Callable[[object], bool] | None:
+    """The compiled pre-check of ``kind/name``, or None if its schema uses other keywords."""
+    _validator(kind, name)   # KeyError for an unknown document, and the schema is checked
+    try:
+        return _compile(load(kind, name))
+    except (_Unsupported, TypeError, ValueError, re.error):
+        return None
+
+
 def _validate(kind: str, name: str, document: object) -> None:
+    accepts = _accepts(kind, name)
+    if accepts is not None and accepts(document):
+        return
     errors = sorted(_validator(kind, name).iter_errors(document), key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]

@@ -25,7 +25,7 @@ from enum import StrEnum
 import redis
 
 from integrations.errors import Ambiguous, Deferred, Permanent, Transient
-from integrations.protection.store import LUA_NOW_US, Keys, from_us, to_us
+from integrations.protection.store import LUA_NOW_US, Batch, Keys, from_us, to_us
 
 log = logging.getLogger("integrations.breaker")
 
@@ -180,11 +180,16 @@ class CircuitBreaker:
                       keys("breaker", "probes")]
         self._script = client.register_script(_SCRIPT)
 
-    def _run(self, action: str, token: str = "", outcome: str = "") -> list:
+    def _args(self, action: str, token: str = "", outcome: str = "") -> list:
         p = self.policy
-        reply = self._script(keys=self._keys, args=[
-            action, token, outcome, p.failures, repr(p.ratio), p.min_calls, to_us(p.window_s),
-            to_us(p.open_s), p.probes, to_us(self.probe_lease_s), to_us(max(p.window_s, 3600))])
+        return [action, token, outcome, p.failures, repr(p.ratio), p.min_calls,
+                to_us(p.window_s), to_us(p.open_s), p.probes, to_us(self.probe_lease_s),
+                to_us(max(p.window_s, 3600))]
+
+    def _run(self, action: str, token: str = "", outcome: str = "") -> list:
+        return self._reply(self._script(keys=self._keys, args=self._args(action, token, outcome)))
+
+    def _reply(self, reply: list) -> list:
         reply = [_text(r) for r in reply]
         for move in reply[2]:
             old, new = _text(move).split(">")
@@ -223,6 +228,13 @@ class CircuitBreaker:
         if outcome is Outcome.NEUTRAL and not ticket.probe:
             return   # nothing to count, nothing to give back
         self._run("record", ticket.token, outcome.value)
+
+    def record_into(self, batch: Batch, ticket: Ticket, outcome: Outcome) -> None:
+        """``record``, queued in ``batch`` (sent with the other guards' releases)."""
+        if outcome is Outcome.NEUTRAL and not ticket.probe:
+            return
+        batch.script(self._script, self._keys, self._args("record", ticket.token, outcome.value),
+                     self._reply)
 
     def state(self) -> dict:
         """The breaker as ``outbox status`` shows it.

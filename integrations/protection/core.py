@@ -45,7 +45,7 @@ from integrations.protection.pause import Pause, pause_from_headers
 from integrations.protection.quota import DailyQuota
 from integrations.protection.semaphore import Semaphore
 from integrations.protection.settings import ProtectionSettings
-from integrations.protection.store import Keys
+from integrations.protection.store import Batch, Keys
 
 REDIS_DOWN_RETRY_S = 5.0
 DEFAULT_LEASE_S = 30.0
@@ -137,6 +137,12 @@ class Protection:
             guards.append(ConcurrencyGuard(self.semaphore, sleep, monotonic))
         guards.append(RateGuard(self.limiter, sleep))
         self.guards: tuple[Guard, ...] = tuple(guards)
+        self.client = client
+        # A concurrency guard directly followed by the rate guard: acquired together when
+        # no rate limit applies (see ``admit``).
+        self._rate = guards[-1]
+        self._paired = (guards[-2] if len(guards) > 1 and isinstance(guards[-2], ConcurrencyGuard)
+                        else None)
 
     def admit(self, operation: str) -> Permit:
         """Pass every guard in order; may sleep up to ``max_wait_s`` in total.
@@ -150,10 +156,23 @@ class Protection:
         """
         started = self.monotonic()
         permit = Permit(self, operation)
+        slot = None
         try:
             for guard in self.guards:
                 budget = max(self.max_wait_s - (self.monotonic() - started), 0.0)
-                permit.tickets.append((guard, guard.acquire(operation, budget)))
+                if slot is not None and isinstance(guard, RateGuard):
+                    if isinstance(slot, BaseException):
+                        raise slot
+                    ticket = guard.acquire(operation, budget, first=slot)
+                elif guard is self._paired and self._rate.reserves_nothing(operation):
+                    # The permit and the pause in one round trip (see try_with_slot).
+                    ticket, slot = guard.try_with_slot(self._rate, operation, budget)
+                    if ticket is None:       # no permit free: wait for one as before; the
+                        slot = None          # pause is read again once it is held
+                        ticket = guard.acquire(operation, budget)
+                else:
+                    ticket = guard.acquire(operation, budget)
+                permit.tickets.append((guard, ticket))
         except Deferred:
             self._release(permit.tickets, Outcome.NEUTRAL, attempted=False)
             raise
@@ -185,13 +204,43 @@ class Protection:
 
     def _release(self, tickets: list[tuple[Guard, Any]], outcome: Outcome,
                  attempted: bool) -> None:
+        # In reverse order, as one round trip: guards that can queue their release in a
+        # batch do; one that cannot is released on its own, after what was queued before it.
+        batch = Batch(self.client)
+        queued: list[Guard] = []
         for guard, ticket in reversed(tickets):
+            release_into = getattr(guard, "release_into", None)
+            if release_into is not None:
+                before = len(batch)
+                release_into(batch, ticket, outcome, attempted)
+                queued.extend([guard] * (len(batch) - before))
+                continue
+            self._flush(batch, queued)
             try:
                 guard.release(ticket, outcome, attempted)
             except redis.RedisError as exc:
-                log.warning("%s: could not release %s (%s); its lease will expire",
-                            self.provider, guard.name, type(exc).__name__,
-                            extra={"provider": self.provider})
+                self._not_released(guard, exc)
+        self._flush(batch, queued)
+
+    def _flush(self, batch: Batch, queued: list[Guard]) -> None:
+        if not queued:
+            return
+        guards = list(queued)
+        queued.clear()
+        try:
+            results = batch.execute()
+        except redis.RedisError as exc:
+            for guard in dict.fromkeys(guards):
+                self._not_released(guard, exc)
+            return
+        for guard, result in zip(guards, results, strict=True):
+            if isinstance(result, redis.RedisError):
+                self._not_released(guard, result)
+
+    def _not_released(self, guard: Guard, exc: BaseException) -> None:
+        log.warning("%s: could not release %s (%s); its lease will expire",
+                    self.provider, guard.name, type(exc).__name__,
+                    extra={"provider": self.provider})
 
     def pause(self, seconds: float) -> float:
         """Pause every worker's calls to this provider for ``seconds`` (keeps a longer

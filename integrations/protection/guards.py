@@ -4,6 +4,9 @@ A guard's ``acquire`` may sleep (within the time budget it is given) and raises
 ``Deferred`` when the call must wait longer; ``release`` is told how the call went.
 ``attempted=False`` means the call was never made (a later guard deferred it): each
 guard then undoes what it took (the quota is refunded, the permit returned).
+
+A guard may also offer ``release_into(batch, ticket, outcome, attempted)``: the same
+release, queued in a ``Batch`` so that the releases of all guards take one Redis round trip.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from integrations.protection.breaker import CircuitBreaker, Outcome
-from integrations.protection.limiter import RateLimiter
+from integrations.protection.limiter import RateLimiter, Reservation
 from integrations.protection.quota import DailyQuota
 from integrations.protection.semaphore import Semaphore
+from integrations.protection.store import Batch
 
 Sleep = Callable[[float], None]
 
@@ -63,6 +67,9 @@ class BreakerGuard:
     def release(self, ticket, outcome: Outcome, attempted: bool) -> None:
         self.breaker.record(ticket, outcome if attempted else Outcome.NEUTRAL)
 
+    def release_into(self, batch: Batch, ticket, outcome: Outcome, attempted: bool) -> None:
+        self.breaker.record_into(batch, ticket, outcome if attempted else Outcome.NEUTRAL)
+
 
 class ConcurrencyGuard:
     """Holds one of the provider's global permits for the duration of the call."""
@@ -81,6 +88,24 @@ class ConcurrencyGuard:
     def release(self, ticket: str, outcome: Outcome, attempted: bool) -> None:
         self.semaphore.release(ticket)
 
+    def release_into(self, batch: Batch, ticket: str, outcome: Outcome, attempted: bool) -> None:
+        self.semaphore.release_into(batch, ticket)
+
+    def try_with_slot(self, rate: RateGuard, operation: str,
+                      budget_s: float) -> tuple[str | None, Reservation | BaseException]:
+        """One round trip for the common case: try for a permit and, in the same pipeline
+        right after it, read the pause for ``rate`` (only when no rate limit applies to
+        ``operation``, so that reading reserves nothing: a call that then has to wait for
+        a permit has taken no slot). Returns (token or None, the reservation or its error).
+        Raises ``redis.RedisError`` (nothing was taken)."""
+        batch = Batch(self.semaphore.client)
+        self.semaphore.try_acquire_into(batch)
+        rate.limiter.reserve_into(batch, operation, budget_s)
+        token, slot = batch.execute()
+        if isinstance(token, BaseException):
+            raise token
+        return token, slot
+
 
 class RateGuard:
     """Sleeps until the call's reserved slot (pause and rate limits); nothing to release."""
@@ -91,8 +116,15 @@ class RateGuard:
         self.limiter = limiter
         self.sleep = sleep
 
-    def acquire(self, operation: str, budget_s: float) -> float:
-        return self.limiter.wait_for_slot(operation, budget_s, self.sleep)
+    def acquire(self, operation: str, budget_s: float, first: Reservation | None = None) -> float:
+        return self.limiter.wait_for_slot(operation, budget_s, self.sleep, first)
+
+    def reserves_nothing(self, operation: str) -> bool:
+        return self.limiter.reserves_nothing(operation)
 
     def release(self, ticket: float, outcome: Outcome, attempted: bool) -> None:
+        return None
+
+    def release_into(self, batch: Batch, ticket: float, outcome: Outcome,
+                     attempted: bool) -> None:
         return None

@@ -26,7 +26,7 @@ import redis
 from integrations.errors import Deferred
 from integrations.protection.pause import Pause
 from integrations.protection.rates import RateSpec
-from integrations.protection.store import LUA_NOW_US, Keys, from_us, to_us
+from integrations.protection.store import LUA_NOW_US, Batch, Keys, from_us, to_us
 
 DEFAULT_MARGIN = 0.02
 # A worker that slept for its slot re-checks the pause (a 429 may have arrived meanwhile).
@@ -54,6 +54,12 @@ for i = 2, #KEYS do
 end
 return {1, fmt(delay), fmt(start), paused}
 """
+
+
+def _reservation(reply) -> Reservation:
+    granted, delay, start, paused = reply
+    return Reservation(bool(int(granted)), max(from_us(delay), 0.0), from_us(start),
+                       bool(int(paused)))
 
 
 @dataclass(frozen=True)
@@ -119,19 +125,33 @@ class RateLimiter:
         Raises:
             redis.RedisError: Redis is unreachable.
         """
+        keys, args = self._reserve_args(operation, max_wait_s)
+        return _reservation(self._reserve(keys=keys, args=args))
+
+    def _reserve_args(self, operation: str, max_wait_s: float) -> tuple[list, list]:
         limits = self.limits_for(operation)
         keys = [self.pause.key] + [key for key, _ in limits]
         args = [to_us(max_wait_s)] + [to_us(self.interval_s(spec)) for _, spec in limits]
-        granted, delay, start, paused = self._reserve(keys=keys, args=args)
-        return Reservation(bool(int(granted)), max(from_us(delay), 0.0), from_us(start),
-                           bool(int(paused)))
+        return keys, args
+
+    def reserves_nothing(self, operation: str) -> bool:
+        """No limit applies to ``operation``: ``reserve`` only reads the pause (no writes)."""
+        return self.rate is None and operation not in self.operation_rates
+
+    def reserve_into(self, batch: Batch, operation: str, max_wait_s: float) -> None:
+        """``reserve``, queued in ``batch``: its result is the ``Reservation``."""
+        keys, args = self._reserve_args(operation, max_wait_s)
+        batch.script(self._reserve, keys, args, _reservation)
 
     def wait_for_slot(self, operation: str, max_wait_s: float,
-                      sleep: Callable[[float], None]) -> float:
+                      sleep: Callable[[float], None], first: Reservation | None = None) -> float:
         """Reserve a slot, sleep until it, and return the seconds slept.
 
         After a sleep the pause is checked again: a 429 answered while this worker slept
         pauses it too (its slot is given up and a new one reserved after the pause).
+
+        ``first``: the first round's reservation, already made (sent along with another
+        guard's command); further rounds reserve here.
 
         Raises:
             Deferred: the slot (or the end of the pause) is more than ``max_wait_s`` away;
@@ -140,7 +160,7 @@ class RateLimiter:
         """
         waited = 0.0
         for _ in range(MAX_RESERVE_ROUNDS):
-            slot = self.reserve(operation, max_wait_s)
+            slot, first = first or self.reserve(operation, max_wait_s), None
             if not slot.granted:
                 what = "paused after a 429" if slot.paused else "rate limit"
                 raise Deferred(f"{self.keys.provider} {what}: next slot in {slot.delay_s:.2f}s",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import redis
 
 from integrations.errors import Deferred
-from integrations.protection.store import LUA_NOW_US, Keys, to_us
+from integrations.protection.store import LUA_NOW_US, Batch, Keys, to_us
 
 POLL_MIN_S = 0.02
 POLL_MAX_S = 0.05
@@ -68,6 +68,12 @@ class Semaphore:
                                                                to_us(self.lease_s)])
         return token if int(acquired) else None
 
+    def try_acquire_into(self, batch: Batch) -> None:
+        """``try_acquire``, queued in ``batch``: its result is the token or None."""
+        token = uuid.uuid4().hex
+        batch.script(self._acquire, [self.key], [token, self.limit, to_us(self.lease_s)],
+                     lambda reply: token if int(reply[0]) else None)
+
     def acquire(self, max_wait_s: float, sleep: Callable[[float], None] = time.sleep,
                 monotonic: Callable[[], float] = time.monotonic) -> str:
         """Take a permit, polling every 20–50 ms for up to ``max_wait_s``; return its token.
@@ -94,6 +100,10 @@ class Semaphore:
             redis.RedisError: Redis is unreachable.
         """
         self.client.zrem(self.key, token)
+
+    def release_into(self, batch: Batch, token: str) -> None:
+        """``release``, queued in ``batch``."""
+        batch.command("ZREM", self.key, token)
 
     def in_use(self) -> int:
         """Permits currently held (unexpired), for status.

@@ -103,3 +103,59 @@ def to_us(seconds: float) -> int:
 def from_us(microseconds) -> float:
     """Microseconds (int or numeric string from Redis) → seconds."""
     return int(microseconds) / 1_000_000
+
+
+class Batch:
+    """Redis commands of several guards sent in one round trip (a pipeline, not a
+    transaction: Redis runs them in order, each on its own).
+
+    ``execute`` returns one result per command, in order: the reply (passed through its
+    ``convert`` function), or the ``redis.RedisError`` that command got. A script goes as
+    ``EVALSHA``; if Redis no longer has it (restart, ``SCRIPT FLUSH``) that one call is made
+    again through its ``Script``, which loads it.
+    """
+
+    def __init__(self, client: redis.Redis):
+        self._client = client
+        self._pipe = None
+        self._calls: list = []
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def _pipeline(self):
+        if self._pipe is None:
+            self._pipe = self._client.pipeline(transaction=False)
+        return self._pipe
+
+    def script(self, script, keys: list, args: list, convert=None) -> None:
+        """Queue ``script(keys=keys, args=args)``."""
+        self._pipeline().evalsha(script.sha, len(keys), *keys, *args)
+        self._calls.append((script, keys, args, convert))
+
+    def command(self, *args, convert=None) -> None:
+        """Queue one command (``"ZREM", key, member``)."""
+        self._pipeline().execute_command(*args)
+        self._calls.append((None, None, None, convert))
+
+    def execute(self) -> list:
+        """Send the queued commands; results (or errors) in order. The batch is then empty.
+
+        Raises:
+            redis.RedisError: the round trip itself failed (nothing is known of any command).
+        """
+        calls, self._calls = self._calls, []
+        if not calls:
+            return []
+        replies = self._pipe.execute(raise_on_error=False)
+        results = []
+        for (script, keys, args, convert), reply in zip(calls, replies, strict=True):
+            try:
+                if isinstance(reply, redis.exceptions.NoScriptError) and script is not None:
+                    reply = script(keys=keys, args=args)
+                if isinstance(reply, Exception):
+                    raise reply
+                results.append(convert(reply) if convert is not None else reply)
+            except redis.RedisError as exc:
+                results.append(exc)
+        return results
