@@ -14,6 +14,7 @@ import redis
 from integrations.base import Response
 from integrations.errors import Deferred
 from integrations.protection import Protection, ProtectionSettings, pause_from_headers
+from integrations.protection.limiter import DEFAULT_MARGIN
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def max_in_window(times, window_s=1.0) -> int:
 
 def test_reservations_from_four_workers_are_spaced_by_the_interval(client):
     """4 threads × 50 reservations at 50/s: the granted slots (Redis clock) are never closer
-    than the interval plus the 2 % margin, and follow each other without gaps."""
+    than the interval plus the safety margin, and follow each other without gaps."""
     name = new_name()
     workers = [protection(client, name, RATE_LIMIT="50/s").limiter for _ in range(4)]
     starts: list[float] = []
@@ -65,7 +66,7 @@ def test_reservations_from_four_workers_are_spaced_by_the_interval(client):
         t.join()
     starts.sort()
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    interval = 0.02 * 1.02
+    interval = 0.02 * (1 + DEFAULT_MARGIN)
     assert len(starts) == 200
     assert min(gaps) >= interval - 1e-6
     assert max(gaps) <= interval + 1e-6      # back to back: nothing wasted
@@ -104,7 +105,7 @@ def test_admitted_calls_are_evenly_paced_in_real_time(client):
 
 
 def test_slot_beyond_max_wait_defers_and_reserves_nothing(client):
-    """1/s with max wait 0.5 s: the second call is deferred by ≈ 1.02 s, and so is a third:
+    """1/s with max wait 0.5 s: the second call is deferred by ≈ 1 s plus the margin, and so is a third:
     a deferral does not push the next slot further away."""
     p = protection(client, new_name(), RATE_LIMIT="1/s", MAX_WAIT="0.5")
     p.admit("charge").release(None)
@@ -114,7 +115,7 @@ def test_slot_beyond_max_wait_defers_and_reserves_nothing(client):
             p.admit("charge")
         assert info.value.code == "rate_limited"
         retries.append(info.value.retry_after_s)
-    assert 0.9 < retries[0] <= 1.02 and 0.9 < retries[1] <= retries[0]
+    assert 0.9 < retries[0] <= 1 + DEFAULT_MARGIN and 0.9 < retries[1] <= retries[0]
 
 
 def test_slot_within_max_wait_sleeps_exactly_the_delay(client):
@@ -123,13 +124,13 @@ def test_slot_within_max_wait_sleeps_exactly_the_delay(client):
     p = protection(client, new_name(), sleep=slept.append, RATE_LIMIT="10/s")
     p.admit("charge").release(None)
     permit = p.admit("charge")
-    assert len(slept) == 1 and 0.09 < slept[0] <= 0.102
+    assert len(slept) == 1 and 0.09 < slept[0] <= 0.1 * (1 + DEFAULT_MARGIN)
     assert permit.waited_s >= 0
 
 
 def test_operation_and_provider_limits_combine(client):
-    """Provider 10/s, refunds 2/s: refunds are 0.51 s apart, and a charge right after a
-    refund still waits the provider's 0.102 s."""
+    """Provider 10/s, refunds 2/s: refunds are 0.5 s (plus margin) apart, and a charge right after a
+    refund still waits the provider's 0.1 s (plus margin)."""
     name = new_name()
     limiter = protection(client, name, operations={"charge", "refund"}, RATE_LIMIT="10/s",
                          REFUND_RATE_LIMIT="2/s").limiter
@@ -137,10 +138,10 @@ def test_operation_and_provider_limits_combine(client):
     c1 = limiter.reserve("charge", 60).start_s
     r2 = limiter.reserve("refund", 60).start_s
     c2 = limiter.reserve("charge", 60).start_s
-    assert c1 - r1 == pytest.approx(0.102, abs=1e-5)
-    assert r2 - r1 == pytest.approx(0.51, abs=1e-5)
+    assert c1 - r1 == pytest.approx(0.1 * (1 + DEFAULT_MARGIN), abs=1e-5)
+    assert r2 - r1 == pytest.approx(0.5 * (1 + DEFAULT_MARGIN), abs=1e-5)
     # the second refund's slot moved the provider-wide TAT too
-    assert c2 - r2 == pytest.approx(0.102, abs=1e-5)
+    assert c2 - r2 == pytest.approx(0.1 * (1 + DEFAULT_MARGIN), abs=1e-5)
 
 
 def test_pause_is_honoured_by_every_worker(client):

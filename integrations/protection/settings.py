@@ -4,7 +4,7 @@ Variables for provider ``NAME`` (operation ``OP``, both upper case)::
 
     OUTBOX_<NAME>_RATE_LIMIT          provider-wide limit, "50/s" "600/m" "1000/h" "10/d"
     OUTBOX_<NAME>_<OP>_RATE_LIMIT     stricter limit for one operation (…_REFUND_RATE_LIMIT)
-    OUTBOX_<NAME>_RATE_MARGIN         interval safety margin, "0.02" or "2%"     (default 2 %)
+    OUTBOX_<NAME>_RATE_MARGIN         interval safety margin, "0.03" or "3%"     (default 3 %)
     OUTBOX_<NAME>_MAX_CONCURRENCY     global cap on calls in flight; enforced only when set
     OUTBOX_<NAME>_CONCURRENCY_LEASE   seconds a permit (or probe) lasts if never released
                                       (default: connect + read timeout + max wait + 5 s)
