@@ -210,3 +210,18 @@ def test_observe_remaining_zero_pauses_every_worker(client):
         b.admit("charge")
     assert 1.9 < info.value.retry_after_s <= 2.0
     assert a.observe(Response(200, {"X-RateLimit-Remaining": "5"}, None, 0.01)) is None
+
+
+def test_a_worker_that_wakes_late_gives_its_slot_up(client):
+    """Woken 50 ms after its slot (a loaded machine), a worker does not send late — it would
+    land next to the following request — but reserves the next slot and waits for that."""
+    name = new_name()
+    limiter = protection(client, name, RATE_LIMIT="10/s").limiter
+    ticks = iter([0.0, 0.050, 0.050, 0.050 + 0.104])   # reserve, late check, reserve, check
+    slept = []
+    waited = limiter.wait_for_slot("charge", 2.0, slept.append, monotonic=lambda: next(ticks))
+    assert len(slept) == 1 and slept[0] == pytest.approx(0.1 * (1 + DEFAULT_MARGIN), abs=0.01)
+    assert waited == pytest.approx(slept[0])
+    # two slots were used: the late one given up, and the one this worker took
+    third = limiter.reserve("charge", 2.0)
+    assert third.delay_s == pytest.approx(2 * 0.1 * (1 + DEFAULT_MARGIN), abs=0.02)

@@ -54,7 +54,7 @@ def test_settings_defaults():
     s = ProtectionSettings.from_env("payments", {})
     assert s.rate_limit is None and s.max_concurrency is None and s.daily_quota is None
     assert (s.breaker.failures, s.breaker.ratio, s.breaker.min_calls, s.breaker.window_s,
-            s.breaker.open_s, s.breaker.probes) == (5, 0.5, 10, 30.0, 15.0, 1)
+            s.breaker.open_s, s.breaker.probes) == (20, 0.5, 10, 30.0, 15.0, 1)
     assert s.max_wait_s == 2.0 and s.rate_margin == 0.03
 
 

@@ -69,7 +69,7 @@ class BreakerPolicy:
         probes: trial calls allowed at once while half-open.
     """
 
-    failures: int = 5
+    failures: int = 20
     ratio: float = 0.5
     min_calls: int = 10
     window_s: float = 30.0

@@ -9,7 +9,7 @@ Variables for provider ``NAME`` (operation ``OP``, both upper case)::
     OUTBOX_<NAME>_CONCURRENCY_LEASE   seconds a permit (or probe) lasts if never released
                                       (default: connect + read timeout + max wait + 5 s)
     OUTBOX_<NAME>_DAILY_QUOTA         requests per UTC day
-    OUTBOX_<NAME>_BREAKER_FAILURES    failures in the window that open the breaker (5)
+    OUTBOX_<NAME>_BREAKER_FAILURES    failures in the window that open the breaker (20)
     OUTBOX_<NAME>_BREAKER_RATIO       failure ratio that opens it, in (0, 1]       (0.5)
     OUTBOX_<NAME>_BREAKER_MIN_CALLS   calls in the window before the ratio applies  (10)
     OUTBOX_<NAME>_BREAKER_WINDOW      sliding window, seconds                       (30)
@@ -91,7 +91,7 @@ class ProtectionSettings:
         rate = _rate(env, env_name(name, "RATE_LIMIT"), default_rate_limit)
         ops = _operation_rates(env, name, operations, default_operation_rate_limits or {})
         breaker = BreakerPolicy(
-            failures=get_int(env, env_name(name, "BREAKER_FAILURES"), 5),
+            failures=get_int(env, env_name(name, "BREAKER_FAILURES"), 20),
             ratio=_ratio(env, env_name(name, "BREAKER_RATIO"), 0.5),
             min_calls=get_int(env, env_name(name, "BREAKER_MIN_CALLS"), 10),
             window_s=get_float(env, env_name(name, "BREAKER_WINDOW"), 30.0),
