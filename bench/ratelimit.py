@@ -38,12 +38,12 @@ import json
 import math
 import os
 import platform
-import signal
-import sys
 import time
 from collections import Counter
 
-from .stack import BIN, QUEUE, ROOT, BenchError, Stack, wait_until
+from sandbox.stats import max_in_window, windows_over
+
+from .stack import BIN, ROOT, BenchError, Stack, run_guarded, wait_until
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
 RESULTS = ROOT / "var" / "bench-ratelimit.json"
@@ -79,29 +79,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# ---- window arithmetic (pure) ------------------------------------------------------
-
-def max_in_window(times: list[float], window_s: float = WINDOW_S) -> int:
-    """Highest number of (sorted) arrivals in any window ``[t, t + window_s)``."""
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window_s:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
-
-def windows_over(times: list[float], limit: int, window_s: float = WINDOW_S) -> int:
-    """Number of arrivals ``t`` whose window ``[t, t + window_s)`` holds more than ``limit``."""
-    over, end = 0, 0
-    for start, t in enumerate(times):
-        end = max(end, start)
-        while end < len(times) and times[end] - t < window_s:
-            end += 1
-        if end - start > limit:
-            over += 1
-    return over
-
+# ---- window arithmetic (pure; sliding windows: sandbox.stats) --------------------------
 
 def aligned_seconds_over(times: list[float], limit: int) -> int:
     """Whole clock seconds ``[k, k + 1)`` holding more than ``limit`` arrivals."""
@@ -125,9 +103,9 @@ def summarize(side: str, stats: dict, key_prefix: str, limit: int, n: int, *, t0
         "completed": completed, "finished": finished,
         "elapsed_s": round(elapsed, 3),
         "requests_sent": len(entries), "requests_accepted": len(accepted),
-        "max_in_1s_window": max_in_window(arrivals),
-        "max_in_1s_window_accepted": max_in_window(sorted(e["t"] for e in accepted)),
-        "windows_over_limit_sliding": windows_over(arrivals, limit),
+        "max_in_1s_window": max_in_window(arrivals, WINDOW_S),
+        "max_in_1s_window_accepted": max_in_window(sorted(e["t"] for e in accepted), WINDOW_S),
+        "windows_over_limit_sliding": windows_over(arrivals, limit, WINDOW_S),
         "seconds_over_limit_aligned": aligned_seconds_over(arrivals, limit),
         "first_to_last_arrival_s": round(span, 3),
         "mean_rate_per_s": round(mean_rate, 2),
@@ -161,32 +139,14 @@ def _sandbox_limit(stack: Stack, limit: int) -> None:
 
 def _start_workers(stack: Stack, prefix: str, app: str, args: argparse.Namespace,
                    env: dict[str, str]) -> list[str]:
+    """``args.workers`` workers of ``app`` (``-c`` is the stack's ``args.concurrency``), all
+    started before waiting for any."""
     names = [f"{prefix}{i}" for i in range(args.workers)]
     for name in names:
-        stack._start(name, [
-            str(BIN / "celery"), "-A", app, "worker", "-Q", QUEUE, "-n", f"{name}@%h",
-            "-P", "threads", "-c", str(args.concurrency), "--loglevel", "INFO",
-            "--without-mingle", "--without-gossip"], **env)
+        stack.spawn_worker(name, app=app, **env)
     for name in names:
-        proc = stack.procs[name]
-        wait_until(lambda name=name, proc=proc: "ready." in stack.log(name)
-                   or proc.poll() is not None, 60, what=f"{name} to be ready")
-        if proc.poll() is not None:
-            raise BenchError(f"{name} exited:\n{stack.log(name)[-2000:]}")
+        stack.wait_ready(name)
     return names
-
-
-def _stop_all(stack: Stack, names: list[str]) -> None:
-    """SIGTERM every group at once (warm shutdowns overlap), then reap each (SIGKILL if slow)."""
-    for name in names:
-        proc = stack.procs.get(name)
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for name in names:
-        stack.stop(name)
 
 
 def _flush_redis(url: str) -> None:
@@ -276,7 +236,7 @@ def run_ours(stack: Stack, sessions, args: argparse.Namespace) -> dict:
         time.sleep(0.2)   # the last responses' end times
         stats = stack.sandbox_stats(log=True)
     finally:
-        _stop_all(stack, names)
+        stack.stop_all(names)
     return summarize("ours", stats, prefix, args.limit, args.n, t0=t0, t_end=t_end,
                      completed=counts["delivered"], finished=finished,
                      extra={"submit_s": round(t_submitted - t0, 3),
@@ -333,7 +293,7 @@ def run_celery(stack: Stack, args: argparse.Namespace) -> dict:
         t_end = (max(e["t_end"] or e["t"] for e in mine) if finished else
                  min(time.time(), deadline))
     finally:
-        _stop_all(stack, names)
+        stack.stop_all(names)
     completed = sum(1 for e in mine if isinstance(e["status"], int) and 200 <= e["status"] < 300)
     return summarize("celery", stats, prefix, args.limit, args.n, t0=t0, t_end=t_end,
                      completed=completed, finished=finished,
@@ -410,37 +370,21 @@ def render(results: dict) -> str:
 
 # ---- main ----------------------------------------------------------------------------------
 
-class _Timeout(BaseException):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise _Timeout
-
-
-def _on_term(signum, frame):
-    raise SystemExit(143)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.alarm(args.max_seconds)
     stack = Stack(args.redis_url, args.concurrency, LOG_DIR)
-    engine = None
-    started = time.monotonic()
-    try:
+
+    def body() -> int:
+        started = time.monotonic()
         print(f"ratelimit: starting sandbox (limit {args.limit}/s), scratch database and Redis "
               f"db {args.redis_url.rsplit('/', 1)[-1]} …", flush=True)
         stack.check_redis()   # flushes the DB
         stack.start_sandbox()
         stack.make_database()
         os.environ.update(stack.env())   # before anything imports tasks (celeryconfig)
-        from outbox.db import make_engine, make_sessionmaker
+        from outbox.db import make_sessionmaker
 
-        engine = make_engine(stack.db_url)
-        sessions = make_sessionmaker(engine)
+        sessions = make_sessionmaker(stack.open_engine())   # disposed by stack.close()
         results: dict = {"config": {
             "limit_per_s": args.limit, "window_s": WINDOW_S, "n": args.n,
             "workers": args.workers, "concurrency": args.concurrency,
@@ -464,23 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nresults: {RESULTS.relative_to(ROOT)}   process logs: "
               f"{LOG_DIR.relative_to(ROOT)}/   ({results['elapsed_s']:.0f} s)")
         return 0
-    except _Timeout:
-        print(f"ratelimit: stopped after --max-seconds={args.max_seconds}", file=sys.stderr)
-        return 3
-    except BenchError as exc:
-        print(f"ratelimit: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        signal.alarm(0)
-        try:
-            from outbox.dispatch import dispatcher
 
-            dispatcher().flush(timeout_s=2)
-        except Exception:
-            pass
-        if engine is not None:
-            engine.dispose()
-        stack.close()
+    try:
+        return run_guarded("ratelimit", stack, args.max_seconds, body)
+    finally:
         try:
             _flush_redis(args.redis_url)
         except Exception:

@@ -6,12 +6,10 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import sys
 import time
 
-from .stack import ROOT, BenchError, Stack
+from .stack import ROOT, Stack, run_guarded
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
 RESULTS = ROOT / "var" / "bench-results.json"
@@ -36,27 +34,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class _Timeout(BaseException):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise _Timeout
-
-
-def _on_term(signum, frame):
-    raise SystemExit(143)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.alarm(args.max_seconds)
     stack = Stack(args.redis_url, args.concurrency, ROOT / "var" / "bench-logs")
-    engine = None
-    started = time.monotonic()
-    try:
+
+    def body() -> int:
+        started = time.monotonic()
         print("bench: starting sandbox, scratch database and Redis db "
               f"{args.redis_url.rsplit('/', 1)[-1]} …", flush=True)
         stack.check_redis()
@@ -64,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         stack.make_database()
         # Before anything imports ``tasks``: celeryconfig reads REDIS_URL at import time.
         os.environ.update(stack.env())
-        from outbox.db import make_engine, make_sessionmaker
+        from outbox.db import make_sessionmaker
 
         from . import measure, report
 
-        engine = make_engine(stack.db_url)
+        engine = stack.open_engine()   # disposed by stack.close()
         ctx = measure.Ctx(stack, engine, make_sessionmaker(engine))
         measure.setup_app_table(ctx)
         results: dict = {"config": {
@@ -131,20 +114,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nresults: {RESULTS.relative_to(ROOT)}   process logs: "
               f"{stack.log_dir.relative_to(ROOT)}/")
         return 0
-    except _Timeout:
-        print(f"bench: stopped after --max-seconds={args.max_seconds}", file=sys.stderr)
-        return 3
-    except BenchError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        signal.alarm(0)
-        try:
-            from outbox.dispatch import dispatcher
 
-            dispatcher().flush(timeout_s=2)
-        except Exception:
-            pass
-        if engine is not None:
-            engine.dispose()
-        stack.close()
+    return run_guarded("bench", stack, args.max_seconds, body)

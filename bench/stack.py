@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -54,6 +55,7 @@ class Stack:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._pg_admin_url: str | None = None
         self._pg_name: str | None = None
+        self._engine = None
         self.sandbox_url = ""
         self.http = requests.Session()
         self.http.trust_env = False
@@ -108,6 +110,13 @@ class Stack:
             self.db_kind = "sqlite"
         upgrade(self.db_url)
         return self.db_url
+
+    def open_engine(self):
+        """An SQLAlchemy engine on the scratch database; ``close`` disposes it first."""
+        from outbox.db import make_engine
+
+        self._engine = make_engine(self.db_url)
+        return self._engine
 
     def env(self) -> dict[str, str]:
         """The environment every process of the system gets (the bench process too)."""
@@ -168,16 +177,27 @@ class Stack:
                     return self.sandbox_url
         raise BenchError(f"sandbox did not start: {line.decode(errors='replace')}")
 
-    def start_worker(self, name: str = "worker") -> None:
-        """One Celery worker, ``-P threads -c N`` on the payments queue, importing the baseline."""
-        proc = self._start(name, [
-            str(BIN / "celery"), "-A", "tasks", "worker", "-Q", QUEUE, "-n", f"bench-{name}@%h",
+    def spawn_worker(self, name: str, *, app: str = "tasks", node: str | None = None,
+                     options: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
+        """Start one Celery worker of ``app``, ``-P threads -c N`` on the payments queue, as
+        node ``node`` (default ``<name>@%h``), without waiting for it (see ``wait_ready``)."""
+        return self._start(name, [
+            str(BIN / "celery"), "-A", app, "worker", "-Q", QUEUE, "-n", node or f"{name}@%h",
             "-P", "threads", "-c", str(self.concurrency), "--loglevel", "INFO",
-            "--without-mingle", "--without-gossip", "-I", "bench.baseline"])
+            "--without-mingle", "--without-gossip", *options], **env)
+
+    def wait_ready(self, name: str) -> None:
+        """Return once worker ``name`` is consuming (its log says 'ready'); raise if it exited."""
+        proc = self.procs[name]
         wait_until(lambda: "ready." in self.log(name) or proc.poll() is not None, 60,
                    what=f"{name} to be ready")
         if proc.poll() is not None:
             raise BenchError(f"{name} exited:\n{self.log(name)[-2000:]}")
+
+    def start_worker(self, name: str = "worker") -> None:
+        """One Celery worker, ``-P threads -c N`` on the payments queue, importing the baseline."""
+        self.spawn_worker(name, node=f"bench-{name}@%h", options=("-I", "bench.baseline"))
+        self.wait_ready(name)
 
     def start_relay(self) -> None:
         """``outbox relay`` with its default settings (as the Procfile runs it)."""
@@ -211,6 +231,18 @@ class Stack:
         if proc.stdout is not None:
             proc.stdout.close()
 
+    def stop_all(self, names: list[str]) -> None:
+        """SIGTERM every group at once (warm shutdowns overlap), then reap each (SIGKILL if slow)."""
+        for name in names:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for name in names:
+            self.stop(name)
+
     # --- the sandbox's control API ----------------------------------------------
 
     def sandbox_reset(self) -> None:
@@ -230,6 +262,8 @@ class Stack:
     # --- teardown -------------------------------------------------------------
 
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
         for name in ("relay", *[n for n in self.procs if n.startswith("worker")], "sandbox"):
             self.stop(name)
         for name in list(self.procs):
@@ -255,6 +289,47 @@ class Stack:
                       file=sys.stderr)
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+class _Timeout(BaseException):
+    """``--max-seconds`` is over (SIGALRM)."""
+
+
+def _on_alarm(signum, frame):
+    raise _Timeout
+
+
+def _on_term(signum, frame):
+    raise SystemExit(143)
+
+
+def run_guarded(prog: str, stack: Stack, max_seconds: int, body: Callable[[], int]) -> int:
+    """Run a benchmark's ``body`` under a hard stop and always clean up after it.
+
+    SIGALRM after ``max_seconds`` stops it (exit code 3), SIGTERM exits with 143, a
+    ``BenchError`` is printed (exit code 2) — on stderr, after ``prog: ``. Whatever happens,
+    pending publishes are flushed and ``stack`` is closed (engine, processes, scratch data).
+    """
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.alarm(max_seconds)
+    try:
+        return body()
+    except _Timeout:
+        print(f"{prog}: stopped after --max-seconds={max_seconds}", file=sys.stderr)
+        return 3
+    except BenchError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        signal.alarm(0)
+        try:
+            from outbox.dispatch import dispatcher
+
+            dispatcher().flush(timeout_s=2)
+        except Exception:
+            pass
+        stack.close()
 
 
 _TICK = os.sysconf("SC_CLK_TCK")

@@ -112,6 +112,14 @@ def redis_url():
 
 
 @pytest.fixture
+def client(redis_url):
+    """A Redis client on this test's flushed database (``redis_url``); closed afterwards."""
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
 def sandbox():
     """The sandbox providers on an ephemeral loopback port."""
     from sandbox.server import SandboxServer

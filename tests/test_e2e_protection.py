@@ -14,6 +14,7 @@ import requests
 from sqlalchemy import func, select
 
 from outbox import Message, MessageStatus, enqueue
+from sandbox.stats import max_in_window
 from tests.harness import BIN, ROOT, wait_until
 
 pytestmark = pytest.mark.slow
@@ -37,16 +38,6 @@ def _enqueue(sessions, n, prefix):
 def _arrivals(sandbox, path="/v1/payment_intents"):
     log = sandbox.state.stats()["request_log"]
     return sorted(e["t"] for e in log if e["path"] == path)
-
-
-def max_in_window(times, window_s=1.0):
-    """Highest number of arrivals in any window [t, t + window_s)."""
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window_s:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def _fault(sandbox, **rule):

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import logging
-import uuid
 
 import pytest
 import redis
 
 from integrations.errors import Deferred, Transient
-from integrations.protection import Protection, ProtectionSettings
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
+from integrations.protection import Protection
+from tests.protection_helpers import new_name
+from tests.protection_helpers import protection as named_protection
 
 
 def protection(client, **env) -> Protection:
-    name = f"t{uuid.uuid4().hex[:10]}"
-    environ = {f"OUTBOX_{name.upper()}_{k}": str(v) for k, v in env.items()}
-    return Protection(ProtectionSettings.from_env(name, environ), client)
+    """Protection under a fresh provider name."""
+    return named_protection(client, new_name(), **env)
 
 
 def test_success_and_failure_are_counted_and_permits_returned(client):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 import pytest
-import redis
 
 from integrations.errors import (
     Ambiguous,
@@ -18,23 +16,7 @@ from integrations.errors import (
     RateLimited,
     Transient,
 )
-from integrations.protection import Protection, ProtectionSettings
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-def new_name() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-def protection(client, name, **env) -> Protection:
-    environ = {f"OUTBOX_{name.upper()}_{k}": str(v) for k, v in env.items()}
-    return Protection(ProtectionSettings.from_env(name, environ), client)
+from tests.protection_helpers import new_name, protection
 
 
 def call(p, error=None):

@@ -6,42 +6,15 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-import uuid
 
 import pytest
-import redis
 
 from integrations.base import Response
 from integrations.errors import Deferred
-from integrations.protection import Protection, ProtectionSettings, pause_from_headers
+from integrations.protection import pause_from_headers
 from integrations.protection.limiter import DEFAULT_MARGIN
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-def new_name() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-def protection(client, name, sleep=time.sleep, operations=None, **env) -> Protection:
-    environ = {f"OUTBOX_{name.upper()}_{k}": str(v) for k, v in env.items()}
-    return Protection(ProtectionSettings.from_env(name, environ, operations=operations),
-                      client, sleep=sleep)
-
-
-def max_in_window(times, window_s=1.0) -> int:
-    """Highest number of times in any window [t, t + window_s)."""
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window_s:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
+from sandbox.stats import max_in_window
+from tests.protection_helpers import new_name, protection
 
 
 def test_reservations_from_four_workers_are_spaced_by_the_interval(client):

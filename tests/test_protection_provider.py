@@ -7,7 +7,6 @@ import time
 import uuid
 
 import pytest
-import redis
 
 from integrations import registry
 from integrations.errors import ConfigurationError, Deferred, RateLimited, Transient
@@ -18,13 +17,6 @@ from integrations.testing import MockTransport
 CHARGE = {"amount": 2000, "currency": "usd"}
 INTENT = {"id": "pi_1", "object": "payment_intent", "status": "succeeded", "amount": 2000}
 ENV = {"OUTBOX_PAYMENTS_API_KEY": "sk_test_key123"}
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 def provider(client, handler, namespace, **env):

@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import pytest
-import redis
 
 from integrations.errors import Deferred
-from integrations.protection import Protection, ProtectionSettings, Semaphore
+from integrations.protection import Semaphore
 from integrations.protection.store import Keys
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-def new_name() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-def protection(client, name, **env) -> Protection:
-    environ = {f"OUTBOX_{name.upper()}_{k}": str(v) for k, v in env.items()}
-    return Protection(ProtectionSettings.from_env(name, environ), client)
+from tests.protection_helpers import new_name, protection
 
 
 def test_cap_is_never_exceeded_by_eight_workers(client):
