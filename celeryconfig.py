@@ -48,6 +48,10 @@ task_routes = {"outbox.dead_letter": {"queue": "dead_letter"}}
 
 broker_connection_retry_on_startup = True
 worker_hijack_root_logger = True
-worker_log_format = "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"
+# %(outbox_context)s: provider, message_id, attempt, correlation_id of the delivery running
+# in this thread (tasks.logcontext), empty otherwise.
+worker_log_format = (
+    "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s %(outbox_context)s")
 worker_task_log_format = (
-    "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s")
+    "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s "
+    "%(outbox_context)s")

@@ -10,6 +10,9 @@ from celery import Celery, signals
 
 from integrations.sanitize import SanitizingFilter
 
+from .logcontext import install as _install_log_context
+
+_install_log_context()   # before any worker log line: the log format prints the context
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
 

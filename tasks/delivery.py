@@ -26,7 +26,7 @@ from outbox.clock import utcnow
 from outbox.lifecycle import Failure, FailureKind
 from outbox.models import AttemptOutcome
 
-from . import app, runtime
+from . import app, logcontext, runtime
 
 log = logging.getLogger("tasks.delivery")
 
@@ -97,29 +97,36 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
         claim = lifecycle.claim(session, message_id, lease, now=clock())
         if claim is None:
             return Result(None, message_id, "nothing to do (duplicate or stale message)")
-        policy = config.current_retry_policy(claim.provider)
-        spent = policy.exhausted(claim.attempts, claim.budget_started_at, claim.claimed_at)
-        if spent:
-            failure = Failure(FailureKind.PERMANENT, "exhausted", spent)
-            lifecycle.dead_letter(session, claim, failure, spent, worker=worker, now=clock())
-            return _dead(claim, failure, on_dead)
+        with logcontext.bound(provider=claim.provider, message_id=claim.id,
+                              attempt=claim.attempts + 1, correlation_id=claim.correlation_id):
+            return _attempt(session, claim, provider_for, worker, on_dead, clock, rng)
 
-        supports_idempotency = True
-        try:
-            provider = provider_for(claim.provider)
-            supports_idempotency = provider.adapter.supports_idempotency
-            delivery = provider.deliver(claim.operation, claim.payload, claim.idempotency_key)
-        except Exception as exc:
-            failure = to_failure(exc, supports_idempotency)
-            outcome = lifecycle.record_failure(session, claim, failure, policy, worker=worker,
-                                               now=clock(), rng=rng)
-            if outcome.outcome is AttemptOutcome.DEAD:
-                return _dead(claim, failure, on_dead)
-            return Result(outcome.outcome, claim.label, f"{failure.error_class} {failure.detail}",
-                          outcome.next_attempt_at)
-        lifecycle.mark_delivered(session, claim, status_code=delivery.status_code,
-                                 provider_ref=delivery.provider_ref, worker=worker, now=clock())
-        return Result(AttemptOutcome.DELIVERED, claim.label, delivery.summary)
+
+def _attempt(session, claim, provider_for, worker, on_dead, clock, rng) -> Result:
+    """Dead-letter a spent message, or call the provider once and record the outcome."""
+    policy = config.current_retry_policy(claim.provider)
+    spent = policy.exhausted(claim.attempts, claim.budget_started_at, claim.claimed_at)
+    if spent:
+        failure = Failure(FailureKind.PERMANENT, "exhausted", spent)
+        lifecycle.dead_letter(session, claim, failure, spent, worker=worker, now=clock())
+        return _dead(claim, failure, on_dead)
+
+    supports_idempotency = True
+    try:
+        provider = provider_for(claim.provider)
+        supports_idempotency = provider.adapter.supports_idempotency
+        delivery = provider.deliver(claim.operation, claim.payload, claim.idempotency_key)
+    except Exception as exc:
+        failure = to_failure(exc, supports_idempotency)
+        outcome = lifecycle.record_failure(session, claim, failure, policy, worker=worker,
+                                           now=clock(), rng=rng)
+        if outcome.outcome is AttemptOutcome.DEAD:
+            return _dead(claim, failure, on_dead)
+        return Result(outcome.outcome, claim.label, f"{failure.error_class} {failure.detail}",
+                      outcome.next_attempt_at)
+    lifecycle.mark_delivered(session, claim, status_code=delivery.status_code,
+                             provider_ref=delivery.provider_ref, worker=worker, now=clock())
+    return Result(AttemptOutcome.DELIVERED, claim.label, delivery.summary)
 
 
 def _dead(claim, failure: Failure, on_dead) -> Result:

@@ -236,3 +236,32 @@ def test_a_message_not_yet_due_is_not_delivered(sessions, provider, sandbox):
     mid = add(sessions, "later", at=T0 + timedelta(minutes=5))
     assert run(sessions, provider, mid, Clock()).outcome is None
     assert sandbox.state.stats(include_log=False)["requests_total"] == 0
+
+
+def test_log_lines_of_a_delivery_carry_its_identity(sessions, provider, sandbox, caplog):
+    """Every record logged during a delivery has provider, message_id, attempt and the
+    (sanitised) correlation id bound; nothing is bound after it."""
+    import logging
+
+    from tasks import logcontext
+
+    logcontext.install()
+    with sessions() as s:
+        m = enqueue(s, provider="payments", operation="charge", payload=CHARGE,
+                    idempotency_key="ctx", correlation_id="req-7\r\nFAKE LINE")
+        m.next_attempt_at = m.created_at = m.budget_started_at = m.updated_at = T0
+        s.commit()
+        mid = m.id
+    fault(sandbox, fault="error_before", status=503, count=1)
+    with caplog.at_level(logging.DEBUG):
+        run(sessions, provider, mid, Clock())
+    during = [r for r in caplog.records if r.name == "integrations.http"]
+    assert during, "the HTTP client logged nothing"
+    for record in during:
+        bound = record.outbox
+        assert (bound["provider"], bound["message_id"], bound["attempt"]) == ("payments", mid, "1")
+        assert "\n" not in bound["correlation_id"] and "req-7" in bound["correlation_id"]
+        assert f"message_id={mid}" in record.outbox_context
+    assert row(sessions, mid).last_error_class == "transient"   # logging did not break the call
+    after = logging.getLogger("after").makeRecord("after", logging.INFO, "f", 1, "m", (), None)
+    assert after.outbox == {} and after.outbox_context == ""
