@@ -74,7 +74,7 @@ class Result:
     outcome: AttemptOutcome | None          # None: nothing claimable (duplicate or stale)
     label: str
     summary: str
-    next_attempt_at: object = None
+    next_attempt_at: datetime | None = None
 
 
 def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: timedelta,
