@@ -352,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     except OutboxError as exc:
         print(f"outbox: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # `outbox dead list --json | head`: the reader left, not an error
+        sys.stderr.close()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
