@@ -24,12 +24,21 @@ def _check_configuration(**_):
     SystemExit passes through Celery's signal dispatch (it only catches Exception).
     """
     from integrations.registry import get_provider, known_providers
-    from outbox.config import retry_policy
+    from outbox.config import RelaySettings, retry_policy
 
     try:
+        lease_s = RelaySettings.from_env().lease_s
         for name in known_providers():
             retry_policy(name)
-            get_provider(name)
+            provider = get_provider(name)
+            longest_s = (provider.settings.connect_timeout_s + provider.settings.read_timeout_s
+                         + provider.protection.settings.max_wait_s)
+            if lease_s <= longest_s:
+                # The relay would presume a slow call dead and send the message again while
+                # it is still in flight: harmless with an idempotency key, a duplicate without.
+                print(f"worker: WARNING: OUTBOX_LEASE={lease_s:g}s is not longer than the "
+                      f"longest {name} call ({longest_s:g}s: timeouts + max wait)",
+                      file=sys.stderr, flush=True)
     except ValueError as exc:   # both packages' ConfigurationError are ValueErrors
         print(f"worker: refusing to start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
