@@ -164,6 +164,12 @@ class Provider:
         self.client.close()
 
 
+def supports_idempotency(name: str) -> bool:
+    """Whether provider ``name`` deduplicates retries by idempotency key (False if unknown)."""
+    adapter = _ADAPTERS.get(name)
+    return bool(adapter is not None and getattr(adapter, "supports_idempotency", False))
+
+
 def known_providers() -> list[str]:
     """Names of every provider with an adapter, sorted."""
     return sorted(_ADAPTERS)

@@ -10,6 +10,7 @@ message was re-claimed) cannot overwrite the newer attempt.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -99,8 +100,11 @@ _A = Attempt.__table__
 _CLAIM = (
     update(_M)
     .where(_M.c.id == bindparam("m_id"),
-           _M.c.status.in_([MessageStatus.PENDING, MessageStatus.QUEUED]),
-           _M.c.next_attempt_at <= bindparam("now"))
+           # A queued row was published because it was due (relay, after-commit dispatch);
+           # checking it against this worker's clock again would drop it on clock skew.
+           or_(_M.c.status == MessageStatus.QUEUED,
+               and_(_M.c.status == MessageStatus.PENDING,
+                    _M.c.next_attempt_at <= bindparam("now"))))
     .values(status=MessageStatus.IN_FLIGHT, lease_token=_M.c.lease_token + 1,
             lease_expires_at=bindparam("expires"), updated_at=bindparam("now"))
     .returning(_M.c.id, _M.c.provider, _M.c.operation, _M.c.payload, _M.c.idempotency_key,
@@ -112,7 +116,12 @@ _CLAIM = (
 _FENCED = update(_M).where(_M.c.id == bindparam("m_id"), _M.c.lease_token == bindparam("token"),
                            _M.c.status == MessageStatus.IN_FLIGHT)
 
-_DELIVERED = _FENCED.values(
+# A success is recorded under our token even if the relay presumed us dead meanwhile
+# (recovery leaves the token; only a new claim bumps it): dropping it would send again.
+_DELIVERED = update(_M).where(
+    _M.c.id == bindparam("m_id"), _M.c.lease_token == bindparam("token"),
+    _M.c.status.in_([MessageStatus.IN_FLIGHT, MessageStatus.PENDING, MessageStatus.QUEUED]),
+).values(
     status=MessageStatus.DELIVERED, delivered_at=bindparam("now"), updated_at=bindparam("now"),
     lease_expires_at=None, provider_ref=bindparam("ref"), last_status_code=bindparam("code"),
     attempts=_M.c.attempts + 1)
@@ -242,39 +251,49 @@ def _dead(session, claim, failure, reason, attempts, rate_limited, now, worker) 
     return Outcome(AttemptOutcome.DEAD, reason=reason, recorded=recorded)
 
 
-def recover_expired_leases(session: Session, *, now: datetime | None = None,
-                           limit: int = 500) -> list[str]:
-    """In-flight rows whose lease expired (worker killed or hung) → pending, due now.
+LOST = "worker lost: lease expired before an outcome was recorded"
+
+
+def recover_expired_leases(session: Session, *, now: datetime | None = None, limit: int = 500,
+                           idempotent: Callable[[str], bool] = lambda provider: True
+                           ) -> list[tuple[str, bool]]:
+    """In-flight rows whose lease expired (worker killed or hung): pending again, due now.
 
     The lost attempt is recorded and consumes an attempt: the provider may have
     acted, so the next try re-uses the idempotency key; a message that kills
-    every worker it reaches eventually dead-letters instead of looping. Commits.
+    every worker it reaches eventually dead-letters instead of looping. For a
+    provider without idempotency (``idempotent(provider)`` False) a retry could act
+    twice, so the message is dead-lettered "needs review" instead. Commits.
+
+    Returns:
+        (message id, dead-lettered?) for each recovered row.
     """
     now = now or utcnow()
-    query = (select(Message.id, Message.lease_token, Message.lease_expires_at,
-                    Message.updated_at)
+    query = (select(Message.id, Message.provider, Message.lease_token, Message.updated_at)
              .where(Message.status == MessageStatus.IN_FLIGHT, Message.lease_expires_at <= now)
              .order_by(Message.lease_expires_at).limit(limit)
              .with_for_update(skip_locked=True))
     recovered = []
-    for message_id, token, _expires_at, claimed_at in session.execute(query).all():
+    for message_id, provider, token, claimed_at in session.execute(query).all():
+        dead = not idempotent(provider)
+        error = f"needs review: {LOST}" if dead else LOST
+        values = (dict(status=MessageStatus.DEAD, dead_at=now) if dead
+                  else dict(status=MessageStatus.PENDING, next_attempt_at=now))
         updated = session.execute(
             update(Message)
             .where(Message.id == message_id, Message.lease_token == token,
                    Message.status == MessageStatus.IN_FLIGHT)
-            .values(status=MessageStatus.PENDING, next_attempt_at=now, updated_at=now,
-                    lease_expires_at=None, attempts=Message.attempts + 1,
-                    last_error_class="ambiguous",
-                    last_error="worker lost: lease expired before an outcome was recorded")
+            .values(**values, updated_at=now, lease_expires_at=None,
+                    attempts=Message.attempts + 1, last_error_class="ambiguous",
+                    last_error=error)
         ).rowcount
         if updated:
             session.execute(insert(Attempt).values(
                 message_id=message_id, lease_token=token, started_at=claimed_at,
                 duration_ms=(now - claimed_at).total_seconds() * 1000,
-                outcome=AttemptOutcome.LOST, error_class="ambiguous",
-                error="worker lost: lease expired before an outcome was recorded",
-                next_attempt_at=now))
-            recovered.append(message_id)
+                outcome=AttemptOutcome.DEAD if dead else AttemptOutcome.LOST,
+                error_class="ambiguous", error=error, next_attempt_at=None if dead else now))
+            recovered.append((message_id, dead))
     session.commit()
     return recovered
 

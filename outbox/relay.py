@@ -14,6 +14,8 @@ from datetime import timedelta
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from integrations.registry import supports_idempotency
+
 from .clock import utcnow
 from .config import RelaySettings
 from .dispatch import Dispatcher, MessageRef
@@ -60,9 +62,11 @@ def release(session: Session, refs: list[MessageRef]) -> None:
 def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings) -> int:
     """One relay pass: recover expired leases, then publish what is due. Returns rows published."""
     with Session(engine) as session:
-        lost = recover_expired_leases(session, limit=settings.batch_size)
+        lost = recover_expired_leases(session, limit=settings.batch_size,
+                                      idempotent=supports_idempotency)
         if lost:
             log.warning("recovered %d message(s) whose worker lease expired", len(lost))
+            _announce_dead(dispatcher, session, [mid for mid, dead in lost if dead])
         refs = take_due(session, settings)
         if not refs:
             return 0
@@ -71,6 +75,20 @@ def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings) ->
             raise BrokerUnavailable(f"could not publish {len(refs)} message(s)")
     log.info("relay published %d message(s)", len(refs))
     return len(refs)
+
+
+def _announce_dead(dispatcher: Dispatcher, session: Session, ids: list[str]) -> None:
+    """Publish the dead-letter event of rows the relay dead-lettered (needs review)."""
+    announce = getattr(dispatcher.publisher, "publish_dead_letter", None)
+    for message in (session.get(Message, mid) for mid in ids):
+        log.error("dead letter %s: needs review (worker lost; provider has no idempotency)",
+                  message.label)
+        if announce is not None:
+            try:
+                announce(message.id, f"{message.label} needs_review")
+            except Exception as exc:  # the row is dead in the database whatever the broker says
+                log.warning("dead-letter event for %s not published: %s", message.id,
+                            type(exc).__name__)
 
 
 class BrokerUnavailable(RuntimeError):

@@ -57,7 +57,12 @@ class DeadLettered(Exception):
 def to_failure(exc: Exception, supports_idempotency: bool) -> Failure:
     """Translate an integration error (or an unexpected exception) into the core's terms."""
     if not isinstance(exc, ierr.IntegrationError):
-        return Failure(FailureKind.RETRY, "internal", sanitize(f"{type(exc).__name__}: {exc}"))
+        detail = sanitize(f"{type(exc).__name__}: {exc}")
+        if not supports_idempotency:
+            # e.g. a time limit firing mid-request: the call may have happened; without
+            # provider-side idempotency a retry could act twice.
+            return Failure(FailureKind.PERMANENT, "internal", f"needs review: {detail}")
+        return Failure(FailureKind.RETRY, "internal", detail)
     kind = next(k for cls, k in _KINDS.items() if isinstance(exc, cls))
     detail = sanitize(str(exc))
     if isinstance(exc, ierr.Ambiguous) and not supports_idempotency:

@@ -265,3 +265,16 @@ def test_log_lines_of_a_delivery_carry_its_identity(sessions, provider, sandbox,
     assert row(sessions, mid).last_error_class == "transient"   # logging did not break the call
     after = logging.getLogger("after").makeRecord("after", logging.INFO, "f", 1, "m", (), None)
     assert after.outbox == {} and after.outbox_context == ""
+
+
+@pytest.mark.parametrize("idempotent, kind", [(True, "retry"), (False, "permanent")])
+def test_an_unexpected_exception_mid_call_needs_review_without_idempotency(idempotent, kind):
+    """A non-integration exception (e.g. a time limit firing mid-request) is retried only where
+    the provider deduplicates by key; otherwise it is dead-lettered as 'needs review'."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from tasks.delivery import to_failure
+
+    failure = to_failure(SoftTimeLimitExceeded("soft limit"), supports_idempotency=idempotent)
+    assert failure.kind == kind and failure.error_class == "internal"
+    assert failure.detail.startswith("needs review") == (not idempotent)

@@ -110,11 +110,18 @@ def test_claim_is_atomic_across_20_threads(sessions, message_id, t0):
 
 
 def test_claim_of_a_row_not_yet_due_returns_none(sessions, message_id, t0):
-    """Before next_attempt_at nothing is claimed and the row is untouched."""
+    """A pending row (e.g. a scheduled retry) is not claimed before next_attempt_at, and is
+    left untouched — a stale broker message cannot start a retry early."""
+    from sqlalchemy import update as sa_update
+
+    with sessions() as session:
+        session.execute(sa_update(Message).where(Message.id == message_id)
+                        .values(status=MessageStatus.PENDING))
+        session.commit()
     created = _row(sessions, message_id).next_attempt_at
     assert _claim(sessions, message_id, created - timedelta(microseconds=1)) is None
     row = _row(sessions, message_id)
-    assert row.status == MessageStatus.QUEUED and row.lease_token == 0
+    assert row.status == MessageStatus.PENDING and row.lease_token == 0
 
 
 def test_claim_of_missing_delivered_or_in_flight_rows_returns_none(sessions, message_id, t0):
@@ -130,8 +137,10 @@ def test_claim_of_missing_delivered_or_in_flight_rows_returns_none(sessions, mes
 
 # ---- fencing -------------------------------------------------------------------------------
 
-def test_expired_lease_is_recovered_and_the_old_claim_is_fenced_off(sessions, message_id, t0):
-    """Lease expiry → pending, attempts+1, a 'lost' attempt; the stale worker's delivery is not recorded."""
+def test_expired_lease_is_recovered_and_a_late_success_still_counts(sessions, message_id, t0):
+    """Lease expiry → pending, attempts+1, a 'lost' attempt. If the presumed-dead worker then
+    reports success before anyone re-claimed the row, the success is recorded (same token):
+    dropping it would send the message again."""
     old = _claim(sessions, message_id, t0)
     with sessions() as session:
         assert recover_expired_leases(session, now=t0 + LEASE - timedelta(seconds=1)) == []
@@ -139,7 +148,7 @@ def test_expired_lease_is_recovered_and_the_old_claim_is_fenced_off(sessions, me
 
     later = t0 + LEASE + timedelta(seconds=1)
     with sessions() as session:
-        assert recover_expired_leases(session, now=later) == [message_id]
+        assert recover_expired_leases(session, now=later) == [(message_id, False)]
     row = _row(sessions, message_id)
     assert row.status == MessageStatus.PENDING
     assert row.attempts == 1
@@ -152,10 +161,36 @@ def test_expired_lease_is_recovered_and_the_old_claim_is_fenced_off(sessions, me
     with sessions() as session:
         outcome = mark_delivered(session, old, status_code=200, provider_ref="pi_late",
                                  now=later + timedelta(seconds=1))
-    assert outcome.recorded is False
+    assert outcome.recorded is True
     row = _row(sessions, message_id)
-    assert row.status == MessageStatus.PENDING and row.attempts == 1
-    assert row.provider_ref is None and row.delivered_at is None
+    assert row.status == MessageStatus.DELIVERED and row.provider_ref == "pi_late"
+    assert _claim(sessions, message_id, later + timedelta(seconds=2)) is None
+
+
+def test_lost_lease_on_a_provider_without_idempotency_needs_review(sessions, message_id, t0):
+    """A retry could act twice where the provider has no idempotency: dead, 'needs review'."""
+    _claim(sessions, message_id, t0)
+    later = t0 + LEASE + timedelta(seconds=1)
+    with sessions() as session:
+        assert recover_expired_leases(session, now=later,
+                                      idempotent=lambda provider: False) == [(message_id, True)]
+    row = _row(sessions, message_id)
+    assert row.status == MessageStatus.DEAD and row.dead_at == later
+    assert row.last_error.startswith("needs review:") and row.attempts == 1
+    [attempt] = _attempts(sessions, message_id)
+    assert attempt.outcome == AttemptOutcome.DEAD and attempt.next_attempt_at is None
+
+
+def test_a_queued_row_is_claimed_even_if_this_workers_clock_is_behind(sessions, message_id, t0):
+    """Queued rows were published because they were due: a worker clock 50 ms behind still
+    claims them (a pending row scheduled later is still refused)."""
+    from sqlalchemy import update as sa_update
+
+    with sessions() as session:
+        session.execute(sa_update(Message).where(Message.id == message_id).values(
+            status=MessageStatus.QUEUED, next_attempt_at=t0 + timedelta(milliseconds=50)))
+        session.commit()
+    assert _claim(sessions, message_id, t0) is not None
 
 
 def test_stale_claim_cannot_overwrite_a_newer_claim(sessions, message_id, t0):
@@ -168,6 +203,9 @@ def test_stale_claim_cannot_overwrite_a_newer_claim(sessions, message_id, t0):
     assert new.lease_token == 2 and new.attempts == 1
     outcome = _fail(sessions, old, DECLINED, now=later)
     assert outcome.recorded is False
+    with sessions() as session:
+        assert mark_delivered(session, old, status_code=200, provider_ref="pi_old",
+                              now=later).recorded is False
     row = _row(sessions, message_id)
     assert row.status == MessageStatus.IN_FLIGHT and row.lease_token == 2
     with sessions() as session:

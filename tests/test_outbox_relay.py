@@ -217,3 +217,20 @@ def test_two_relays_take_every_row_exactly_once(pg_url, publisher):
     assert len(everything) == 1000
     assert set(everything) == {r["id"] for r in rows}
     assert taken[0] and taken[1], "both relays should have taken some rows"
+
+
+def test_expired_lease_of_an_email_needs_review_instead_of_a_resend(engine, sessions, publisher):
+    """email has no idempotency: a worker lost mid-send must not lead to a second send —
+    the relay dead-letters it 'needs review' and publishes nothing."""
+    with sessions() as session:
+        message = enqueue(session, provider="email", operation="send",
+                          payload={"to": "a@example.com", "subject": "Hi", "text": "x",
+                                   "from": "shop@example.com"}, idempotency_key="mail-1")
+        session.commit()
+        assert claim(session, message.id, timedelta(0)) is not None   # lease already over
+    dispatch.dispatcher().flush()
+    published_before = list(publisher.ids)
+    assert _relay(engine) == 0
+    assert publisher.ids == published_before
+    row = _row(sessions, message.id)
+    assert row.status == MessageStatus.DEAD and row.last_error.startswith("needs review")

@@ -198,3 +198,20 @@ def test_a_worker_that_wakes_late_gives_its_slot_up(client):
     # two slots were used: the late one given up, and the one this worker took
     third = limiter.reserve("charge", 2.0)
     assert third.delay_s == pytest.approx(2 * 0.1 * (1 + DEFAULT_MARGIN), abs=0.02)
+
+
+def test_a_slow_redis_round_trip_is_not_mistaken_for_a_late_wakeup(client):
+    """A 15 ms round trip to Redis (a remote server) must not make every slot 'late':
+    all 20 calls at 1000/s are admitted without deferral."""
+    import time
+
+    limiter = protection(client, new_name(), RATE_LIMIT="1000/s").limiter
+    real_reserve = limiter.reserve
+
+    def distant_reserve(*args, **kwargs):
+        time.sleep(0.015)
+        return real_reserve(*args, **kwargs)
+
+    limiter.reserve = distant_reserve
+    for _ in range(20):
+        limiter.wait_for_slot("charge", 2.0, time.sleep)

@@ -168,8 +168,9 @@ class RateLimiter:
         """
         waited = 0.0
         for _ in range(MAX_RESERVE_ROUNDS):
-            reserved_at = monotonic()
             slot, first = first or self.reserve(operation, max_wait_s), None
+            # Timed from the reply, so a distant Redis (its round trip) never counts as lateness.
+            reserved_at = monotonic()
             if not slot.granted:
                 what = "paused after a 429" if slot.paused else "rate limit"
                 raise Deferred(f"{self.keys.provider} {what}: next slot in {slot.delay_s:.2f}s",
