@@ -89,7 +89,10 @@ def test_concurrency_cap_holds_across_workers_and_a_killed_worker_returns_its_pe
     _fault(sandbox, fault="latency", delay_s=0.4)
     first = procs.worker("w1", queues="payments", concurrency=4, **env)
     procs.worker("w2", queues="payments", concurrency=4, **env)
-    procs.relay()
+    # The killed worker may hold a message it received but had not claimed yet: that row
+    # stays queued (its broker message returns only after the visibility timeout) until
+    # the relay re-sends it after OUTBOX_RELAY_REQUEUE_AFTER (300 s by default).
+    procs.relay(OUTBOX_RELAY_REQUEUE_AFTER="3")
     _enqueue(sessions, 30, "cap")
     wait_until(lambda: sandbox.state.stats(include_log=False)["in_flight"] >= 2, 30,
                message="requests in flight")
