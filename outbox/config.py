@@ -7,13 +7,14 @@ or get ``os.environ``.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
+
+from integrations.errors import ConfigurationError as IntegrationConfigurationError
+from integrations.settings import get_float, get_int, get_str
 
 from .errors import ConfigurationError
 from .retry import RetryPolicy
@@ -22,41 +23,29 @@ DEFAULT_DATABASE_URL = "sqlite:///var/outbox.db"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
 
+def _read(getter, name: str, default, environ: Mapping[str, str] | None):
+    """Read ``name`` with one of the typed readers that ``integrations.settings`` provides for
+    provider settings, so both packages accept and refuse the same values; its error becomes
+    the outbox's own ConfigurationError (an OutboxError: the CLI reports it and exits 2)."""
+    try:
+        return getter(os.environ if environ is None else environ, name, default)
+    except IntegrationConfigurationError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
 def env_str(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
     """The variable's value, or ``default`` if it is unset or empty."""
-    value = (os.environ if environ is None else environ).get(name, "").strip()
-    return value or default
+    return _read(get_str, name, default, environ)
 
 
-def env_float(name: str, default: float, environ: Mapping[str, str] | None = None,
-              minimum: float = 0.0) -> float:
-    """A number > ``minimum`` (seconds and the like). Raises ConfigurationError."""
-    raw = (os.environ if environ is None else environ).get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ConfigurationError(f"{name}={raw!r} must be a finite number")
-    if not value > minimum:
-        raise ConfigurationError(f"{name}={raw!r} must be greater than {minimum:g}")
-    return value
+def env_float(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:
+    """A finite number > 0 (seconds and the like). Raises ConfigurationError."""
+    return _read(get_float, name, default, environ)
 
 
-def env_int(name: str, default: int, environ: Mapping[str, str] | None = None,
-            minimum: int = 1) -> int:
-    """A whole number ≥ ``minimum``. Raises ConfigurationError."""
-    raw = (os.environ if environ is None else environ).get(name, "").strip()
-    if not raw:
-        return default
-    if not re.fullmatch(r"[+-]?\d+", raw):
-        raise ConfigurationError(f"{name}={raw!r} is not a whole number")
-    value = int(raw)
-    if value < minimum:
-        raise ConfigurationError(f"{name}={raw!r} must be at least {minimum}")
-    return value
+def env_int(name: str, default: int, environ: Mapping[str, str] | None = None) -> int:
+    """A whole number ≥ 1. Raises ConfigurationError."""
+    return _read(get_int, name, default, environ)
 
 
 def database_url(environ: Mapping[str, str] | None = None) -> str:

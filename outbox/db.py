@@ -52,7 +52,3 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded attributes after commit (rows are read after the transaction)."""
     return sessionmaker(engine, expire_on_commit=False)
 
-
-def is_postgresql(engine_or_session) -> bool:
-    bind = engine_or_session.get_bind() if isinstance(engine_or_session, Session) else engine_or_session
-    return bind.dialect.name == "postgresql"
