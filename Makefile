@@ -15,7 +15,7 @@ export OUTBOX_EMAIL_BASE_URL ?= http://127.0.0.1:$(SANDBOX_PORT)
 export OUTBOX_EMAIL_API_KEY ?= $(OUTBOX_PAYMENTS_API_KEY)
 export OUTBOX_EMAIL_FROM ?= Demo Shop <shop@example.com>
 
-.PHONY: install migrate redis run test bench lint clean
+.PHONY: install system-packages migrate redis run test bench lint clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,10 @@ run: migrate redis
 	echo "Status:  $(BIN)/outbox status"; \
 	FLOWER_BASIC_AUTH="$$creds" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
-test: install redis
+system-packages:
+	scripts/install_system_packages.sh
+
+test: install system-packages redis
 	$(BIN)/pytest
 
 bench: migrate redis

@@ -6,6 +6,14 @@ Flower reads ``FLOWER_BASIC_AUTH`` from the environment itself, so the password
 never appears on a command line (``ps``) or in the Procfile. Note (measured):
 Flower's ``/metrics`` and ``/healthcheck`` answer without authentication even
 with basic auth on; they carry counts and task names, never arguments.
+
+The task list (``/tasks``) shows the ``args`` column instead of Flower's default
+``uuid`` one (``TASKS_COLUMNS``): every broker message carries only a row id, so
+the uuid says nothing, while ``args`` is our ``argsrepr`` label
+(``payments.charge 01J…``, never the payload). An operator filtering FAILURE then
+reads which operations failed in the list instead of opening each task. A
+caller's own ``--tasks_columns`` (or ``--tasks-columns``) or ``FLOWER_TASKS_COLUMNS``
+wins.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import os
 import sys
 
 MIN_PASSWORD_LENGTH = 8
+# Flower's default is name,uuid,state,received,runtime,worker; see the module docstring.
+TASKS_COLUMNS = "name,args,state,result,received,runtime,worker"
 
 
 def check_credentials(value: str | None) -> str | None:
@@ -29,6 +39,19 @@ def check_credentials(value: str | None) -> str | None:
     return None
 
 
+def with_default_columns(argv: list[str], environ=os.environ) -> list[str]:
+    """``argv`` plus our ``--tasks_columns``, unless the caller chose the columns already."""
+    # Flower applies FLOWER_* variables first and the command line over them: adding our
+    # flag would silently override the caller's variable.
+    if environ.get("FLOWER_TASKS_COLUMNS"):
+        return argv
+    for arg in argv:
+        # Tornado takes options only as --name=value, spelt with "_" or "-".
+        if arg.partition("=")[0].lstrip("-").replace("-", "_") == "tasks_columns":
+            return argv
+    return [f"--tasks_columns={TASKS_COLUMNS}", *argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     problem = check_credentials(os.environ.get("FLOWER_BASIC_AUTH"))
@@ -39,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     address = os.environ.get("FLOWER_ADDRESS", "127.0.0.1")
     port = os.environ.get("FLOWER_PORT", "5555")
     command = [sys.executable, "-m", "celery", "-A", "tasks", "flower",
-               f"--address={address}", f"--port={port}", *argv]
+               f"--address={address}", f"--port={port}", *with_default_columns(argv)]
     os.execvp(command[0], command)
 
 
