@@ -25,10 +25,12 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 
-# A delivery is bounded by its HTTP timeouts; these limits are the backstop (prefork pool).
-task_soft_time_limit = 80
-task_time_limit = 90
-# Must exceed task_time_limit: an unacknowledged message is redelivered after this.
+# No task time limits: Celery enforces them only in the prefork pool, and the Procfile runs
+# threads. What bounds a delivery is (1) the HTTP timeouts on every socket operation
+# (OUTBOX_<NAME>_CONNECT_TIMEOUT / _TIMEOUT) and (2) the lease (OUTBOX_LEASE, 120 s): past
+# it the relay takes the message over — the same key again, or "needs review" for a
+# provider without idempotency — and a late outcome from the stuck thread is fenced off.
+# An unacknowledged message is redelivered after this; the claim makes that harmless.
 broker_transport_options = {"visibility_timeout": 3600}
 
 # Flower needs events; sent events let Flower show tasks waiting in a queue.
@@ -47,11 +49,6 @@ task_default_routing_key = "dead_letter"
 task_routes = {"outbox.dead_letter": {"queue": "dead_letter"}}
 
 broker_connection_retry_on_startup = True
-worker_hijack_root_logger = True
-# %(outbox_context)s: provider, message_id, attempt, correlation_id of the delivery running
-# in this thread (tasks.logcontext), empty otherwise.
-worker_log_format = (
-    "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s %(outbox_context)s")
-worker_task_log_format = (
-    "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s "
-    "%(outbox_context)s")
+# Logging is configured by outbox.logs (tasks connects Celery's setup_logging signal), which
+# adds each delivery's context (provider, message_id, attempt, correlation_id) with a filter:
+# no custom fields here, so any app loading this file (a benchmark's own) logs as usual.

@@ -4,6 +4,12 @@ A file source is re-read whenever its identity (inode, size, mtime) changes, so 
 can be rotated by replacing the file, without restarting workers. ``refresh()`` forces
 a re-read; the provider calls it once after a 401.
 
+A key that cannot be read (no key configured, file missing, unreadable, empty or not
+UTF-8) raises ``CredentialUnavailable``: a ``Deferred``, so the message waits without
+spending an attempt instead of being dead-lettered, and ``outbox status`` reports it as
+critical. Workers check their providers' keys at start-up (``check()``) and refuse to
+start on one they cannot read.
+
 Any credential the HTTP client uses only needs ``get() -> str`` and ``refresh() -> None``
 (``Credential``), so an OAuth2 token source can stand in for ``ApiKey``.
 """
@@ -15,15 +21,18 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-from integrations.errors import AuthError
+from integrations.errors import CredentialUnavailable
 from integrations.settings import ProviderSettings, env_name
+
+# A message whose credential cannot be read waits this long before it is tried again.
+CREDENTIAL_RETRY_S = 30.0
 
 
 class Credential(Protocol):
     """What the HTTP client needs from a credential."""
 
     def get(self) -> str:
-        """Return the current secret. Raises AuthError when none is available."""
+        """Return the current secret. Raises CredentialUnavailable when none can be read."""
 
     def refresh(self) -> None:
         """Forget anything cached so the next ``get()`` fetches the secret afresh."""
@@ -36,7 +45,7 @@ class ApiKey:
     """
 
     def __init__(self, value: str | None = None, path: Path | str | None = None, *,
-                 source: str = "API key"):
+                 source: str = "API key", file_variable: str = "API key file"):
         """Create the credential.
 
         Args:
@@ -44,10 +53,12 @@ class ApiKey:
             path: file holding the key (from ``OUTBOX_<NAME>_API_KEY_FILE``), or None.
                 Takes precedence over ``value`` when both are given.
             source: the variable names to cite when the key is missing.
+            file_variable: the variable that named ``path``, cited in errors about the file.
         """
         self._value = value.strip() if value else None
         self._path = Path(path) if path is not None else None
         self._source = source
+        self._file_variable = file_variable
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._cached: str | None = None
@@ -57,17 +68,21 @@ class ApiKey:
         """The key configured for ``settings.name``."""
         source = (f"set {env_name(settings.name, 'API_KEY')} "
                   f"or {env_name(settings.name, 'API_KEY_FILE')}")
-        return cls(settings.api_key, settings.api_key_file, source=source)
+        return cls(settings.api_key, settings.api_key_file, source=source,
+                   file_variable=env_name(settings.name, "API_KEY_FILE"))
 
     def get(self) -> str:
         """Return the key, re-reading the file if it changed since last read.
 
         Raises:
-            AuthError: no key configured, the file is unreadable, or it is empty.
+            CredentialUnavailable: no key configured, or the file is missing, unreadable,
+                empty or not UTF-8 (the message names the variable, never the key).
         """
         if self._path is None:
             if not self._value:
-                raise AuthError(f"no API key configured ({self._source})")
+                raise CredentialUnavailable(f"no API key configured ({self._source})",
+                                            code="credential_unavailable",
+                                            retry_after_s=CREDENTIAL_RETRY_S)
             return self._value
         with self._lock:
             stamp = self._stat()
@@ -75,6 +90,21 @@ class ApiKey:
                 self._cached = self._read()
                 self._stamp = stamp
             return self._cached
+
+    def check(self) -> list[str]:
+        """Read the key now; return warnings about its file (readable by group or others).
+
+        Raises:
+            CredentialUnavailable: as ``get``.
+        """
+        self.get()
+        if self._path is None:
+            return []
+        mode = os.stat(self._path).st_mode
+        if mode & 0o044:
+            return [f"{self._file_variable}: {self._path} is readable by group or others "
+                    f"(mode {mode & 0o777:o}); chmod 600 it"]
+        return []
 
     def refresh(self) -> None:
         """Force the next ``get()`` to re-read the key file (no-op for a value)."""
@@ -87,7 +117,7 @@ class ApiKey:
         try:
             st = os.stat(self._path)
         except OSError as exc:
-            raise AuthError(f"API key file {self._path} unreadable: {exc.strerror}") from exc
+            raise self._unavailable(exc.strerror or type(exc).__name__) from exc
         # inode catches rotation by atomic rename even within one mtime tick.
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -95,11 +125,18 @@ class ApiKey:
         assert self._path is not None
         try:
             key = self._path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AuthError(f"API key file {self._path} unreadable") from exc
+        except OSError as exc:
+            raise self._unavailable(exc.strerror or type(exc).__name__) from exc
+        except UnicodeDecodeError:
+            raise self._unavailable("not UTF-8 text") from None
         if not key:
-            raise AuthError(f"API key file {self._path} is empty")
+            raise self._unavailable("empty")
         return key
+
+    def _unavailable(self, why: str) -> CredentialUnavailable:
+        return CredentialUnavailable(f"{self._file_variable}: {self._path}: {why}",
+                                     code="credential_unavailable",
+                                     retry_after_s=CREDENTIAL_RETRY_S)
 
     def __repr__(self) -> str:
         where = f"file={str(self._path)!r}" if self._path else ("value=***" if self._value else "unset")

@@ -11,8 +11,9 @@ every request, twice:
   and returns them in Event Webhook events and the Email Activity API, so a person (or a
   future verify step) can find out whether a "needs review" message was in fact sent;
 * an ``X-Message-Key`` request header — SendGrid ignores unknown request headers; the
-  sandbox uses it to count requests per key before it parses the body. Sent only when
-  the key is printable ASCII (HTTP header values are Latin-1 on the wire).
+  sandbox uses it to count requests per key before it parses the body. Keys are valid
+  header values by construction (``schemas/common/idempotency_key``, checked at enqueue
+  and again before the request is built).
 
 Sender: the payload's ``from``, else ``OUTBOX_EMAIL_FROM`` (``shop@example.com`` or
 ``Shop <shop@example.com>``, read when the adapter is built; a malformed value is a
@@ -49,13 +50,12 @@ PATH = "/v3/mail/send"
 KEY_ARG = "outbox_key"           # custom_args name that carries the outbox idempotency key
 KEY_HEADER = "X-Message-Key"
 FROM_VARIABLE = env_name("email", "FROM")
-_PRINTABLE_ASCII = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
 _MAX_ERRORS_IN_DETAIL = 3
 
 
 def _email_pattern() -> re.Pattern[str]:
     """The address rule of the operation schema (one source of truth)."""
-    return re.compile(schemas.load("operations", "email.send")["$defs"]["email"]["pattern"])
+    return re.compile(schemas.load("operations", "email.send")["definitions"]["email"]["pattern"])
 
 
 def parse_sender(value: str, *, variable: str = FROM_VARIABLE) -> dict[str, str]:
@@ -65,7 +65,7 @@ def parse_sender(value: str, *, variable: str = FROM_VARIABLE) -> dict[str, str]
         ConfigurationError: not a valid address (the message names ``variable``, not the value).
     """
     name, address = parseaddr(value)
-    if (not address or not _email_pattern().match(address) or len(address) > 254
+    if (not address or not _email_pattern().fullmatch(address) or len(address) > 254
             or any(c in value for c in "\r\n")):
         raise ConfigurationError(f"{variable} must be an email address, optionally "
                                  "'Name <address>'")
@@ -131,8 +131,7 @@ class EmailAdapter(Adapter):
             body["reply_to"] = _address(payload["reply_to"])
         if payload.get("categories"):
             body["categories"] = list(payload["categories"])
-        headers = {KEY_HEADER: idempotency_key} if _PRINTABLE_ASCII.match(idempotency_key) else {}
-        return Request("POST", PATH, headers=headers, json=body)
+        return Request("POST", PATH, headers={KEY_HEADER: idempotency_key}, json=body)
 
     def parse_response(self, operation: str, response: Response) -> Delivery:
         """Return the Delivery for a 2xx (202, or 200 in SendGrid's sandbox mode), else raise.

@@ -24,15 +24,7 @@ from typing import Any
 import schemas
 from integrations.base import Adapter, Delivery
 from integrations.email import EmailAdapter
-from integrations.errors import (
-    Ambiguous,
-    ClientError,
-    Deferred,
-    IntegrationError,
-    InvalidResponse,
-    RateLimited,
-    Transient,
-)
+from integrations.errors import ClientError, IntegrationError, InvalidResponse, RateLimited
 from integrations.http import HttpClient
 from integrations.payments import PaymentsAdapter
 from integrations.protection import DEFAULT_429_PAUSE_S, Protection, ProtectionSettings
@@ -82,9 +74,11 @@ class Provider:
 
         Raises:
             IntegrationError: only subclasses of it — ``ClientError`` (code
-                ``unknown_operation``/``invalid_payload``) for a message that can never be
-                sent, ``AuthError`` after the second 401, ``Deferred`` when protection
-                says wait (no call made), and whatever the client and the adapter classify.
+                ``unknown_operation``/``invalid_payload``/``invalid_idempotency_key``) for a
+                message that can never be sent, ``AuthError`` after the second 401,
+                ``Deferred`` when protection says wait (no call made), and whatever the
+                client and the adapter classify; with ``probe`` set when the failed call
+                was a half-open breaker probe.
         """
         request = self._build(operation, payload, idempotency_key)
         if self.protection is None:
@@ -95,22 +89,12 @@ class Provider:
             return self._send(operation, request)
         except BaseException as exc:
             error = exc
-            if permit.probe and self._outage_evidence(exc):
-                # A failed half-open probe says the provider is still down, nothing about
-                # this message: reschedule it without spending an attempt, or an unlucky
-                # message chosen as the probe again and again would be dead-lettered by
-                # an outage the defaults promise to survive.
-                raise Deferred(f"breaker probe failed ({exc.summary()})",
-                               status_code=exc.status_code, code="probe_failed",
-                               retry_after_s=self.protection.settings.breaker.open_s) from exc
+            if permit.probe and isinstance(exc, IntegrationError):
+                # What a failed probe means for its message is outbox.decisions' call.
+                exc.probe = True
             raise
         finally:
             permit.release(error)
-
-    def _outage_evidence(self, exc: BaseException) -> bool:
-        """A transient failure, or an ambiguous one the provider's idempotency makes safe."""
-        return isinstance(exc, Transient) or (
-            isinstance(exc, Ambiguous) and self.adapter.supports_idempotency)
 
     def _send(self, operation: str, request) -> Delivery:
         auth = getattr(self.adapter, "auth", None)
@@ -137,6 +121,12 @@ class Provider:
     def _build(self, operation: str, payload: Mapping[str, Any], idempotency_key: str):
         if operation not in self.adapter.operations:
             raise ClientError(f"{self.name} has no operation {operation!r}", code="unknown_operation")
+        try:
+            # The same rule enqueue applies: the key becomes an HTTP header value.
+            schemas.check_idempotency_key(idempotency_key)
+        except schemas.SchemaError as exc:
+            raise ClientError(f"idempotency key {exc.reason}",
+                              code="invalid_idempotency_key") from None
         try:
             schemas.validate_operation(self.name, operation, payload)
         except KeyError:

@@ -2,8 +2,10 @@
 
 ``sanitize`` masks credentials (Authorization values, bearer tokens, Stripe keys,
 ``whsec_`` secrets, ``api_key=``/``token=``/``password=``/``secret=`` pairs in query
-strings, headers and JSON-ish text), card numbers, replaces control characters (CR/LF
-log injection) with spaces, and truncates. ``SanitizingFilter`` applies it to log records.
+strings, headers and JSON-ish text), card numbers, and the personal data providers echo
+in their error messages (e-mail addresses keep only their domain, ``***@example.com``;
+Stripe-style customer ids become ``cus_***``), replaces control characters (CR/LF log
+injection) with spaces, and truncates. ``SanitizingFilter`` applies it to log records.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ _PAIR = re.compile(
     ("[^"]*"|'[^']*'|[^\s&,;"'}\]]+)""")
 # 13-19 digits, optionally grouped by single spaces or dashes, not glued to a word.
 _CARD = re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])")
+# The local part of an address (the WHATWG form rule's characters), then "@" and a domain.
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@(?=[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
+_CUSTOMER = re.compile(r"\b(cus_)[A-Za-z0-9]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
@@ -67,7 +72,7 @@ def _mask_pair(match: re.Match[str]) -> str:
 
 
 def sanitize(text: object, max_length: int | None = DEFAULT_MAX_LENGTH) -> str:
-    """Return ``text`` (``str()``-ed if needed) with secrets and card numbers masked.
+    """Return ``text`` (``str()``-ed if needed) with secrets, card numbers and personal data masked.
 
     Args:
         text: anything; non-strings are converted with ``str``.
@@ -94,6 +99,10 @@ def sanitize(text: object, max_length: int | None = DEFAULT_MAX_LENGTH) -> str:
     if not ascii_ or (("=" in s or ":" in s) and _might_pair(s.lower())):
         s = _PAIR.sub(_mask_pair, s)
     s = _CARD.sub(_mask_card, s)
+    if "@" in s:
+        s = _EMAIL.sub(f"{MASK}@", s)
+    if "cus_" in s:
+        s = _CUSTOMER.sub(rf"\1{MASK}", s)
     if max_length is not None and len(s) > max_length:
         s = s[: max(max_length - 1, 0)] + "…"
     return s

@@ -15,6 +15,7 @@ after-commit dispatch publish through ``outbox.dispatch.Publisher``.
 from .enqueue import enqueue
 from .errors import (
     ConfigurationError,
+    DatabaseNotReady,
     IdempotencyConflict,
     InvalidIdempotencyKey,
     InvalidMessage,
@@ -30,4 +31,5 @@ __all__ = [
     "enqueue", "Message", "Attempt", "AuditEntry", "MessageStatus",
     "OutboxError", "InvalidMessage", "UnknownProvider", "UnknownOperation", "InvalidPayload",
     "InvalidIdempotencyKey", "IdempotencyConflict", "MessageNotFound", "ConfigurationError",
+    "DatabaseNotReady",
 ]

@@ -5,12 +5,15 @@
     outbox status [--json]
     outbox show ID [--json]
     outbox enqueue PROVIDER OPERATION --key K --payload JSON
-    outbox dead list [--provider P] [--error-class C] [--since T] [--json]
-    outbox dead redrive (ID... | --all) [filters] --reason TEXT [--dry-run]
+    outbox dead list [--provider P] [--error-class C] [--since T] [--limit N] [--json]
+    outbox dead redrive (ID... | --all (--provider P | --any-provider) [filters])
+                        --reason TEXT [--accept-duplicate-risk] [--dry-run]
     outbox dead discard ID... --reason TEXT
     outbox sandbox [--host H] [--port N]
 
-Exit status: 0 done, 1 some messages could not be acted on, 2 bad input.
+Exit status: 0 done (``status``: ok), 1 some messages could not be acted on (``status``:
+warning), 2 bad input, configuration, database not ready (``status``: critical). Errors
+are one line on stderr, never a traceback (``OUTBOX_DEBUG=1`` shows one for a bug).
 """
 
 from __future__ import annotations
@@ -25,32 +28,57 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
-from . import config, deadletters, dispatch, relay, status
+from integrations.errors import ConfigurationError
+from integrations.sanitize import sanitize
+
+from . import config, deadletters, dispatch, health, logs, relay, status
 from .clock import iso, utcnow
-from .db import make_engine, make_sessionmaker
+from .db import check_migrated, describe, make_engine, make_sessionmaker
 from .enqueue import enqueue
 from .errors import MessageNotFound, OutboxError
 from .models import Attempt, AuditEntry, Message
 
+log = logging.getLogger("outbox.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line: ``outbox: error: … (outbox dead --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"outbox: error: {message} (see {self.prog} --help)\n")
+
 
 def _parse_since(text: str) -> datetime:
-    """``30m``, ``2h``, ``7d`` (ago) or an ISO timestamp (UTC if no zone)."""
-    match = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
-    if match:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
-        return utcnow() - timedelta(**{unit: int(match[1])})
+    """``30s``, ``30m``, ``2h``, ``7d`` (ago) or an ISO timestamp (UTC if no zone)."""
+    example = "use e.g. 30m, 2h, 7d or 2026-11-21T10:00:00Z"
+    match = re.fullmatch(r"(\d{1,9})\s*([smhd])", text.strip())
     try:
+        if match:
+            unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
+            return utcnow() - timedelta(**{unit: int(match[1])})
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(UTC).replace(tzinfo=None)
+        return moment
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"--since {text[:40]!r}: {example}, within years "
+                                         "1-9999") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--since {text!r}: use e.g. 30m, 2h, 7d or 2026-11-21T10:00:00Z") from None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment
+        value = 0
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a whole number from 1 to 1000000")
+    return value
 
 
 def _actor(args) -> str:
@@ -75,6 +103,7 @@ def _message_dict(m: Message) -> dict:
         "delivered_at": iso(m.delivered_at), "dead_at": iso(m.dead_at),
         "last_error_class": m.last_error_class, "last_status_code": m.last_status_code,
         "last_error": m.last_error, "provider_ref": m.provider_ref,
+        "needs_review": m.needs_review,
     }
 
 
@@ -88,37 +117,53 @@ def cmd_db_upgrade(args, sessions):
 
 
 def cmd_relay(args, sessions):
+    from integrations.registry import supports_idempotency
+
     engine = sessions.kw["bind"]   # the sessionmaker's engine
     settings = config.RelaySettings.from_env()
     disp = dispatch.dispatcher()
     if disp.publisher is None:
         raise OutboxError("no publisher is installed (is the package installed with `pip install -e .`?)")
     if args.once:
-        print(f"published {relay.run_once(engine, disp, settings)}")
+        print(f"published {relay.run_once(engine, disp, settings, idempotent=supports_idempotency)}")
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger("outbox").info("relay started on %s", _safe_url(config.database_url()))
-    relay.run(engine, disp, settings, stop)
+    log.info("relay started on %s", _safe_url(config.database_url()))
+    relay.run(engine, disp, settings, idempotent=supports_idempotency, stop=stop)
 
 
-def _protection(names) -> dict:
-    """Each provider's shared limiter, quota and breaker state (from Redis)."""
+def _provider_facts() -> dict[str, dict]:
+    """Each provider's live state, for health: its shared limiter/quota/breaker state (Redis),
+    whether its credential can be read, whether its settings load."""
+    from integrations.errors import IntegrationError
     from integrations.registry import get_provider, known_providers
 
-    snapshots = {}
-    for name in sorted(set(names) | set(known_providers())):
+    facts = {}
+    for name in known_providers():
+        fact: dict = {"protection": None, "credential": None, "settings_error": None}
         try:
-            snapshots[name] = get_provider(name).protection.snapshot()
-        except Exception as exc:   # status must answer even when a provider is misconfigured
-            snapshots[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    return snapshots
+            provider = get_provider(name)
+        except (ConfigurationError, KeyError) as exc:
+            fact["settings_error"] = str(exc)
+        else:
+            fact["protection"] = provider.protection.snapshot()
+            if provider.adapter.auth is not None:
+                try:
+                    provider.client.credentials.get()
+                except IntegrationError as exc:
+                    fact["credential"] = exc.detail
+        facts[name] = fact
+    return facts
 
 
-def _protection_line(name: str, p: dict) -> str:
+def _protection_line(name: str, fact: dict) -> str:
+    p = fact.get("protection")
+    if p is None:
+        return f"{name:<12}protection unavailable: {fact.get('settings_error')}"
     if "error" in p and "breaker" not in p:
-        return f"{name:<12}protection unavailable: {p['error']}"
+        return f"{name:<12}protection unknown: {p['error']}"
     breaker = p.get("breaker") or {}
     parts = [f"limit {p.get('rate_limit') or 'none'}"]
     parts += [f"{op} {spec}" for op, spec in (p.get("operation_rate_limits") or {}).items()]
@@ -135,43 +180,36 @@ def _protection_line(name: str, p: dict) -> str:
     if state != "closed" and breaker.get("half_open_in_s") is not None:
         detail += f", half-open in {breaker['half_open_in_s']:.1f}s"
     parts.append(f"breaker {state.upper() if state != 'closed' else state} ({detail})")
-    if "error" in p:
-        parts.append(f"(partial: {p['error']})")
     return f"{name:<12}" + "   ".join(parts)
 
 
 def cmd_status(args, sessions):
+    facts = _provider_facts()
     with sessions() as session:
-        data = status.report(session)
-    data["protection"] = _protection(data["providers"])
-    for name, p in data["protection"].items():
-        if (p.get("breaker") or {}).get("state", "closed") != "closed":   # seed: breaker open
-            data["level"] = "critical"
-            if name in data["providers"]:
-                data["providers"][name]["checks"]["breaker"] = "critical"
-                data["providers"][name]["level"] = "critical"
+        data = status.report(session, facts=facts)
+    data["protection"] = {name: fact["protection"] for name, fact in facts.items()}
     lines = [f"outbox status: {data['level']}   dead letters awaiting action: {data['dead_awaiting']}"]
-    header = f"{'provider':<12}{'pending':>8}{'queued':>8}{'flight':>8}{'retry@':>8}{'deliv.':>9}" \
-             f"{'dead':>6}{'disc.':>6}{'oldest due':>12}{'err 5m':>8}  level"
-    lines.append(header)
+    lines += [f"  {f['level'].upper()}: {f['reason']}" for f in data["findings"]]
+    lines.append(f"{'provider':<12}{'pending':>8}{'queued':>8}{'flight':>8}{'retry@':>8}"
+                 f"{'deliv.':>9}{'dead':>6}{'disc.':>6}{'oldest due':>12}{'err 5m':>8}  level")
     for name, e in data["providers"].items():
         s = e["by_status"]
         lines.append(f"{name:<12}{s['pending'] - e['retry_scheduled']:>8}{s['queued']:>8}"
                      f"{s['in_flight']:>8}{e['retry_scheduled']:>8}{s['delivered']:>9}"
                      f"{s['dead']:>6}{s['discarded']:>6}{e['oldest_due_age_s']:>11.1f}s"
                      f"{e['error_rate_5m'] * 100:>7.1f}%  {e['level']}")
-    if not data["providers"]:
-        lines.append("(no messages yet)")
+        lines += [f"  {f['level'].upper()}: {f['reason']}" for f in e["findings"]]
     lines.append("protection (shared by every worker):")
-    lines += ["  " + _protection_line(name, p) for name, p in data["protection"].items()]
+    lines += ["  " + _protection_line(name, fact) for name, fact in facts.items()]
     _emit(args, data, lines)
+    return health.exit_code(data["level"])
 
 
 def cmd_show(args, sessions):
     with sessions() as session:
         message = session.get(Message, args.id)
         if message is None:
-            raise MessageNotFound(f"no message {args.id}")
+            raise MessageNotFound(f"no message {args.id[:40]!r}")
         attempts = session.scalars(select(Attempt).where(Attempt.message_id == args.id)
                                    .order_by(Attempt.id)).all()
         audit = session.scalars(select(AuditEntry).where(AuditEntry.message_id == args.id)
@@ -185,7 +223,7 @@ def cmd_show(args, sessions):
         "audit": [{"at": iso(e.at), "actor": e.actor, "action": e.action, "reason": e.reason}
                   for e in audit],
     }
-    lines = [f"{message.label}  [{message.status}]",
+    lines = [f"{message.label}  [{message.status}{', needs review' if message.needs_review else ''}]",
              f"  key {message.idempotency_key}   attempts {message.attempts}   "
              f"created {iso(message.created_at)}   next {iso(message.next_attempt_at)}"]
     if message.last_error:
@@ -207,6 +245,10 @@ def cmd_enqueue(args, sessions):
         payload = json.loads(args.payload)
     except json.JSONDecodeError as exc:
         raise OutboxError(f"--payload is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise OutboxError("--payload is nested too deeply") from None
+    except ValueError:   # e.g. an integer of more than 4,300 digits
+        raise OutboxError("--payload holds a number too large to read") from None
     with sessions() as session:
         message = enqueue(session, provider=args.provider, operation=args.operation,
                           payload=payload, idempotency_key=args.key,
@@ -222,12 +264,17 @@ def _filters(args) -> deadletters.DeadFilter:
                                   since=args.since)
 
 
+def _has_filters(args) -> bool:
+    return any((args.provider, args.error_class, args.since, args.any_provider))
+
+
 def cmd_dead_list(args, sessions):
     with sessions() as session:
         rows = deadletters.list_dead(session, _filters(args), limit=args.limit)
     data = [_message_dict(m) for m in rows]
     lines = [f"{iso(m.dead_at)}  {m.label}  {m.last_status_code or '---'} "
-             f"{m.last_error_class}: {m.last_error}" for m in rows]
+             f"{m.last_error_class}{' [needs review]' if m.needs_review else ''}: {m.last_error}"
+             for m in rows]
     lines.append(f"{len(rows)} dead letter(s)")
     _emit(args, data, lines)
 
@@ -243,13 +290,15 @@ def _report_actions(args, results) -> int:
 
 
 def cmd_dead_redrive(args, sessions):
-    if bool(args.ids) == bool(args.all):
-        raise OutboxError("name message ids or --all (with optional filters), not both")
+    if args.ids and (args.all or _has_filters(args)):
+        raise OutboxError("name message ids, or --all with filters; not both")
+    if not args.ids and not args.all:
+        raise OutboxError("name message ids, or --all with --provider P (or --any-provider)")
     with sessions() as session:
-        results = deadletters.redrive(session, reason=args.reason, actor=_actor(args),
-                                      ids=args.ids or None,
-                                      where=_filters(args) if args.all else None,
-                                      dry_run=args.dry_run)
+        results = deadletters.redrive(
+            session, reason=args.reason, actor=_actor(args), ids=args.ids or None,
+            where=_filters(args) if args.all else None, all_providers=args.any_provider,
+            accept_duplicate_risk=args.accept_duplicate_risk, dry_run=args.dry_run)
     dispatch.dispatcher().flush()
     return _report_actions(args, results)
 
@@ -274,17 +323,18 @@ def _safe_url(url: str) -> str:
 # ---- parser -----------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="outbox", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="outbox", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
-    db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
+    db.add_parser("upgrade", help="create or migrate the database").set_defaults(
+        func=cmd_db_upgrade, creates_database=True)
 
     p = sub.add_parser("relay", help="publish due and lost messages, forever")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     p.set_defaults(func=cmd_relay)
 
-    p = sub.add_parser("status", help="depths, ages, dead letters, health")
+    p = sub.add_parser("status", help="depths, ages, dead letters, health (exit 0/1/2)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -313,13 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = dead.add_parser("list", help="list dead letters")
     filters(p)
-    p.add_argument("--limit", type=int, default=1000)
-    p.set_defaults(func=cmd_dead_list)
+    p.add_argument("--limit", type=_positive_int, default=1000)
+    p.set_defaults(func=cmd_dead_list, any_provider=False)
 
     p = dead.add_parser("redrive", help="send dead letters again")
     p.add_argument("ids", nargs="*")
     p.add_argument("--all", action="store_true", help="every dead letter matching the filters")
     filters(p)
+    p.add_argument("--any-provider", action="store_true",
+                   help="with --all and no --provider: act on every provider's dead letters")
+    p.add_argument("--accept-duplicate-risk", action="store_true",
+                   help="also re-drive 'needs review' messages, which the provider may already "
+                        "have acted on and cannot deduplicate: they may be done twice")
     p.add_argument("--reason", required=True)
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--actor", help="recorded in the audit trail (default: user@host)")
@@ -335,27 +390,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sandbox", help="run the fake providers on loopback")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=int(os.environ.get("SANDBOX_PORT", "8100")))
-    p.set_defaults(func=cmd_sandbox)
+    p.set_defaults(func=cmd_sandbox, needs_database=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("OUTBOX_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    """Run one command; return its exit status (see the module docstring)."""
     try:
-        if args.command in ("sandbox",):
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:   # --help, or a usage error already printed on one line
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        logs.configure()
+    except ValueError as exc:   # OUTBOX_LOG_FORMAT or OUTBOX_LOG_LEVEL
+        return _fail(str(exc))
+    try:
+        if not getattr(args, "needs_database", True):
+            return args.func(args, None) or 0
+        if getattr(args, "creates_database", False):
             return args.func(args, None) or 0
         engine = make_engine()
+        check_migrated(engine)
         return args.func(args, make_sessionmaker(engine)) or 0
-    except OutboxError as exc:
-        print(f"outbox: error: {exc}", file=sys.stderr)
-        return 2
+    except (OutboxError, ConfigurationError) as exc:
+        return _fail(str(exc))
+    except sa_exc.DBAPIError as exc:
+        return _fail(f"database error: {describe(exc)}")
     except BrokenPipeError:   # `outbox dead list --json | head`: the reader left, not an error
         sys.stderr.close()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:   # a bug: still one line, unless asked for the traceback
+        if os.environ.get("OUTBOX_DEBUG"):
+            traceback.print_exc()
+        return _fail(f"internal error ({type(exc).__name__}); OUTBOX_DEBUG=1 shows the traceback")
+
+
+def _fail(message: str) -> int:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"outbox: error: {sanitize(first)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -13,24 +13,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 
-from integrations.errors import ConfigurationError as IntegrationConfigurationError
+from integrations.errors import ConfigurationError
 from integrations.settings import get_float, get_int, get_str
 
-from .errors import ConfigurationError
 from .retry import RetryPolicy
 
-DEFAULT_DATABASE_URL = "sqlite:///var/outbox.db"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 
 
 def _read(getter, name: str, default, environ: Mapping[str, str] | None):
-    """Read ``name`` with one of the typed readers that ``integrations.settings`` provides for
-    provider settings, so both packages accept and refuse the same values; its error becomes
-    the outbox's own ConfigurationError (an OutboxError: the CLI reports it and exits 2)."""
-    try:
-        return getter(os.environ if environ is None else environ, name, default)
-    except IntegrationConfigurationError as exc:
-        raise ConfigurationError(str(exc)) from None
+    """Read ``name`` with one of the typed readers that ``integrations.settings`` provides
+    for provider settings, so both packages accept and refuse the same values."""
+    return getter(os.environ if environ is None else environ, name, default)
 
 
 def env_str(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
@@ -48,12 +43,28 @@ def env_int(name: str, default: int, environ: Mapping[str, str] | None = None) -
     return _read(get_int, name, default, environ)
 
 
+def default_database_url(environ: Mapping[str, str] | None = None) -> str:
+    """The embedded default: a SQLite file in the user's data folder,
+    ``$XDG_DATA_HOME/integration-outbox/outbox.db`` (``~/.local/share/…`` when unset), so
+    that every command finds the same database wherever it is run from."""
+    env = os.environ if environ is None else environ
+    data = env.get("XDG_DATA_HOME", "").strip() or os.path.join(os.path.expanduser("~"),
+                                                                 ".local", "share")
+    return f"sqlite:///{os.path.join(data, 'integration-outbox', 'outbox.db')}"
+
+
 def database_url(environ: Mapping[str, str] | None = None) -> str:
-    return env_str("DATABASE_URL", DEFAULT_DATABASE_URL, environ)
+    """``DATABASE_URL``, or ``default_database_url()``."""
+    return env_str("DATABASE_URL", "", environ) or default_database_url(environ)
 
 
 def redis_url(environ: Mapping[str, str] | None = None) -> str:
     return env_str("REDIS_URL", DEFAULT_REDIS_URL, environ)
+
+
+def max_payload_bytes(environ: Mapping[str, str] | None = None) -> int:
+    """``OUTBOX_MAX_PAYLOAD_BYTES``: cap on a payload's serialized size (default 256 KiB)."""
+    return env_int("OUTBOX_MAX_PAYLOAD_BYTES", DEFAULT_MAX_PAYLOAD_BYTES, environ)
 
 
 def retry_policy(provider: str, environ: Mapping[str, str] | None = None) -> RetryPolicy:

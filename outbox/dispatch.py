@@ -47,9 +47,15 @@ class MessageRef:
 
 
 class Publisher(Protocol):
-    """Sends one broker message per ref. Raises on broker failure (the relay retries later)."""
+    """What the core needs from a broker (``tasks.publisher.CeleryPublisher`` is the one shipped)."""
 
-    def publish(self, refs: Sequence[MessageRef]) -> None: ...
+    def publish(self, refs: Sequence[MessageRef]) -> None:
+        """Send one delivery message per ref (its id and label only). Raises on broker
+        failure: the rows stay due and the relay sends them later."""
+
+    def publish_dead_letter(self, message_id: str, label: str) -> None:
+        """Announce one dead letter (the ``dead_letter`` queue, seen in Flower). Raises on
+        broker failure; the dead letter itself is already recorded in the database."""
 
 
 def load_publisher() -> Publisher | None:

@@ -8,10 +8,20 @@
     │   └── InvalidIdempotencyKey
     ├── IdempotencyConflict       same (provider, key), different payload
     ├── MessageNotFound
-    └── ConfigurationError        a bad environment value, named
+    └── DatabaseNotReady          unreachable, missing or not migrated: one line says which
+
+    ConfigurationError            a bad environment value, named; the one class both
+                                  packages raise (defined in ``integrations.errors``, which
+                                  the outbox may import and not the other way round)
 """
 
 from __future__ import annotations
+
+from integrations.errors import ConfigurationError
+
+__all__ = ["OutboxError", "InvalidMessage", "UnknownProvider", "UnknownOperation",
+           "InvalidPayload", "InvalidIdempotencyKey", "IdempotencyConflict", "MessageNotFound",
+           "DatabaseNotReady", "ConfigurationError"]
 
 
 class OutboxError(Exception):
@@ -59,5 +69,6 @@ class MessageNotFound(OutboxError, LookupError):
     pass
 
 
-class ConfigurationError(OutboxError, ValueError):
-    pass
+class DatabaseNotReady(OutboxError):
+    """The database cannot be used yet: it is unreachable, does not exist, or is not migrated
+    to the latest revision (``outbox db upgrade``)."""

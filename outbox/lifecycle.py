@@ -9,11 +9,9 @@ message was re-claimed) cannot overwrite the newer attempt.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import and_, bindparam, insert, or_, select, update
@@ -21,6 +19,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
 from .clock import utcnow
+from .decisions import LOST, Decision, Failure, decide
 from .models import Attempt, AttemptOutcome, Message, MessageStatus
 from .retry import RetryPolicy
 
@@ -46,35 +45,6 @@ class Claim:
         return f"{self.provider}.{self.operation} {self.id}"
 
 
-class FailureKind(StrEnum):
-    RETRY = "retry"                 # transient / ambiguous: backoff, consumes an attempt
-    RATE_LIMITED = "rate_limited"   # 429: Retry-After, free up to the policy's cap
-    DEFER = "defer"                 # not attempted: no attempt consumed
-    PERMANENT = "permanent"         # dead-letter now
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A classified failure, in the core's own terms (it knows no integration exceptions)."""
-
-    kind: FailureKind
-    error_class: str
-    detail: str                       # sanitised, safe to store and show
-    status_code: int | None = None
-    retry_after_s: float | None = None
-    code: str | None = None           # the provider's error code, for labels (card_declined)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of an attempt."""
-
-    outcome: AttemptOutcome
-    next_attempt_at: datetime | None = None
-    reason: str | None = None          # why it was dead-lettered
-    recorded: bool = True               # False: our lease was lost, a newer claim owns the row
-
-
 def claim(session: Session, message_id: str, lease: timedelta,
           now: datetime | None = None) -> Claim | None:
     """Take the message for delivery: pending/queued and due → in_flight, with a new lease token.
@@ -89,7 +59,7 @@ def claim(session: Session, message_id: str, lease: timedelta,
     session.commit()
     if not rows:
         return None
-    return Claim(*rows[0], claimed_at=now)
+    return Claim(**rows[0]._mapping, claimed_at=now)
 
 
 # The per-message statements, built once as Core statements on the tables with bound
@@ -133,7 +103,7 @@ _FAILED = {   # status → statement; the failure columns come from the Failure
         last_error_class=bindparam("error_class"), last_status_code=bindparam("code"),
         last_error=bindparam("error"),
         **({"next_attempt_at": bindparam("next_at")} if status == MessageStatus.PENDING
-           else {"dead_at": bindparam("now")}))
+           else {"dead_at": bindparam("now"), "needs_review": bindparam("needs_review")}))
     for status in (MessageStatus.PENDING, MessageStatus.DEAD)
 }
 
@@ -159,141 +129,103 @@ def _execute(session: Session, statement, params: dict[str, Any], message_id: st
     return outcome
 
 
-def _record_attempt(session: Session, claim: Claim, outcome: AttemptOutcome, now: datetime,
-                    worker: str | None, failure: Failure | None = None,
-                    status_code: int | None = None, next_attempt_at: datetime | None = None):
+def _record_attempt(session: Session, message_id: str, token: int, started_at: datetime,
+                    outcome: AttemptOutcome, now: datetime, worker: str | None,
+                    failure: Failure | None = None, status_code: int | None = None,
+                    next_attempt_at: datetime | None = None) -> None:
     session.execute(_INSERT_ATTEMPT, {
-        "message_id": claim.id, "lease_token": claim.lease_token, "started_at": claim.claimed_at,
-        "duration_ms": (now - claim.claimed_at).total_seconds() * 1000, "outcome": outcome,
+        "message_id": message_id, "lease_token": token, "started_at": started_at,
+        "duration_ms": (now - started_at).total_seconds() * 1000, "outcome": outcome,
         "status_code": failure.status_code if failure else status_code,
         "error_class": failure.error_class if failure else None,
         "error": failure.detail if failure else None,
         "next_attempt_at": next_attempt_at, "worker": worker})
 
 
-def _failed(session: Session, claim: Claim, status: MessageStatus, failure: Failure,
-            now: datetime, attempts: int, rate_limited: int,
-            next_at: datetime | None = None) -> bool:
-    """The fenced UPDATE of a failed attempt; True if our lease still held."""
-    params = {"m_id": claim.id, "token": claim.lease_token, "now": now, "n_attempts": attempts,
-              "n_limited": rate_limited, "error_class": failure.error_class,
-              "code": failure.status_code, "error": failure.detail}
-    if next_at is not None:
-        params["next_at"] = next_at
-    return _execute(session, _FAILED[status], params, claim.id) == 1
-
-
 def mark_delivered(session: Session, claim: Claim, *, status_code: int,
                    provider_ref: str | None, now: datetime | None = None,
-                   worker: str | None = None) -> Outcome:
-    """Record a successful delivery. Commits."""
+                   worker: str | None = None) -> bool:
+    """Record a successful delivery. Commits. Returns False when a newer claim owns the row
+    (the success is then history only)."""
     now = now or utcnow()
     updated = _execute(session, _DELIVERED, {"m_id": claim.id, "token": claim.lease_token,
                                              "now": now, "ref": provider_ref,
                                              "code": status_code}, claim.id)
-    _record_attempt(session, claim, AttemptOutcome.DELIVERED, now, worker, status_code=status_code)
+    _record_attempt(session, claim.id, claim.lease_token, claim.claimed_at,
+                    AttemptOutcome.DELIVERED, now, worker, status_code=status_code)
     session.commit()
-    return Outcome(AttemptOutcome.DELIVERED, recorded=updated == 1)
+    return updated == 1
 
 
-def record_failure(session: Session, claim: Claim, failure: Failure, policy: RetryPolicy, *,
-                   now: datetime | None = None, worker: str | None = None,
-                   rng: random.Random | None = None) -> Outcome:
-    """Record a failed (or deferred) attempt and decide: retry at a time, defer, or dead-letter.
-
-    Deferrals and the first ``policy.free_rate_limited`` 429s consume no attempt.
-    Commits.
-    """
-    now = now or utcnow()
-    attempts, rate_limited = claim.attempts, claim.rate_limited_count
-    if failure.kind in (FailureKind.RETRY, FailureKind.PERMANENT):   # the provider was called
-        attempts += 1
-    elif failure.kind is FailureKind.RATE_LIMITED:
-        rate_limited += 1
-        if rate_limited > policy.free_rate_limited:
-            attempts += 1
-
-    reason = None
-    if failure.kind is FailureKind.PERMANENT:
-        reason = f"{failure.error_class}: not retryable"
-    elif failure.kind is not FailureKind.DEFER:
-        reason = policy.exhausted(attempts, claim.budget_started_at, now)
-
-    if reason:
-        return _dead(session, claim, failure, reason, attempts, rate_limited, now, worker)
-
-    if failure.kind is FailureKind.DEFER:
-        next_at = now + (timedelta(seconds=failure.retry_after_s)
-                         if failure.retry_after_s is not None else policy.defer_delay)
-        outcome = AttemptOutcome.DEFERRED
-    else:
-        next_at = policy.next_attempt_at(now, max(attempts, 1), failure.retry_after_s, rng)
-        outcome = AttemptOutcome.RETRY
-    recorded = _failed(session, claim, MessageStatus.PENDING, failure, now, attempts,
-                       rate_limited, next_at)
-    _record_attempt(session, claim, outcome, now, worker, failure, next_attempt_at=next_at)
-    session.commit()
-    return Outcome(outcome, next_attempt_at=next_at, recorded=recorded)
-
-
-def dead_letter(session: Session, claim: Claim, failure: Failure, reason: str, *,
-                now: datetime | None = None, worker: str | None = None) -> Outcome:
-    """Dead-letter a claimed message without another attempt (e.g. its budget ran out). Commits."""
-    now = now or utcnow()
-    return _dead(session, claim, failure, reason, claim.attempts, claim.rate_limited_count,
-                 now, worker)
-
-
-def _dead(session, claim, failure, reason, attempts, rate_limited, now, worker) -> Outcome:
-    recorded = _failed(session, claim, MessageStatus.DEAD, failure, now, attempts, rate_limited)
-    _record_attempt(session, claim, AttemptOutcome.DEAD, now, worker, failure)
-    session.commit()
-    return Outcome(AttemptOutcome.DEAD, reason=reason, recorded=recorded)
-
-
-LOST = "worker lost: lease expired before an outcome was recorded"
-
-
-def recover_expired_leases(session: Session, *, now: datetime | None = None, limit: int = 500,
-                           idempotent: Callable[[str], bool] = lambda provider: True
-                           ) -> list[tuple[str, bool]]:
-    """In-flight rows whose lease expired (worker killed or hung): pending again, due now.
-
-    The lost attempt is recorded and consumes an attempt: the provider may have
-    acted, so the next try re-uses the idempotency key; a message that kills
-    every worker it reaches eventually dead-letters instead of looping. For a
-    provider without idempotency (``idempotent(provider)`` False) a retry could act
-    twice, so the message is dead-lettered "needs review" instead. Commits.
+def record(session: Session, claim: Claim, failure: Failure, decision: Decision, *,
+           now: datetime | None = None, worker: str | None = None) -> bool:
+    """Apply a ``Decision`` (``outbox.decisions``) to a claimed message, under its lease
+    token, and add the attempt row. Commits.
 
     Returns:
-        (message id, dead-lettered?) for each recovered row.
+        False when our lease was lost (a newer claim owns the row): only the attempt row
+        is written.
     """
     now = now or utcnow()
-    query = (select(Message.id, Message.provider, Message.lease_token, Message.updated_at)
+    recorded = _apply(session, claim.id, claim.lease_token, failure, decision, now)
+    _record_attempt(session, claim.id, claim.lease_token, claim.claimed_at, decision.outcome,
+                    now, worker, failure, next_attempt_at=decision.next_attempt_at)
+    session.commit()
+    return recorded
+
+
+def _apply(session: Session, message_id: str, token: int, failure: Failure,
+           decision: Decision, now: datetime) -> bool:
+    """The fenced UPDATE of a decided failure; True if the lease token still held."""
+    dead = decision.outcome is AttemptOutcome.DEAD
+    params = {"m_id": message_id, "token": token, "now": now, "n_attempts": decision.attempts,
+              "n_limited": decision.rate_limited, "error_class": failure.error_class,
+              "code": failure.status_code,
+              "error": f"{decision.reason}: {failure.detail}" if dead else failure.detail}
+    if dead:
+        params["needs_review"] = decision.needs_review
+    else:
+        params["next_at"] = decision.next_attempt_at
+    statement = _FAILED[MessageStatus.DEAD if dead else MessageStatus.PENDING]
+    return _execute(session, statement, params, message_id) == 1
+
+
+def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool],
+                           policy_for: Callable[[str], RetryPolicy],
+                           now: datetime | None = None, limit: int = 500
+                           ) -> list[tuple[str, Decision]]:
+    """In-flight rows whose lease expired (worker killed or hung): decided as the ``LOST``
+    failure (the call may have happened), then retried with the same idempotency key, or
+    dead-lettered — "needs review" for a provider without idempotency, "exhausted" for a
+    message that kills every worker it reaches. Commits.
+
+    Args:
+        idempotent: provider name → whether it deduplicates retries (the composition layer
+            knows; the core does not import the providers).
+        policy_for: provider name → its retry policy.
+
+    Returns:
+        (message id, decision) for each recovered row.
+    """
+    now = now or utcnow()
+    query = (select(Message.id, Message.provider, Message.lease_token, Message.updated_at,
+                    Message.attempts, Message.rate_limited_count, Message.budget_started_at)
              .where(Message.status == MessageStatus.IN_FLIGHT, Message.lease_expires_at <= now)
              .order_by(Message.lease_expires_at).limit(limit)
              .with_for_update(skip_locked=True))
     recovered = []
-    for message_id, provider, token, claimed_at in session.execute(query).all():
-        dead = not idempotent(provider)
-        error = f"needs review: {LOST}" if dead else LOST
-        values = (dict(status=MessageStatus.DEAD, dead_at=now) if dead
-                  else dict(status=MessageStatus.PENDING, next_attempt_at=now))
-        updated = session.execute(
-            update(Message)
-            .where(Message.id == message_id, Message.lease_token == token,
-                   Message.status == MessageStatus.IN_FLIGHT)
-            .values(**values, updated_at=now, lease_expires_at=None,
-                    attempts=Message.attempts + 1, last_error_class="ambiguous",
-                    last_error=error)
-        ).rowcount
-        if updated:
-            session.execute(insert(Attempt).values(
-                message_id=message_id, lease_token=token, started_at=claimed_at,
-                duration_ms=(now - claimed_at).total_seconds() * 1000,
-                outcome=AttemptOutcome.DEAD if dead else AttemptOutcome.LOST,
-                error_class="ambiguous", error=error, next_attempt_at=None if dead else now))
-            recovered.append((message_id, dead))
+    for row in session.execute(query).all():
+        decision = decide(LOST, attempts=row.attempts, rate_limited=row.rate_limited_count,
+                          budget_started_at=row.budget_started_at,
+                          policy=policy_for(row.provider), idempotent=idempotent(row.provider),
+                          now=now)
+        if _apply(session, row.id, row.lease_token, LOST, decision, now):
+            outcome = (AttemptOutcome.LOST if decision.outcome is AttemptOutcome.RETRY
+                       else decision.outcome)
+            # updated_at is the claim time: a claim is the row's last change while in flight.
+            _record_attempt(session, row.id, row.lease_token, row.updated_at, outcome, now,
+                            None, LOST, next_attempt_at=decision.next_attempt_at)
+            recovered.append((row.id, decision))
     session.commit()
     return recovered
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -81,6 +82,9 @@ class Message(Base):
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     provider_ref: Mapped[str | None] = mapped_column(String(255))
+    # Dead-lettered because the provider may have acted and cannot deduplicate a retry:
+    # a re-drive may act twice, so it needs an operator's explicit consent.
+    needs_review: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (
         UniqueConstraint("provider", "idempotency_key", name="uq_outbox_messages_provider_key"),

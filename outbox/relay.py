@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from integrations.registry import supports_idempotency
-
 from .clock import utcnow
-from .config import RelaySettings
+from .config import RelaySettings, current_retry_policy
 from .dispatch import Dispatcher, MessageRef
 from .lifecycle import due_filter, recover_expired_leases
-from .models import Message, MessageStatus
+from .models import AttemptOutcome, Message, MessageStatus
 
 log = logging.getLogger("outbox.relay")
 
@@ -59,50 +58,58 @@ def release(session: Session, refs: list[MessageRef]) -> None:
     session.commit()
 
 
-def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings) -> int:
-    """One relay pass: recover expired leases, then publish what is due. Returns rows published."""
+def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
+             idempotent: Callable[[str], bool]) -> int:
+    """One relay pass: recover expired leases, then publish what is due. Returns rows published.
+
+    Args:
+        idempotent: provider name → whether it deduplicates retries by idempotency key
+            (decides what a lost lease becomes; given by the process that runs the relay).
+    """
     with Session(engine) as session:
-        lost = recover_expired_leases(session, limit=settings.batch_size,
-                                      idempotent=supports_idempotency)
+        lost = recover_expired_leases(session, limit=settings.batch_size, idempotent=idempotent,
+                                      policy_for=current_retry_policy)
         if lost:
             log.warning("recovered %d message(s) whose worker lease expired", len(lost))
-            _announce_dead(dispatcher, session, [mid for mid, dead in lost if dead])
+            _announce_dead(dispatcher, session,
+                           [mid for mid, d in lost if d.outcome is AttemptOutcome.DEAD])
         refs = take_due(session, settings)
         if not refs:
             return 0
         if not dispatcher.publish_now(None, refs):
             release(session, refs)
             raise BrokerUnavailable(f"could not publish {len(refs)} message(s)")
-    log.info("relay published %d message(s)", len(refs))
+    log.debug("relay published %d message(s)", len(refs))
     return len(refs)
 
 
 def _announce_dead(dispatcher: Dispatcher, session: Session, ids: list[str]) -> None:
-    """Publish the dead-letter event of rows the relay dead-lettered (needs review)."""
-    announce = getattr(dispatcher.publisher, "publish_dead_letter", None)
+    """Publish the dead-letter event of rows the relay dead-lettered."""
+    publisher = dispatcher.publisher
     for message in (session.get(Message, mid) for mid in ids):
-        log.error("dead letter %s: needs review (worker lost; provider has no idempotency)",
-                  message.label)
-        if announce is not None:
-            try:
-                announce(message.id, f"{message.label} needs_review")
-            except Exception as exc:  # the row is dead in the database whatever the broker says
-                log.warning("dead-letter event for %s not published: %s", message.id,
-                            type(exc).__name__)
+        log.warning("dead letter %s: %s", message.label, "needs review (worker lost)"
+                    if message.needs_review else "worker lost, budget spent")
+        if publisher is None:
+            continue
+        try:
+            publisher.publish_dead_letter(message.id, f"{message.label} worker_lost")
+        except Exception as exc:  # the row is dead in the database whatever the broker says
+            log.warning("dead-letter event for %s not published: %s", message.id,
+                        type(exc).__name__)
 
 
 class BrokerUnavailable(RuntimeError):
     pass
 
 
-def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings,
-        stop: threading.Event | None = None) -> None:
+def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
+        idempotent: Callable[[str], bool], stop: threading.Event | None = None) -> None:
     """Relay until ``stop`` is set. Broker or database trouble backs off and is retried."""
     stop = stop or threading.Event()
     failures = 0
     while not stop.is_set():
         try:
-            published = run_once(engine, dispatcher, settings)
+            published = run_once(engine, dispatcher, settings, idempotent=idempotent)
             failures = 0
         except Exception as exc:  # keep relaying through broker/database outages
             failures += 1

@@ -1,38 +1,46 @@
-"""The outbox's own view for operators: depths, ages, dead letters, error rate, health level."""
+"""The outbox's own view for operators: depths, ages, dead letters, error rates, and health.
+
+``report`` gathers the figures from the database; the providers' live state (shared rate
+limits and breakers in Redis, credentials, settings) is passed in by the caller, which
+knows the providers (the core does not import them); ``outbox.health`` turns both into
+levels and reasons.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from . import health
 from .clock import utcnow
 from .models import Attempt, AttemptOutcome, Message, MessageStatus
 
 WAITING = (MessageStatus.PENDING, MessageStatus.QUEUED, MessageStatus.IN_FLIGHT)
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Warning/critical levels from the seed (queue depth 100/1000, dead letters any/10 per hour,
-    error rate 1 %/5 % over five minutes)."""
-
-    depth: tuple[int, int] = (100, 1000)
-    dead_per_hour: tuple[int, int] = (1, 10)
-    error_rate: tuple[float, float] = (0.01, 0.05)
-
-
-def _level(value: float, levels: tuple[float, float]) -> str:
-    return "critical" if value >= levels[1] else "warning" if value >= levels[0] else "ok"
+FAILED = (AttemptOutcome.RETRY, AttemptOutcome.DEAD, AttemptOutcome.LOST)
 
 
 def report(session: Session, now: datetime | None = None,
-           thresholds: Thresholds = Thresholds()) -> dict:
-    """Per-provider counts by status, oldest due age, dead letters awaiting action, and health.
+           thresholds: health.Thresholds = health.DEFAULT_THRESHOLDS,
+           facts: Mapping[str, Mapping] | None = None,
+           now_epoch_s: float | None = None) -> dict:
+    """Per-provider counts by status, oldest due age, dead letters awaiting action, error
+    rate, and health.
 
-    Returns a JSON-ready dict: ``{"providers": {name: {...}}, "dead_awaiting": n, "level": ...}``.
+    Args:
+        session: a session on the outbox database.
+        now: the time of the report (naive UTC).
+        thresholds: the health thresholds.
+        facts: provider name → live state (see ``health.provider_findings``); None when
+            the caller cannot know it (then health covers the database figures only).
+        now_epoch_s: the current epoch time, to age open breakers (default: the clock).
+
+    Returns:
+        A JSON-ready dict: ``{"at", "providers": {name: {... "findings", "level"}},
+        "findings": [global findings], "dead_awaiting", "level"}``.
     """
     now = now or utcnow()
     providers: dict[str, dict] = {}
@@ -41,8 +49,11 @@ def report(session: Session, now: datetime | None = None,
         return providers.setdefault(name, {
             "by_status": {s.value: 0 for s in MessageStatus}, "depth": 0,
             "retry_scheduled": 0, "oldest_due_age_s": 0.0, "dead_awaiting": 0,
-            "dead_last_hour": 0, "attempts_5m": 0, "failures_5m": 0, "error_rate_5m": 0.0})
+            "dead_last_hour": 0, "attempts_5m": 0, "failures_5m": 0, "error_rate_5m": 0.0,
+            "failures_by_code_5m": {}})
 
+    for name in facts or ():
+        entry(name)
     for provider, status, count in session.execute(
             select(Message.provider, Message.status, func.count()).group_by(
                 Message.provider, Message.status)):
@@ -70,37 +81,38 @@ def report(session: Session, now: datetime | None = None,
             .where(Message.dead_at >= now - timedelta(hours=1)).group_by(Message.provider)):
         entry(provider)["dead_last_hour"] = count
 
-    failed = (AttemptOutcome.RETRY, AttemptOutcome.DEAD, AttemptOutcome.LOST)
-    for provider, outcome, count in session.execute(
-            select(Message.provider, Attempt.outcome, func.count())
+    for provider, outcome, code, error_class, count in session.execute(
+            select(Message.provider, Attempt.outcome, Attempt.status_code, Attempt.error_class,
+                   func.count())
             .join(Message, Message.id == Attempt.message_id)
             .where(Attempt.started_at >= now - timedelta(minutes=5),
                    Attempt.outcome != AttemptOutcome.DEFERRED)
-            .group_by(Message.provider, Attempt.outcome)):
+            .group_by(Message.provider, Attempt.outcome, Attempt.status_code,
+                      Attempt.error_class)):
         e = entry(provider)
         e["attempts_5m"] += count
-        if outcome in failed:
+        if outcome in FAILED:
             e["failures_5m"] += count
+            key = str(code or error_class or outcome)
+            e["failures_by_code_5m"][key] = e["failures_by_code_5m"].get(key, 0) + count
 
-    levels = []
-    for e in providers.values():
+    epoch = time.time() if now_epoch_s is None else now_epoch_s
+    for name, e in providers.items():
         if e["attempts_5m"]:
             e["error_rate_5m"] = round(e["failures_5m"] / e["attempts_5m"], 4)
-        e["checks"] = {
-            "depth": _level(e["depth"], thresholds.depth),
-            "dead_letters": _level(e["dead_last_hour"], thresholds.dead_per_hour),
-            "error_rate": _level(e["error_rate_5m"], thresholds.error_rate),
-        }
-        e["level"] = _worst(e["checks"].values())
-        levels.append(e["level"])
+        e["failures_by_code_5m"] = dict(sorted(e["failures_by_code_5m"].items(),
+                                               key=lambda kv: -kv[1]))
+        found = health.provider_findings(e, (facts or {}).get(name) if facts is not None
+                                         else None, epoch, thresholds)
+        e["findings"] = [f.to_dict() for f in found]
+        e["checks"] = {f.check: f.level for f in found}
+        e["level"] = health.worst(f.level for f in found)
+    overall = health.redis_findings(facts) if facts else []
     return {
         "at": now.isoformat(timespec="seconds") + "Z",
         "providers": dict(sorted(providers.items())),
+        "findings": [f.to_dict() for f in overall],
         "dead_awaiting": sum(e["dead_awaiting"] for e in providers.values()),
-        "level": _worst(levels),
+        "level": health.worst([*(e["level"] for e in providers.values()),
+                               *(f.level for f in overall)]),
     }
-
-
-def _worst(levels) -> str:
-    order = {"ok": 0, "warning": 1, "critical": 2}
-    return max(levels, key=order.__getitem__, default="ok")

@@ -1,13 +1,23 @@
-"""JSON Schema documents for operation payloads and provider responses, and a tiny loader.
+"""JSON Schema documents for operation payloads, provider responses and shared rules, and a
+tiny loader that validates with them.
 
 Layout (data, versioned by file name)::
 
     schemas/operations/<provider>.<operation>.v<N>.json   payloads accepted by ``enqueue``
     schemas/responses/<provider>.<name>.v<N>.json         provider responses the code reads
+    schemas/common/<name>.v<N>.json                       rules shared by several packages
+                                                          (``idempotency_key``)
 
-The newest version of each document is the one used. Validation errors name the
-JSON path of the first offending value (``$.amount``), never the value itself,
-so an error message cannot leak a payload into a log.
+The newest version of each document is the one used. Documents are JSON Schema draft-07,
+compiled once per process by ``fastjsonschema`` (a few µs per small document; checks run in
+a fixed order, ``maxItems`` before ``uniqueItems``, and ``uniqueItems`` is linear). Two
+details of that library are relied on and tested: a ``$`` in a ``pattern`` means the end of
+the string (``"usd\\n"`` does not match ``^[a-z]{3}$``; a literal dollar is written ``\\$``),
+and ``$ref`` replaces its sibling keywords (as draft-07 says), so a constraint added to a
+referenced definition goes beside it in ``allOf``.
+
+Validation errors name the JSON path of the offending value (``$.to[3].email``) and the
+rule it broke, never the value itself, so an error message cannot leak a payload into a log.
 """
 
 from __future__ import annotations
@@ -18,12 +28,13 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-from jsonschema import Draft202012Validator
+import fastjsonschema
 
-__all__ = ["SchemaError", "operations", "validate_operation", "validate_response", "load"]
+__all__ = ["SchemaError", "load", "operations", "validate", "validate_operation",
+           "validate_response", "check_idempotency_key"]
 
 _ROOT = Path(__file__).resolve().parent
-_NAME = re.compile(r"^(?P<name>[a-z0-9_]+\.[a-z0-9_]+)\.v(?P<version>\d+)\.json$")
+_NAME = re.compile(r"^(?P<name>[a-z0-9_]+(?:\.[a-z0-9_]+)?)\.v(?P<version>\d+)\.json$")
 
 
 class SchemaError(ValueError):
@@ -38,7 +49,7 @@ class SchemaError(ValueError):
 
 @cache
 def _index(kind: str) -> dict[str, Path]:
-    """Map ``provider.name`` to the file of its newest version, for ``kind`` in operations/responses."""
+    """Map each name of ``kind`` (operations, responses, common) to its newest version's file."""
     newest: dict[str, tuple[int, Path]] = {}
     for path in (_ROOT / kind).glob("*.json"):
         match = _NAME.match(path.name)
@@ -62,10 +73,15 @@ def load(kind: str, name: str) -> dict:
 
 
 @cache
-def _validator(kind: str, name: str) -> Draft202012Validator:
-    schema = load(kind, name)
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
+def _validator(kind: str, name: str) -> Callable[[object], object]:
+    # No handlers for remote references: every $ref in these documents is local, and a
+    # remote one must fail here rather than be fetched.
+    return fastjsonschema.compile(load(kind, name), handlers={"http": _no_remote,
+                                                               "https": _no_remote})
+
+
+def _no_remote(uri: str):
+    raise KeyError(f"remote $ref {uri!r} is not allowed in schemas/")
 
 
 def operations() -> dict[str, frozenset[str]]:
@@ -77,144 +93,81 @@ def operations() -> dict[str, frozenset[str]]:
     return {provider: frozenset(ops) for provider, ops in found.items()}
 
 
-# A fast pre-check for the common case, a valid document: schemas using only the keywords
-# below are compiled into a plain predicate that answers True only when jsonschema would
-# find no error (it is stricter where in doubt: exact types, no bool/float look-alikes).
-# Anything else — False, or a schema with another keyword — goes to jsonschema, which
-# decides and names the error as before. Worth it: a delivery validates twice (payload,
-# response), and jsonschema costs tens of µs per small document.
-_ANNOTATIONS = frozenset({"$schema", "$id", "$comment", "title", "description", "examples",
-                          "default", "deprecated", "readOnly", "writeOnly"})
-_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "object": (dict,),
-          "array": (list,), "boolean": (bool,), "null": (type(None),)}
+def validate(kind: str, name: str, document: object) -> None:
+    """Validate ``document`` against ``kind/name``.
 
-
-class _Unsupported(Exception):
-    pass
-
-
-def _compile(schema) -> Callable[[object], bool]:
-    """A predicate: True means ``schema`` certainly accepts the value. Raises _Unsupported."""
-    if schema is True:
-        return lambda value: True
-    if schema is False or not isinstance(schema, dict):
-        if schema is False:
-            return lambda value: False
-        raise _Unsupported
-    checks: list[Callable[[object], bool]] = []
-    for keyword, arg in schema.items():
-        if keyword in _ANNOTATIONS or keyword == "properties" or keyword == "additionalProperties":
-            continue
-        if keyword == "type":
-            names = [arg] if isinstance(arg, str) else arg
-            if not isinstance(names, list) or any(n not in _TYPES for n in names):
-                raise _Unsupported
-            exact = frozenset(t for n in names for t in _TYPES[n])
-            checks.append(lambda v, exact=exact: type(v) in exact)
-        elif keyword == "required":
-            keys = tuple(arg)
-            checks.append(lambda v, keys=keys: type(v) is not dict or all(k in v for k in keys))
-        elif keyword == "pattern":
-            search = re.compile(arg).search
-            checks.append(lambda v, search=search: type(v) is not str or search(v) is not None)
-        elif keyword in ("minLength", "maxLength", "minItems", "maxItems", "minProperties",
-                         "maxProperties"):
-            kind_ = {"L": str, "I": list, "P": dict}[keyword[3]]
-            bound = arg
-            if keyword.startswith("min"):
-                checks.append(lambda v, k=kind_, b=bound: type(v) is not k or len(v) >= b)
-            else:
-                checks.append(lambda v, k=kind_, b=bound: type(v) is not k or len(v) <= b)
-        elif keyword in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-            if type(arg) not in (int, float):
-                raise _Unsupported
-            test = {"minimum": lambda v, b=arg: v >= b, "maximum": lambda v, b=arg: v <= b,
-                    "exclusiveMinimum": lambda v, b=arg: v > b,
-                    "exclusiveMaximum": lambda v, b=arg: v < b}[keyword]
-            # bool is not a number to jsonschema (the keyword ignores it); NaN fails every test
-            checks.append(lambda v, test=test: type(v) not in (int, float) or test(v))
-        elif keyword in ("const", "enum"):
-            values = [arg] if keyword == "const" else arg
-            if not isinstance(values, list) or any(type(x) is not str for x in values):
-                raise _Unsupported
-            allowed = frozenset(values)
-            checks.append(lambda v, allowed=allowed: type(v) is str and v in allowed)
-        elif keyword == "propertyNames":
-            names = _compile(arg)
-            checks.append(lambda v, names=names: type(v) is not dict or all(map(names, v)))
-        elif keyword == "items":
-            item = _compile(arg)
-            checks.append(lambda v, item=item: type(v) is not list or all(map(item, v)))
-        else:
-            raise _Unsupported   # $ref, anyOf, if/then/else, uniqueItems, format, ...
-    properties = schema.get("properties", {})
-    additional = schema.get("additionalProperties", True)
-    if not isinstance(properties, dict):
-        raise _Unsupported
-    if properties or additional is not True:
-        known = {k: _compile(sub) for k, sub in properties.items()}
-        rest = _compile(additional)
-
-        def members(v, known=known, rest=rest) -> bool:
-            if type(v) is not dict:
-                return True
-            for key, item in v.items():
-                check = known.get(key, rest)
-                if not check(item):
-                    return False
-            return True
-        checks.append(members)
-    if not checks:
-        return lambda value: True
-    if len(checks) == 1:
-        return checks[0]
-    checks_ = tuple(checks)
-    return lambda value: all(check(value) for check in checks_)
-
-
-@cache
-def _accepts(kind: str, name: str) -> Callable[[object], bool] | None:
-    """The compiled pre-check of ``kind/name``, or None if its schema uses other keywords."""
-    _validator(kind, name)   # KeyError for an unknown document, and the schema is checked
+    Raises:
+        KeyError: no such schema.
+        SchemaError: the document is invalid; names the path and the rule, not the value.
+    """
     try:
-        return _compile(load(kind, name))
-    except (_Unsupported, TypeError, ValueError, re.error):
-        return None
-
-
-def _validate(kind: str, name: str, document: object) -> None:
-    accepts = _accepts(kind, name)
-    if accepts is not None and accepts(document):
-        return
-    errors = sorted(_validator(kind, name).iter_errors(document), key=lambda e: list(e.absolute_path))
-    if errors:
-        error = errors[0]
-        path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-        raise SchemaError(f"{kind}/{name}", path, _reason(error))
-
-
-def _reason(error) -> str:
-    """Describe the failure without quoting the offending value (it may be secret)."""
-    if error.validator == "required":
-        missing = [p for p in error.validator_value if p not in (error.instance or {})]
-        return f"missing required property {missing[0]!r}" if missing else "missing required property"
-    if error.validator == "additionalProperties":
-        return "unexpected property"
-    if error.validator in ("type", "enum", "const", "pattern", "format"):
-        return f"must match {error.validator} {error.validator_value!r}"
-    if error.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
-                           "minLength", "maxLength", "minItems", "maxItems", "minProperties"):
-        return f"violates {error.validator} {error.validator_value!r}"
-    if error.validator in ("anyOf", "oneOf"):
-        return "matches none of the allowed shapes"
-    return f"fails {error.validator}"
+        _validator(kind, name)(document)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        path = _path(document, exc.path or ["data"])
+        raise SchemaError(f"{kind}/{name}", path,
+                          _reason(exc.rule, exc.rule_definition, _at(document, exc.path))) from None
 
 
 def validate_operation(provider: str, operation: str, payload: object) -> None:
     """Validate an operation payload. Raises KeyError if unknown, SchemaError if invalid."""
-    _validate("operations", f"{provider}.{operation}", payload)
+    validate("operations", f"{provider}.{operation}", payload)
 
 
 def validate_response(provider: str, name: str, document: object) -> None:
     """Validate a provider response body against ``responses/<provider>.<name>``. Raises SchemaError."""
-    _validate("responses", f"{provider}.{name}", document)
+    validate("responses", f"{provider}.{name}", document)
+
+
+def check_idempotency_key(key: object) -> None:
+    """Apply the one idempotency-key rule (``common/idempotency_key``): 1–255 printable ASCII
+    characters without a space at either end, because the key travels in an HTTP header.
+
+    Raises:
+        SchemaError: the key breaks the rule (the message never quotes the key).
+    """
+    validate("common", "idempotency_key", key)
+
+
+def _path(document: object, parts: list) -> str:
+    """``$.to[3].email`` for fastjsonschema's ``["data", "to", "3", "email"]``: a part is an
+    index when the value it selects from is a list (the library gives indexes as strings)."""
+    out, node = "$", document
+    for part in parts[1:]:
+        if isinstance(node, list):
+            out += f"[{part}]"
+            node = node[int(part)] if str(part).isdigit() and int(part) < len(node) else None
+        else:
+            out += f".{part}"
+            node = node.get(part) if isinstance(node, dict) else None
+    return out
+
+
+def _at(document: object, parts: list | None) -> object:
+    node = document
+    for part in (parts or ["data"])[1:]:
+        if isinstance(node, list) and str(part).isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.get(part)
+        else:
+            return None
+    return node
+
+
+def _reason(rule: str | None, definition: object, value: object) -> str:
+    """Describe the failure without quoting the offending value (it may be secret)."""
+    if rule == "required":
+        missing = [p for p in definition if not isinstance(value, dict) or p not in value]
+        return f"missing required property {missing[0]!r}" if missing else "missing required property"
+    if rule == "additionalProperties":
+        return "unexpected property"
+    if rule in ("type", "enum", "const", "pattern", "format"):
+        return f"must match {rule} {definition!r}"
+    if rule in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "minLength",
+                "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"):
+        return f"violates {rule} {definition!r}"
+    if rule in ("anyOf", "oneOf"):
+        return "matches none of the allowed shapes"
+    if rule == "uniqueItems":
+        return "items must be unique"
+    return f"fails {rule}"

@@ -1,10 +1,13 @@
-"""The delivery task: claim the row, call the provider, record the outcome.
+"""The delivery task: claim the row, call the provider once, record what ``outbox.decisions``
+decides. This module only adapts that to Celery.
 
-Task states in Flower mean what they say: SUCCESS is a delivery (or a
-duplicate broker message that found nothing to do), RETRY is a failed attempt
-with its error class and the time of the next one, FAILURE is a dead letter.
-The retry itself is timed by the database (``next_attempt_at``) and published
-by the relay; raising ``Retry`` here only reports the state.
+Task states in Flower mean what they say: SUCCESS is a delivery (or a duplicate broker
+message that found nothing to do), RETRY is a failed attempt with its error class, code
+and the time of the next one, FAILURE is a dead letter. Flower and the logs get codes and
+labels only (``402 card_declined``); the provider's own text, personal data masked, is
+kept in the attempt row (``outbox show``). The retry itself is timed by the database
+(``next_attempt_at``) and published by the relay; raising ``Retry`` here only reports the
+state.
 """
 
 from __future__ import annotations
@@ -18,29 +21,24 @@ from datetime import datetime, timedelta
 from celery.exceptions import Retry
 from sqlalchemy.orm import Session, sessionmaker
 
-from integrations import errors as ierr
-from integrations.registry import get_provider
-from integrations.sanitize import sanitize
-from outbox import config, lifecycle
-from outbox.clock import utcnow
-from outbox.lifecycle import Failure, FailureKind
+from integrations.registry import get_provider, supports_idempotency
+from outbox import config, decisions, dispatch, lifecycle, logs
+from outbox.clock import iso, utcnow
+from outbox.decisions import Decision, Failure
+from outbox.lifecycle import Claim
 from outbox.models import AttemptOutcome
 
-from . import app, logcontext, runtime
+from . import app, runtime
 
-log = logging.getLogger("tasks.delivery")
+log = logging.getLogger("outbox.delivery")
 
-_KINDS = {
-    ierr.Transient: FailureKind.RETRY,
-    ierr.Ambiguous: FailureKind.RETRY,
-    ierr.RateLimited: FailureKind.RATE_LIMITED,
-    ierr.Deferred: FailureKind.DEFER,
-    ierr.Permanent: FailureKind.PERMANENT,
-}
+# A provider whose settings cannot be loaded: nothing is sent, the message waits this long
+# (``outbox status`` names the problem; workers refuse to start with it).
+PROVIDER_UNAVAILABLE_RETRY_S = 30.0
 
 
 class AttemptFailed(Retry):
-    """Reported as RETRY. Flower shows its repr: ``AttemptFailed('transient 503: …; next …')``.
+    """Reported as RETRY. Flower shows its repr: ``AttemptFailed('transient 503; next …')``.
 
     Raising a ``Retry`` ourselves (instead of ``task.retry()``) reports the state
     without publishing a delayed message: the database holds the next attempt.
@@ -51,39 +49,31 @@ class AttemptFailed(Retry):
 
 
 class DeadLettered(Exception):
-    """Raised so Flower shows FAILURE for a dead letter: ``payments.charge 01J… 402 card_declined``."""
-
-
-def to_failure(exc: Exception, supports_idempotency: bool) -> Failure:
-    """Translate an integration error (or an unexpected exception) into the core's terms."""
-    if not isinstance(exc, ierr.IntegrationError):
-        detail = sanitize(f"{type(exc).__name__}: {exc}")
-        if not supports_idempotency:
-            # e.g. a time limit firing mid-request: the call may have happened; without
-            # provider-side idempotency a retry could act twice.
-            return Failure(FailureKind.PERMANENT, "internal", f"needs review: {detail}")
-        return Failure(FailureKind.RETRY, "internal", detail)
-    kind = next(k for cls, k in _KINDS.items() if isinstance(exc, cls))
-    detail = sanitize(str(exc))
-    if isinstance(exc, ierr.Ambiguous) and not supports_idempotency:
-        # Without provider-side idempotency a retry could act twice: a person decides.
-        kind, detail = FailureKind.PERMANENT, f"needs review: {detail}"
-    return Failure(kind, exc.error_class.value, detail, exc.status_code, exc.retry_after_s,
-                   exc.code)
+    """Raised so Flower shows FAILURE: ``payments.charge 01J… client_error 402 card_declined``.
+    Declared in the task's ``throws``: an expected outcome, logged without a traceback."""
 
 
 @dataclass(frozen=True)
 class Result:
-    """What ``deliver_message`` did, for the task to report."""
+    """What ``deliver_message`` did, for the task to report (codes and labels only).
 
-    outcome: AttemptOutcome | None          # None: nothing claimable (duplicate or stale)
+    Attributes:
+        outcome: None when there was nothing to claim (a duplicate or stale message).
+        label: the message's label (``payments.charge 01J…``).
+        summary: ``200 pi_… succeeded``, or ``client_error 402 card_declined: not retryable``.
+        next_attempt_at: when a retried or deferred message is due again.
+    """
+
+    outcome: AttemptOutcome | None
     label: str
     summary: str
     next_attempt_at: datetime | None = None
 
 
 def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: timedelta,
-                    provider_for: Callable = get_provider, worker: str | None = None,
+                    provider_for: Callable = get_provider,
+                    idempotent: Callable[[str], bool] = supports_idempotency,
+                    worker: str | None = None,
                     on_dead: Callable[[str, str], None] | None = None,
                     clock: Callable[[], datetime] = utcnow,
                     rng: random.Random | None = None) -> Result:
@@ -94,6 +84,7 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
         sessions: session factory for the outbox database.
         lease: how long the claim holds before the relay presumes us dead.
         provider_for: provider name → object with ``deliver(operation, payload, key)``.
+        idempotent: provider name → whether it deduplicates retries by idempotency key.
         worker: recorded in the attempt row.
         on_dead: called with (id, label) after a dead-lettering is committed.
         clock, rng: injected time and randomness (jitter), for tests.
@@ -102,65 +93,87 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
         claim = lifecycle.claim(session, message_id, lease, now=clock())
         if claim is None:
             return Result(None, message_id, "nothing to do (duplicate or stale message)")
-        with logcontext.bound(provider=claim.provider, message_id=claim.id,
-                              attempt=claim.attempts + 1, correlation_id=claim.correlation_id):
-            return _attempt(session, claim, provider_for, worker, on_dead, clock, rng)
+        with logs.bound(provider=claim.provider, message_id=claim.id,
+                        attempt=claim.attempts + 1, correlation_id=claim.correlation_id):
+            result = _attempt(session, claim, provider_for, idempotent, worker, clock, rng)
+            _log(result)
+            if result.outcome is AttemptOutcome.DEAD and on_dead is not None:
+                on_dead(claim.id, f"{claim.label} {result.summary}")
+            return result
 
 
-def _attempt(session, claim, provider_for, worker, on_dead, clock, rng) -> Result:
+def _attempt(session: Session, claim: Claim, provider_for, idempotent, worker, clock,
+             rng) -> Result:
     """Dead-letter a spent message, or call the provider once and record the outcome."""
     policy = config.current_retry_policy(claim.provider)
-    spent = policy.exhausted(claim.attempts, claim.budget_started_at, claim.claimed_at)
-    if spent:
-        failure = Failure(FailureKind.PERMANENT, "exhausted", spent)
-        lifecycle.dead_letter(session, claim, failure, spent, worker=worker, now=clock())
-        return _dead(claim, failure, on_dead)
-
-    supports_idempotency = True
+    spent = decisions.before_attempt(attempts=claim.attempts,
+                                     rate_limited=claim.rate_limited_count,
+                                     budget_started_at=claim.budget_started_at, policy=policy,
+                                     now=claim.claimed_at)
+    if spent is not None:
+        return _record(session, claim, decisions.EXHAUSTED, spent, worker, clock)
     try:
         provider = provider_for(claim.provider)
-        supports_idempotency = provider.adapter.supports_idempotency
-        delivery = provider.deliver(claim.operation, claim.payload, claim.idempotency_key)
-    except Exception as exc:
-        failure = to_failure(exc, supports_idempotency)
-        outcome = lifecycle.record_failure(session, claim, failure, policy, worker=worker,
-                                           now=clock(), rng=rng)
-        if outcome.outcome is AttemptOutcome.DEAD:
-            return _dead(claim, failure, on_dead)
-        return Result(outcome.outcome, claim.label, f"{failure.error_class} {failure.detail}",
-                      outcome.next_attempt_at)
-    lifecycle.mark_delivered(session, claim, status_code=delivery.status_code,
-                             provider_ref=delivery.provider_ref, worker=worker, now=clock())
-    return Result(AttemptOutcome.DELIVERED, claim.label, delivery.summary)
+    except Exception as exc:   # bad settings: nothing was sent
+        failure = decisions.unavailable(f"{type(exc).__name__}: {exc}",
+                                        PROVIDER_UNAVAILABLE_RETRY_S)
+    else:
+        try:
+            delivery = provider.deliver(claim.operation, claim.payload, claim.idempotency_key)
+        except Exception as exc:
+            failure = decisions.failure_from(exc)
+        else:
+            lifecycle.mark_delivered(session, claim, status_code=delivery.status_code,
+                                     provider_ref=delivery.provider_ref, worker=worker,
+                                     now=clock())
+            return Result(AttemptOutcome.DELIVERED, claim.label, delivery.summary)
+    decision = decisions.decide(failure, attempts=claim.attempts,
+                                rate_limited=claim.rate_limited_count,
+                                budget_started_at=claim.budget_started_at, policy=policy,
+                                idempotent=idempotent(claim.provider), now=clock(), rng=rng)
+    return _record(session, claim, failure, decision, worker, clock)
 
 
-def _dead(claim, failure: Failure, on_dead) -> Result:
-    summary = " ".join(str(p) for p in (failure.status_code, failure.code or failure.error_class)
-                       if p)
-    label = f"{claim.label} {summary}"
-    if on_dead is not None:
-        on_dead(claim.id, label)
-    return Result(AttemptOutcome.DEAD, label, failure.detail)
+def _record(session: Session, claim: Claim, failure: Failure, decision: Decision, worker,
+            clock) -> Result:
+    lifecycle.record(session, claim, failure, decision, worker=worker, now=clock())
+    summary = (failure.label if failure.label == failure.error_class
+               else f"{failure.error_class} {failure.label}")
+    if decision.reason:
+        summary += f": {decision.reason}"
+    return Result(decision.outcome, claim.label, summary, decision.next_attempt_at)
 
 
-def _publish_dead_letter(message_id: str, label: str) -> None:
-    from .publisher import CeleryPublisher
+def _log(result: Result) -> None:
+    """One line per outcome: label, class and reason; never a traceback or provider text."""
+    if result.outcome is AttemptOutcome.DEAD:
+        log.warning("dead letter %s %s", result.label, result.summary)
+    elif result.outcome is AttemptOutcome.DELIVERED:
+        log.info("delivered %s %s", result.label, result.summary)
+    else:
+        log.info("%s %s %s; next attempt at %s", result.outcome, result.label, result.summary,
+                 iso(result.next_attempt_at))
 
+
+def _announce_dead_letter(message_id: str, label: str) -> None:
+    """Publish the dead-letter event through the process's publisher (``dead_letter`` queue)."""
+    publisher = dispatch.dispatcher().publisher
     try:
-        CeleryPublisher(app).publish_dead_letter(message_id, label)
+        if publisher is None:
+            raise RuntimeError("no publisher installed")
+        publisher.publish_dead_letter(message_id, label)
     except Exception as exc:  # the row is dead in the database whatever the broker says
         log.error("dead letter %s recorded but its event could not be published: %s",
                   label, type(exc).__name__)
 
 
-@app.task(name="outbox.deliver", bind=True)
+@app.task(name="outbox.deliver", bind=True, throws=(DeadLettered,))
 def deliver(self, message_id: str) -> str:
     """Deliver outbox row ``message_id``; the state Flower shows is the delivery's outcome."""
     result = deliver_message(message_id, sessions=runtime.sessions(), lease=runtime.lease(),
-                             worker=runtime.worker_name(), on_dead=_publish_dead_letter)
+                             worker=runtime.worker_name(), on_dead=_announce_dead_letter)
     if result.outcome in (AttemptOutcome.RETRY, AttemptOutcome.DEFERRED):
-        when = result.next_attempt_at.isoformat(timespec="seconds") + "Z"
-        raise AttemptFailed(f"{result.summary}; next attempt at {when}")
+        raise AttemptFailed(f"{result.summary}; next attempt at {iso(result.next_attempt_at)}")
     if result.outcome is AttemptOutcome.DEAD:
-        raise DeadLettered(result.label)
+        raise DeadLettered(f"{result.label} {result.summary}")
     return f"{result.label}: {result.summary}"

@@ -28,7 +28,7 @@ class CeleryPublisher:
                                               "interval_step": 0.5, "interval_max": 1})
 
     def publish_dead_letter(self, message_id: str, label: str) -> None:
-        from .deadletter import dead_letter
+        from .alerts import dead_letter_alert
 
-        dead_letter.apply_async(args=[message_id], argsrepr=label, kwargsrepr="",
-                                queue="dead_letter", routing_key="dead_letter")
+        dead_letter_alert.apply_async(args=[message_id], argsrepr=label, kwargsrepr="",
+                                      queue="dead_letter", routing_key="dead_letter")

@@ -135,12 +135,18 @@ class RecordingPublisher:
 
     def __init__(self):
         self.published = []
+        self.dead_letters = []
         self.fail = False
 
     def publish(self, refs):
         if self.fail:
             raise ConnectionError("broker down")
         self.published.extend(refs)
+
+    def publish_dead_letter(self, message_id, label):
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.dead_letters.append((message_id, label))
 
     @property
     def ids(self):

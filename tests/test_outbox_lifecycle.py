@@ -5,27 +5,24 @@ from __future__ import annotations
 import random
 import threading
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import select
 
 from outbox import dispatch, enqueue
 from outbox.clock import utcnow
-from outbox.lifecycle import (
-    Failure,
-    FailureKind,
-    claim,
-    mark_delivered,
-    record_failure,
-    recover_expired_leases,
-)
+from integrations.errors import ClientError, Deferred, RateLimited, Transient
+from outbox.config import current_retry_policy
+from outbox.decisions import decide, failure_from
+from outbox.lifecycle import claim, mark_delivered, record, recover_expired_leases
 from outbox.models import Attempt, AttemptOutcome, Message, MessageStatus
 from outbox.retry import RetryPolicy
 
 LEASE = timedelta(seconds=60)
-TRANSIENT = Failure(FailureKind.RETRY, "transient", "503 Service Unavailable", status_code=503)
-DECLINED = Failure(FailureKind.PERMANENT, "client_error", "402 card_declined", status_code=402,
-                   code="card_declined")
+TRANSIENT = failure_from(Transient("Service Unavailable", status_code=503))
+DECLINED = failure_from(ClientError("Your card was declined.", status_code=402,
+                                    code="card_declined"))
 
 
 @pytest.fixture
@@ -62,9 +59,23 @@ def _claim(sessions, message_id, now, lease=LEASE):
         return claim(session, message_id, lease, now=now)
 
 
-def _fail(sessions, c, failure, policy=None, **kwargs):
+def _fail(sessions, c, failure, policy=None, now=None, rng=None, idempotent=True, worker=None):
+    """Decide (``outbox.decisions``) and record one failed attempt; the decision and whether
+    it was recorded under our lease."""
+    now = now or utcnow()
+    decision = decide(failure, attempts=c.attempts, rate_limited=c.rate_limited_count,
+                      budget_started_at=c.budget_started_at, policy=policy or RetryPolicy(),
+                      idempotent=idempotent, now=now, rng=rng)
     with sessions() as session:
-        return record_failure(session, c, failure, policy or RetryPolicy(), **kwargs)
+        recorded = record(session, c, failure, decision, now=now, worker=worker)
+    return SimpleNamespace(**decision.__dict__, recorded=recorded)
+
+
+def _recover(session, now, idempotent=lambda provider: True):
+    """The relay's lease recovery; (id, dead-lettered?) per row."""
+    recovered = recover_expired_leases(session, now=now, idempotent=idempotent,
+                                       policy_for=current_retry_policy)
+    return [(mid, d.outcome is AttemptOutcome.DEAD) for mid, d in recovered]
 
 
 # ---- claim ---------------------------------------------------------------------------------
@@ -143,25 +154,26 @@ def test_expired_lease_is_recovered_and_a_late_success_still_counts(sessions, me
     dropping it would send the message again."""
     old = _claim(sessions, message_id, t0)
     with sessions() as session:
-        assert recover_expired_leases(session, now=t0 + LEASE - timedelta(seconds=1)) == []
+        assert _recover(session, now=t0 + LEASE - timedelta(seconds=1)) == []
     assert _row(sessions, message_id).status == MessageStatus.IN_FLIGHT
 
     later = t0 + LEASE + timedelta(seconds=1)
     with sessions() as session:
-        assert recover_expired_leases(session, now=later) == [(message_id, False)]
+        assert _recover(session, now=later) == [(message_id, False)]
     row = _row(sessions, message_id)
     assert row.status == MessageStatus.PENDING
     assert row.attempts == 1
-    assert row.next_attempt_at == later and row.lease_expires_at is None
-    assert row.last_error_class == "ambiguous"
+    # an ambiguous failure like any other: the first backoff, 1 s plus up to 25 % jitter
+    assert later + timedelta(seconds=1) <= row.next_attempt_at <= later + timedelta(seconds=1.25)
+    assert row.lease_expires_at is None and row.last_error_class == "ambiguous"
     [lost] = _attempts(sessions, message_id)
     assert lost.outcome == AttemptOutcome.LOST and lost.lease_token == 1
-    assert lost.error_class == "ambiguous" and lost.next_attempt_at == later
+    assert lost.error_class == "ambiguous" and lost.next_attempt_at == row.next_attempt_at
 
     with sessions() as session:
         outcome = mark_delivered(session, old, status_code=200, provider_ref="pi_late",
                                  now=later + timedelta(seconds=1))
-    assert outcome.recorded is True
+    assert outcome is True
     row = _row(sessions, message_id)
     assert row.status == MessageStatus.DELIVERED and row.provider_ref == "pi_late"
     assert _claim(sessions, message_id, later + timedelta(seconds=2)) is None
@@ -172,11 +184,12 @@ def test_lost_lease_on_a_provider_without_idempotency_needs_review(sessions, mes
     _claim(sessions, message_id, t0)
     later = t0 + LEASE + timedelta(seconds=1)
     with sessions() as session:
-        assert recover_expired_leases(session, now=later,
-                                      idempotent=lambda provider: False) == [(message_id, True)]
+        assert _recover(session, now=later,
+                        idempotent=lambda provider: False) == [(message_id, True)]
     row = _row(sessions, message_id)
     assert row.status == MessageStatus.DEAD and row.dead_at == later
     assert row.last_error.startswith("needs review:") and row.attempts == 1
+    assert row.needs_review is True
     [attempt] = _attempts(sessions, message_id)
     assert attempt.outcome == AttemptOutcome.DEAD and attempt.next_attempt_at is None
 
@@ -198,19 +211,20 @@ def test_stale_claim_cannot_overwrite_a_newer_claim(sessions, message_id, t0):
     old = _claim(sessions, message_id, t0)
     later = t0 + LEASE * 2
     with sessions() as session:
-        recover_expired_leases(session, now=later)
+        _recover(session, now=later)
+    later += timedelta(seconds=2)   # past the lost attempt's backoff
     new = _claim(sessions, message_id, later)
     assert new.lease_token == 2 and new.attempts == 1
     outcome = _fail(sessions, old, DECLINED, now=later)
     assert outcome.recorded is False
     with sessions() as session:
         assert mark_delivered(session, old, status_code=200, provider_ref="pi_old",
-                              now=later).recorded is False
+                              now=later) is False
     row = _row(sessions, message_id)
     assert row.status == MessageStatus.IN_FLIGHT and row.lease_token == 2
     with sessions() as session:
         assert mark_delivered(session, new, status_code=200, provider_ref="pi_2",
-                              now=later).recorded is True
+                              now=later) is True
     row = _row(sessions, message_id)
     assert row.status == MessageStatus.DELIVERED and row.provider_ref == "pi_2"
     assert row.attempts == 2
@@ -234,7 +248,7 @@ def test_transient_failure_schedules_a_retry_per_the_policy(sessions, message_id
     [attempt] = _attempts(sessions, message_id)
     assert attempt.outcome == AttemptOutcome.RETRY
     assert (attempt.error_class, attempt.status_code) == ("transient", 503)
-    assert attempt.error == "503 Service Unavailable"
+    assert attempt.error == "503: Service Unavailable"
     assert attempt.next_attempt_at == expected
     assert attempt.started_at == t0 and attempt.duration_ms == pytest.approx(1000.0)
     assert attempt.worker == "w1" and attempt.lease_token == 1
@@ -245,7 +259,7 @@ def test_permanent_failure_dead_letters_at_once(sessions, message_id, t0):
     now = t0 + timedelta(seconds=1)
     outcome = _fail(sessions, _claim(sessions, message_id, t0), DECLINED, now=now)
     assert outcome.outcome == AttemptOutcome.DEAD
-    assert outcome.reason == "client_error: not retryable"
+    assert outcome.reason == "not retryable" and outcome.needs_review is False
     row = _row(sessions, message_id)
     assert row.status == MessageStatus.DEAD and row.dead_at == now
     assert row.attempts == 1       # the provider was called once
@@ -257,8 +271,7 @@ def test_permanent_failure_dead_letters_at_once(sessions, message_id, t0):
 def test_rate_limited_waits_retry_after_and_is_free_up_to_the_cap(sessions, message_id, t0):
     """429 with Retry-After 2 s → next at now+2 s; the first 2 are free, the 3rd consumes an attempt."""
     policy = RetryPolicy(free_rate_limited=2)
-    limited = Failure(FailureKind.RATE_LIMITED, "rate_limited", "429", status_code=429,
-                      retry_after_s=2)
+    limited = failure_from(RateLimited("Too Many Requests", status_code=429, retry_after_s=2))
     now = t0
     seen = []
     for _ in range(3):
@@ -274,12 +287,12 @@ def test_rate_limited_waits_retry_after_and_is_free_up_to_the_cap(sessions, mess
 
 def test_deferral_consumes_no_attempt(sessions, message_id, t0):
     """DEFER (breaker open) → pending after defer_delay or the given wait; attempts and 429s unchanged."""
-    breaker = Failure(FailureKind.DEFER, "deferred", "breaker open")
+    breaker = failure_from(Deferred("breaker open", code="breaker_open"))
     outcome = _fail(sessions, _claim(sessions, message_id, t0), breaker, now=t0)
     assert outcome.outcome == AttemptOutcome.DEFERRED
     assert outcome.next_attempt_at == t0 + timedelta(seconds=1)
     later = outcome.next_attempt_at
-    quota = Failure(FailureKind.DEFER, "deferred", "quota", retry_after_s=30)
+    quota = failure_from(Deferred("quota", code="quota_exhausted", retry_after_s=30))
     outcome = _fail(sessions, _claim(sessions, message_id, later), quota, now=later)
     assert outcome.next_attempt_at == later + timedelta(seconds=30)
     row = _row(sessions, message_id)
@@ -293,7 +306,7 @@ def test_deferral_never_dead_letters_even_past_the_budget(sessions, message_id, 
     policy = RetryPolicy(max_age=timedelta(minutes=1))
     now = t0 + timedelta(hours=2)
     outcome = _fail(sessions, _claim(sessions, message_id, now),
-                    Failure(FailureKind.DEFER, "deferred", "breaker open"), policy, now=now)
+                    failure_from(Deferred("breaker open")), policy, now=now)
     assert outcome.outcome == AttemptOutcome.DEFERRED
     assert _row(sessions, message_id).status == MessageStatus.PENDING
 
@@ -351,7 +364,7 @@ def test_five_transient_failures_then_delivery_timeline(sessions, message_id, t0
     with sessions() as session:
         done = mark_delivered(session, c, status_code=200, provider_ref="pi_123",
                               now=now + timedelta(milliseconds=300), worker="w2")
-    assert done.outcome == AttemptOutcome.DELIVERED and done.recorded
+    assert done is True
 
     gaps = [(b - a).total_seconds() for a, b in zip(claim_times[:-1], claim_times[1:], strict=True)]
     for n, gap in enumerate(gaps, start=1):      # 0.25 s of work + 2**(n-1) s * (1 + 0..25 %)
@@ -378,8 +391,7 @@ def test_late_mark_queued_leaves_a_rescheduled_row_pending(sessions, publisher, 
     now = utcnow() + timedelta(seconds=1)
     with sessions() as session:
         c = claim(session, message.id, LEASE, now=now)
-        outcome = record_failure(session, c, TRANSIENT, RetryPolicy(), now=now,
-                                 rng=random.Random(1))
+    outcome = _fail(sessions, c, TRANSIENT, now=now, rng=random.Random(1))
     dispatch.dispatcher().flush()
     dispatch.mark_queued(engine, [message.id])   # as if the dispatch thread were this late
     row = _row(sessions, message.id)

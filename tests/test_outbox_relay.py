@@ -14,7 +14,10 @@ from outbox.clock import utcnow
 from outbox.config import RelaySettings
 from outbox.db import make_engine, make_sessionmaker
 from outbox.ids import new_id
-from outbox.lifecycle import Failure, FailureKind, claim, record_failure
+from integrations.errors import RateLimited, Transient
+from integrations.registry import supports_idempotency
+from outbox.decisions import decide, failure_from
+from outbox.lifecycle import claim, record
 from outbox.models import Message, MessageStatus
 from outbox.relay import BrokerUnavailable, run_once, take_due
 from outbox.retry import RetryPolicy
@@ -36,7 +39,28 @@ def _row(sessions, message_id) -> Message:
 
 
 def _relay(engine, settings=NOW_DUE) -> int:
-    return run_once(engine, dispatch.dispatcher(), settings)
+    return run_once(engine, dispatch.dispatcher(), settings, idempotent=supports_idempotency)
+
+
+def _relay_until_published(engine, settings=NOW_DUE, timeout_s=5.0) -> int:
+    """Relay passes until one publishes something (a retry becomes due); fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        published = _relay(engine, settings)
+        if published:
+            return published
+        assert time.monotonic() < deadline, "nothing was published"
+        time.sleep(0.02)
+
+
+def _fail(session, c, exc):
+    """Record ``exc`` as the claimed attempt's failure, as the delivery task would."""
+    failure = failure_from(exc)
+    decision = decide(failure, attempts=c.attempts, rate_limited=c.rate_limited_count,
+                      budget_started_at=c.budget_started_at, policy=RetryPolicy(),
+                      idempotent=True, now=utcnow())
+    record(session, c, failure, decision)
+    return decision
 
 
 @pytest.fixture
@@ -94,10 +118,13 @@ def test_queued_row_older_than_requeue_after_is_republished(engine, sessions, pu
 
 
 def test_expired_lease_is_recovered_and_republished(engine, sessions, publisher, stranded):
-    """A worker died holding the row: the relay recovers the lease (attempts+1) and publishes it."""
+    """A worker died holding the row: the relay recovers the lease (attempts+1) and publishes
+    it after the first backoff (about 1 s)."""
     with sessions() as session:
         assert claim(session, stranded, timedelta(0)) is not None    # lease already over
-    assert _relay(engine) == 1
+    assert _relay(engine) == 0                                       # recovered, not yet due
+    assert _row(sessions, stranded).status == MessageStatus.PENDING
+    assert _relay_until_published(engine) == 1
     assert publisher.ids == [stranded]
     row = _row(sessions, stranded)
     assert row.status == MessageStatus.QUEUED
@@ -118,8 +145,7 @@ def test_scheduled_retry_is_published_only_when_due(engine, sessions, publisher,
     """A retry 0.3 s ahead is not published now, and is published (once) as soon as it is due."""
     with sessions() as session:
         c = claim(session, stranded, timedelta(minutes=1))
-        outcome = record_failure(session, c, Failure(FailureKind.RETRY, "transient", "503",
-                                                     retry_after_s=0.3), RetryPolicy())
+        outcome = _fail(session, c, Transient(status_code=503, retry_after_s=0.3))
     due_at = outcome.next_attempt_at
     grace = RelaySettings(grace_s=3600)     # a scheduled retry does not wait for the grace
     assert _relay(engine, grace) == 0
@@ -139,8 +165,7 @@ def test_far_future_retry_is_not_published(engine, sessions, publisher, stranded
     """A retry an hour ahead stays pending through relay passes."""
     with sessions() as session:
         c = claim(session, stranded, timedelta(minutes=1))
-        record_failure(session, c, Failure(FailureKind.RATE_LIMITED, "rate_limited", "429",
-                                           retry_after_s=3600), RetryPolicy())
+        _fail(session, c, RateLimited(status_code=429, retry_after_s=3600))
     assert _relay(engine) == 0
     row = _row(sessions, stranded)
     assert row.status == MessageStatus.PENDING and publisher.ids == []

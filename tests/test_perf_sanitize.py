@@ -19,6 +19,8 @@ def reference(text: object, max_length: int | None = s.DEFAULT_MAX_LENGTH) -> st
     out = s._PROVIDER_KEYS.sub(rf"\1{s.MASK}", out)
     out = s._PAIR.sub(s._mask_pair, out)
     out = s._CARD.sub(s._mask_card, out)
+    out = s._EMAIL.sub(f"{s.MASK}@", out)
+    out = s._CUSTOMER.sub(rf"\1{s.MASK}", out)
     if max_length is not None and len(out) > max_length:
         out = out[: max(max_length - 1, 0)] + "…"
     return out

@@ -16,8 +16,9 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` to ``revision`` (creates the SQLite file's folder)."""
+    """Bring the database at ``url`` to ``revision``; the one place that creates a database
+    (a SQLite file and its folder)."""
     from ..db import make_engine
 
-    make_engine(url).dispose()   # creates var/ for the embedded default
+    make_engine(url, create=True).dispose()
     command.upgrade(alembic_config(url), revision)

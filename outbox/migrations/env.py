@@ -9,7 +9,7 @@ config = context.config
 
 
 def run_migrations_online() -> None:
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    engine = make_engine(config.get_main_option("sqlalchemy.url"), create=True)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=Base.metadata,
                           render_as_batch=connection.dialect.name == "sqlite")

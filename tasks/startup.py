@@ -1,0 +1,68 @@
+"""What a worker checks before it consumes anything; it refuses to start (exit 2) on a problem.
+
+* every provider's settings parse (rate-limit specs, timeouts, retry policy);
+* the database is reachable and migrated to the latest revision;
+* for each provider queue this worker consumes, the credential can be read now (a key
+  file that is missing, unreadable, empty or not UTF-8 would defer every message until
+  someone looks: ``integrations.credentials``);
+
+and warns (starts anyway) when:
+
+* ``OUTBOX_LEASE`` is not longer than a provider's longest call (timeouts + max wait): the
+  relay would presume a slow call dead and send again while it is still in flight;
+* a key file is readable by group or others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from integrations.errors import ConfigurationError, IntegrationError
+from integrations.registry import get_provider, known_providers
+from outbox.config import RelaySettings, retry_policy
+from outbox.db import check_migrated
+from outbox.errors import DatabaseNotReady
+
+from . import runtime
+
+
+@dataclass
+class Findings:
+    """Problems stop the worker; warnings are printed and it starts."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_worker(queues: Iterable[str]) -> Findings:
+    """Check what a worker consuming ``queues`` needs (see the module docstring)."""
+    found = Findings()
+    try:
+        lease_s = RelaySettings.from_env().lease_s
+    except ConfigurationError as exc:
+        found.problems.append(str(exc))
+        return found
+    consumed = set(queues)
+    for name in known_providers():
+        try:
+            retry_policy(name)
+            provider = get_provider(name)
+        except (ConfigurationError, KeyError) as exc:
+            found.problems.append(str(exc))
+            continue
+        longest_s = (provider.settings.connect_timeout_s + provider.settings.read_timeout_s
+                     + provider.protection.settings.max_wait_s)
+        if lease_s <= longest_s:
+            found.warnings.append(f"OUTBOX_LEASE={lease_s:g}s is not longer than the longest "
+                                  f"{name} call ({longest_s:g}s: timeouts + max wait)")
+        if name in consumed and provider.adapter.auth is not None:
+            try:
+                found.warnings += provider.client.credentials.check()
+            except IntegrationError as exc:
+                found.problems.append(f"{name} credential: {exc.detail}")
+    try:
+        check_migrated(runtime.engine())
+    except (ConfigurationError, DatabaseNotReady) as exc:
+        found.problems.append(str(exc))
+    return found
