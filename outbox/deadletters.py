@@ -4,6 +4,16 @@ Re-drive restores the attempt budget and keeps the idempotency key, so a
 message that did reach the provider before it was dead-lettered is not done
 twice. Each transition is a conditional UPDATE (``WHERE status = 'dead'``):
 two operators re-driving the same message at once produce one re-drive.
+
+Safety rules for re-drive, enforced here so that every front end (CLI, admin page, API)
+gets them:
+
+* name message ids *or* a filter, never both (a filter beside ids would be ignored);
+* a filter must name a provider, or say ``all_providers=True`` (``--any-provider``):
+  "everything dead" is rarely what an operator fixed;
+* a message marked ``needs_review`` (the provider may have acted and cannot deduplicate
+  a retry) is skipped unless ``accept_duplicate_risk=True`` (``--accept-duplicate-risk``):
+  re-sending it may act twice, so a person must have checked first.
 """
 
 from __future__ import annotations
@@ -62,23 +72,43 @@ def _require_reason(reason: str) -> str:
     return reason.strip()
 
 
-def _targets(session: Session, ids: Sequence[str] | None, where: DeadFilter | None) -> list[str]:
+def _targets(session: Session, ids: Sequence[str] | None, where: DeadFilter | None,
+             all_providers: bool) -> list[str]:
+    if ids and where is not None:
+        raise InvalidMessage("name message ids or a filter, not both")
     if ids:
         return list(dict.fromkeys(ids))
     if where is None:
-        raise InvalidMessage("name message ids, or use a filter / --all")
+        raise InvalidMessage("name message ids, or use a filter (--all --provider P)")
+    if not where.provider and not all_providers:
+        raise InvalidMessage("a filter must name a provider (--provider P), or say "
+                             "--any-provider to act on every provider's dead letters")
     return [m.id for m in list_dead(session, where, limit=100_000)]
 
 
+NEEDS_REVIEW_NOTE = ("needs review: the provider may already have acted and cannot "
+                     "deduplicate a retry; check, then re-drive with --accept-duplicate-risk")
+
+
 def redrive(session: Session, *, reason: str, actor: str, ids: Sequence[str] | None = None,
-            where: DeadFilter | None = None, dry_run: bool = False,
+            where: DeadFilter | None = None, all_providers: bool = False,
+            accept_duplicate_risk: bool = False, dry_run: bool = False,
             now: datetime | None = None) -> list[ActionResult]:
     """Send dead letters again: dead → pending with a fresh attempt budget, same idempotency key.
 
     Dispatched after ``session`` commits (this function commits unless ``dry_run``).
+
+    Args:
+        ids: the messages, or
+        where: a filter; it must name a provider unless ``all_providers``.
+        accept_duplicate_risk: also re-drive messages marked ``needs_review``.
+
+    Raises:
+        InvalidMessage: no reason, both ids and a filter, or a filter without a provider.
     """
-    return _transition(session, MessageStatus.PENDING, "redrive", reason, actor, ids, where,
-                       dry_run, now)
+    return _transition(session, MessageStatus.PENDING, "redrive", reason, actor,
+                       _targets(session, ids, where, all_providers), dry_run, now,
+                       accept_duplicate_risk)
 
 
 def discard(session: Session, *, reason: str, actor: str, ids: Sequence[str],
@@ -86,18 +116,23 @@ def discard(session: Session, *, reason: str, actor: str, ids: Sequence[str],
     """Give up on dead letters for good: dead → discarded. Commits."""
     if not ids:
         raise InvalidMessage("name the message ids to discard")
-    return _transition(session, MessageStatus.DISCARDED, "discard", reason, actor, ids, None,
-                       False, now)
+    return _transition(session, MessageStatus.DISCARDED, "discard", reason, actor,
+                       list(dict.fromkeys(ids)), False, now, True)
 
 
-def _transition(session, target, action, reason, actor, ids, where, dry_run, now):
+def _transition(session, target, action, reason, actor, targets, dry_run, now,
+                accept_duplicate_risk):
     reason = _require_reason(reason)
     now = now or utcnow()
     results = []
-    for message_id in _targets(session, ids, where):
+    for message_id in targets:
         message = session.get(Message, message_id)
         if message is None:
             results.append(ActionResult(message_id, None, False, "no such message"))
+            continue
+        if (target is MessageStatus.PENDING and message.needs_review
+                and message.status == MessageStatus.DEAD and not accept_duplicate_risk):
+            results.append(ActionResult(message_id, message.label, False, NEEDS_REVIEW_NOTE))
             continue
         if dry_run:
             ok = message.status == MessageStatus.DEAD
@@ -107,7 +142,8 @@ def _transition(session, target, action, reason, actor, ids, where, dry_run, now
         values = dict(status=target, updated_at=now)
         if target is MessageStatus.PENDING:
             values.update(attempts=0, rate_limited_count=0, budget_started_at=now,
-                          next_attempt_at=now, dead_at=None, queued_at=None)
+                          next_attempt_at=now, dead_at=None, queued_at=None,
+                          needs_review=False)
         changed = session.execute(
             update(Message).where(Message.id == message_id, Message.status == MessageStatus.DEAD)
             .values(**values).execution_options(synchronize_session=False)
@@ -121,7 +157,8 @@ def _transition(session, target, action, reason, actor, ids, where, dry_run, now
             at=now, actor=actor, action=action, message_id=message_id, reason=reason,
             details={"last_error_class": message.last_error_class,
                      "last_status_code": message.last_status_code,
-                     "attempts": message.attempts}))
+                     "attempts": message.attempts,
+                     "needs_review": message.needs_review}))
         if target is MessageStatus.PENDING:
             dispatch_after_commit(session, MessageRef(message.id, message.provider,
                                                       message.operation))
