@@ -5,8 +5,20 @@ verification always on with TLS >= 1.2, a connection pool sized to the provider'
 concurrency, no redirects, a fixed User-Agent, bearer credentials, one sanitised log
 line per request, and translation of library errors into ``integrations.errors``:
 
-    never sent (refused, DNS, connect timeout, cert rejected)        → Transient
-    maybe sent (read timeout, reset/dropped after sending, other)    → Ambiguous
+    never sent: refused, DNS, connect timeout                        → Transient connect_error
+    never sent: TLS handshake failed (certificate rejected, not TLS,  → Transient tls_error
+                dropped or timed out mid-handshake, no common
+                protocol or cipher)
+    maybe sent: read timeout                                         → Ambiguous read_timeout
+    maybe sent: reset/dropped after sending, TLS error while         → Ambiguous connection_lost
+                reading the response, anything else
+
+"Never sent" is decided by where the failure happened, never by its message: urllib3
+opens a connection (TCP connect, TLS handshake, certificate and host name check) in its
+connection's ``connect()`` and writes the request only after that returned. The HTTPS
+pool here uses a connection class (``HTTPSConnectionPool.ConnectionCls``) whose
+``connect()`` raises ``TlsHandshakeError`` for any failure after the TCP connect; TCP
+failures already arrive as urllib3's ``NewConnectionError``/``ConnectTimeoutError``.
 
 I/O (``Transport``): one method, ``send(prepared, timeout) -> requests.Response``.
 ``RequestsTransport`` is the real one; ``integrations.testing.MockTransport`` fakes it.
@@ -19,13 +31,16 @@ import logging
 import re
 import ssl
 import time
+from collections.abc import Mapping
 from typing import Protocol
 from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.connection import HTTPSConnection
+from urllib3.connectionpool import HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError
 from urllib3.util.retry import Retry
 
 from integrations.base import Request, Response
@@ -47,6 +62,44 @@ _UNSENDABLE = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema
                requests.exceptions.InvalidSchema)
 
 
+class TlsHandshakeError(NewConnectionError):
+    """A new HTTPS connection failed after its TCP connect: in the TLS handshake or the
+    certificate and host name check. Nothing of the request was written.
+
+    A ``NewConnectionError`` ("could not connect"), so urllib3 and requests treat it as
+    the connection failure it is; ``__cause__`` holds the original error.
+    """
+
+
+class _ConnectFailuresNeverSent(HTTPSConnection):
+    """An ``HTTPSConnection`` whose ``connect()`` failures say "not sent" by their type.
+
+    urllib3 calls ``connect()`` (from ``HTTPSConnectionPool._validate_conn``) before it
+    writes the request line, so whatever fails in here happened before the provider could
+    see a byte of the request — a timeout or reset during the handshake included, which
+    urllib3 would otherwise report as a read timeout or a dropped connection.
+    """
+
+    def connect(self) -> None:
+        try:
+            super().connect()
+        except ConnectTimeoutError:
+            # The TCP stage (refused, DNS, connect timeout): urllib3's NewConnectionError,
+            # NameResolutionError or ConnectTimeoutError already say "not connected".
+            raise
+        except (OSError, ValueError, HTTPError) as exc:
+            # The failures urllib3 itself expects from connect(): socket and ssl errors
+            # (OSError), its CertificateError (a ValueError) and its own SSLError. Anything
+            # else — a Celery time limit, say — propagates unchanged.
+            raise TlsHandshakeError(self, f"TLS handshake failed: {exc}") from exc
+
+
+class _HttpsPool(HTTPSConnectionPool):
+    """The HTTPS pool, with connections whose connect failures are typed (see above)."""
+
+    ConnectionCls = _ConnectFailuresNeverSent
+
+
 class Transport(Protocol):
     """Does the I/O for ``HttpClient``."""
 
@@ -59,7 +112,8 @@ class Transport(Protocol):
 
 
 class _TlsAdapter(HTTPAdapter):
-    """An HTTPAdapter whose pools use an SSL context with TLS >= 1.2 and no urllib3 retries."""
+    """An HTTPAdapter whose pools use an SSL context with TLS >= 1.2 and no urllib3 retries,
+    and whose connections report a failed TLS handshake as ``TlsHandshakeError``."""
 
     def __init__(self, pool_size: int):
         self._ssl_context = ssl.create_default_context()
@@ -71,6 +125,10 @@ class _TlsAdapter(HTTPAdapter):
     def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
         pool_kwargs["ssl_context"] = self._ssl_context
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+        # urllib3's per-manager hook for the pool class of a scheme. Replaced, not updated:
+        # the default mapping is urllib3's module-level dict, shared by every PoolManager.
+        self.poolmanager.pool_classes_by_scheme = {
+            **self.poolmanager.pool_classes_by_scheme, "https": _HttpsPool}
 
 
 class RequestsTransport:
@@ -127,7 +185,8 @@ class HttpClient:
 
         Raises:
             AuthError: bearer auth asked for but no key is available.
-            ValueError: the path is not absolute or ``auth`` is unknown.
+            ValueError: the path is not absolute, ``auth`` is unknown, or a form key or
+                value is not a str.
         """
         if not request.path.startswith("/"):
             raise ValueError(f"request path must start with '/': {sanitize(request.path, 80)!r}")
@@ -138,8 +197,7 @@ class HttpClient:
             raise ValueError(f"unknown auth scheme {auth!r}")
         url = self.settings.base_url + request.path
         if request.form is not None:
-            form = dict(request.form)
-            body = _encode_form(form) if form else ""
+            body = _encode_form(request.form)
             if body:
                 # The body and headers requests builds from the dict, built without its
                 # isinstance checks against typing Protocols (slow on Python 3.11): a str
@@ -149,7 +207,7 @@ class HttpClient:
                 if "content-type" not in prepared.headers:
                     prepared.headers["Content-Type"] = FORM_CONTENT_TYPE
                 return prepared
-            kwargs = {"data": form}
+            kwargs = {}   # an empty form: no body, no Content-Type, as requests does for {}
         elif request.json is not None:
             kwargs = {"json": request.json}
         else:
@@ -166,9 +224,9 @@ class HttpClient:
 
         Raises:
             Transient: the request was never sent (refused, DNS, connect timeout, TLS
-                certificate rejected).
+                handshake failed or certificate rejected).
             Ambiguous: it may have been sent (read timeout, connection dropped after
-                sending, unknown transport failure).
+                sending, TLS error after the handshake, unknown transport failure).
             AuthError: bearer auth asked for but no key is available.
             ClientError: the request could not be built (bad path or URL).
         """
@@ -207,22 +265,38 @@ def translate(exc: OSError, settings: ProviderSettings) -> IntegrationError:
 
     The decision hinges on whether the request can have reached the provider: urllib3's
     ``NewConnectionError``/``ConnectTimeoutError`` (refused, DNS, connect timeout) and a
-    rejected server certificate happen before any byte of the request is written.
-    Everything else — read timeouts, resets, ``RemoteDisconnected``, broken chunked
-    bodies, unknown errors — may come after the provider acted, so it is ambiguous.
+    ``TlsHandshakeError`` (whatever failed in the TLS handshake, a rejected certificate
+    included; see the module docstring) happen before any byte of the request is written.
+    Everything else — read timeouts, resets, ``RemoteDisconnected``, TLS errors while
+    reading the response, broken chunked bodies, unknown errors — may come after the
+    provider acted, so it is ambiguous. SSL error text is never consulted: the same
+    ``WRONG_VERSION_NUMBER`` is "never sent" in a handshake and "maybe sent" after it.
     """
     chain = _causes(exc)
     if isinstance(exc, requests.exceptions.ReadTimeout):
         return Ambiguous(f"read timeout after {settings.read_timeout_s:g}s", code="read_timeout")
     if isinstance(exc, _UNSENDABLE):
         return ClientError(f"cannot send request ({type(exc).__name__})", code="bad_request")
+    # Before the NewConnectionError test: a TlsHandshakeError is one, with its own code.
+    handshake = next((e for e in chain if isinstance(e, TlsHandshakeError)), None)
+    if handshake is not None:
+        return Transient(_handshake_detail(handshake.__cause__), code="tls_error")
     root = next((e for e in chain if isinstance(e, _NEVER_SENT)), None)
     if root is not None or isinstance(exc, requests.exceptions.ConnectTimeout):
         return Transient(f"connect failed ({type(root or exc).__name__})", code="connect_error")
-    if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
-        return Transient("TLS certificate rejected", code="tls_error")
     names = "/".join(dict.fromkeys(type(e).__name__ for e in chain[1:4])) or type(exc).__name__
     return Ambiguous(f"connection lost after sending ({names})", code="connection_lost")
+
+
+def _handshake_detail(cause: BaseException | None) -> str:
+    """``TLS certificate rejected (self-signed certificate)``, ``TLS handshake failed
+    (SSLError WRONG_VERSION_NUMBER)``: short and safe to log. For people, not for deciding."""
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return sanitize(f"TLS certificate rejected ({cause.verify_message})", 160)
+    name = type(cause).__name__ if cause is not None else "unknown"
+    reason = getattr(cause, "reason", None) if isinstance(cause, ssl.SSLError) else None
+    return sanitize(f"TLS handshake failed ({name} {reason})" if reason
+                    else f"TLS handshake failed ({name})", 160)
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -241,18 +315,23 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def _encode_form(form: dict) -> str:
-    """``requests``' encoding of a dict ``data`` (``RequestEncodingMixin._encode_params``):
-    a str or bytes value or a non-iterable is one value, an iterable several; None dropped."""
-    pairs = []
-    for key, values in form.items():
-        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-            values = [values]
-        for value in values:
-            if value is not None:
-                pairs.append((key.encode("utf-8") if isinstance(key, str) else key,
-                              value.encode("utf-8") if isinstance(value, str) else value))
-    return urlencode(pairs, doseq=True)
+def _encode_form(form: Mapping[str, str]) -> str:
+    """The body ``requests`` builds from the same dict, via the public ``urlencode``.
+
+    requests UTF-8-encodes str keys and values and ``urlencode``s the pairs; ``urlencode``
+    of the str pairs (``quote_plus``, UTF-8) gives the same text. Its other rules (None
+    dropped, a list's items repeated, bytes taken raw) are for values a ``Request.form``
+    never holds: those are refused rather than sent as ``None`` or ``['a', 'b']``.
+
+    Raises:
+        ValueError: a key or value is not a str.
+    """
+    pairs = list(form.items())
+    for key, value in pairs:
+        if not (isinstance(key, str) and isinstance(value, str)):
+            raise ValueError("form fields must map str to str, not "
+                             f"{type(key).__name__} to {type(value).__name__}")
+    return urlencode(pairs)
 
 
 def _decode_json(content: bytes):

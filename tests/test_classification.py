@@ -14,14 +14,31 @@ from email.utils import format_datetime
 import pytest
 import requests
 
+from integrations.http import RequestsTransport
 from integrations.registry import build_provider
 from outbox import Attempt, Message, MessageStatus, enqueue
 from outbox.config import retry_policy
 from outbox.models import AttemptOutcome
 from tasks.delivery import deliver_message
+from tests.tls_servers import (
+    answer_plain_http,
+    close_during_handshake,
+    loopback_servers,
+    make_certs,
+    old_protocol_context,
+    read_request_then_answer_in_clear,
+    read_request_then_drop,
+    server_context,
+    tls,
+    trust,
+)
 
 T0 = datetime(2026, 11, 21, 12, 0, 0)
 CHARGE = {"amount": 1999, "currency": "usd"}
+EMAIL = {"to": "customer@example.com", "from": "shop@example.com", "subject": "Your order",
+         "text": "Thank you."}
+# What each provider's test message is: (operation, payload). email has no idempotency.
+MESSAGES = {"payments": ("charge", CHARGE), "email": ("send", EMAIL)}
 LEASE = timedelta(seconds=60)
 
 
@@ -46,9 +63,10 @@ def fault(sandbox, **rule):
     requests.post(sandbox.url + "/_sandbox/faults", json=rule, timeout=5).raise_for_status()
 
 
-def add(sessions, key, payload=CHARGE, at=T0 - timedelta(seconds=1)):
+def add(sessions, key, payload=CHARGE, at=T0 - timedelta(seconds=1), *, provider="payments",
+        operation="charge"):
     with sessions() as s:
-        m = enqueue(s, provider="payments", operation="charge", payload=payload,
+        m = enqueue(s, provider=provider, operation=operation, payload=payload,
                     idempotency_key=key)
         m.next_attempt_at = m.created_at = m.budget_started_at = m.updated_at = at
         s.commit()
@@ -95,6 +113,79 @@ def test_connect_refused_is_transient(sessions, sandbox):
     result = run(sessions, closed, mid, Clock())
     assert result.outcome is AttemptOutcome.RETRY
     assert row(sessions, mid).last_error_class == "transient"
+
+
+@pytest.fixture(scope="module")
+def tls_certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def loopback():
+    with loopback_servers() as start:
+        yield start
+
+
+def tls_provider(name, server, ca):
+    """Provider ``name`` talking https to a loopback ``server``, trusting the test CA."""
+    transport = RequestsTransport(pool_size=1)
+    trust(transport, ca)
+    prefix = f"OUTBOX_{name.upper()}_"
+    return build_provider(name, {prefix + "BASE_URL": server.url,
+                                 prefix + "API_KEY": "sk_test_outbox",
+                                 prefix + "TIMEOUT": "0.5", prefix + "CONNECT_TIMEOUT": "0.5"},
+                          transport=transport)
+
+
+HANDSHAKE_FAILURES = {
+    "not TLS": lambda certs: answer_plain_http,
+    "closed mid-handshake": lambda certs: close_during_handshake,
+    "untrusted certificate": lambda certs: tls(
+        server_context(certs.untrusted_cert, certs.untrusted_key), read_request_then_drop),
+    "TLS 1.1 only": lambda certs: tls(old_protocol_context(certs.cert, certs.key),
+                                      read_request_then_drop),
+}
+
+
+@pytest.mark.parametrize("name", ["payments", "email"])
+@pytest.mark.parametrize("case", list(HANDSHAKE_FAILURES))
+def test_tls_handshake_failure_is_transient_even_without_idempotency(
+        sessions, loopback, tls_certs, name, case):
+    """TLS handshake failed (never sent: not TLS, closed, certificate rejected, no common
+    protocol) → transient: pending, next = backoff(1); an e-mail too, not "needs review"."""
+    srv = loopback(HANDSHAKE_FAILURES[case](tls_certs))
+    provider = tls_provider(name, srv, tls_certs.ca)
+    operation, payload = MESSAGES[name]
+    mid = add(sessions, f"tls-{name}", payload, provider=name, operation=operation)
+    result = run(sessions, provider, mid, Clock())
+    provider.close()
+    m = row(sessions, mid)
+    assert (result.outcome, m.status, m.attempts, m.needs_review) == (
+        AttemptOutcome.RETRY, "pending", 1, False)
+    assert (m.last_error_class, m.last_status_code) == ("transient", None)
+    assert m.last_error.startswith("tls_error: TLS ")
+    assert m.next_attempt_at == T0 + retry_policy(name).backoff(1, random.Random(7))
+    assert srv.requests == []
+
+
+@pytest.mark.parametrize("name, outcome, status", [
+    ("payments", AttemptOutcome.RETRY, "pending"), ("email", AttemptOutcome.DEAD, "dead")])
+@pytest.mark.parametrize("behaviour", [read_request_then_drop, read_request_then_answer_in_clear],
+                         ids=["dropped after the request", "SSL error reading the response"])
+def test_tls_failure_after_the_handshake_is_ambiguous(
+        sessions, loopback, tls_certs, name, outcome, status, behaviour):
+    """Handshake done and request read, then the connection drops or the response is not
+    TLS (maybe sent) → ambiguous: payments retries (same key); e-mail is "needs review"."""
+    srv = loopback(tls(server_context(tls_certs.cert, tls_certs.key), behaviour))
+    provider = tls_provider(name, srv, tls_certs.ca)
+    operation, payload = MESSAGES[name]
+    mid = add(sessions, f"tls-after-{name}", payload, provider=name, operation=operation)
+    result = run(sessions, provider, mid, Clock())
+    provider.close()
+    m = row(sessions, mid)
+    assert (result.outcome, m.status, m.attempts) == (outcome, status, 1)
+    assert (m.last_error_class, m.needs_review) == ("ambiguous", name == "email")
+    assert len(srv.requests) == 1
 
 
 def test_429_waits_retry_after_without_consuming_an_attempt(sessions, provider, sandbox):

@@ -13,17 +13,34 @@ from urllib.parse import parse_qsl
 
 import pytest
 import requests
+import urllib3
+from urllib3 import HTTPSConnectionPool
 
 from integrations.base import Request
 from integrations.credentials import ApiKey
 from integrations.errors import Ambiguous, AuthError, ClientError, ConfigurationError, Transient
-from integrations.http import USER_AGENT, HttpClient, RequestsTransport
+from integrations.http import FORM_CONTENT_TYPE, USER_AGENT, HttpClient, RequestsTransport
 from integrations.payments import STRIPE_VERSION, PaymentsAdapter
 from integrations.registry import build_provider, get_provider, known_providers, reset
 from integrations.retry_after import parse_retry_after
 from integrations.sanitize import SanitizingFilter, sanitize
 from integrations.settings import ProviderSettings
 from integrations.testing import MockTransport
+from tests.tls_servers import (
+    LoopbackServer,
+    answer_plain_http,
+    close_during_handshake,
+    loopback_servers,
+    make_certs,
+    never_answer_handshake,
+    old_protocol_context,
+    read_request,
+    read_request_then_answer_in_clear,
+    read_request_then_drop,
+    server_context,
+    tls,
+    trust,
+)
 
 KEY = "sk_test_4eC39HqLyjWDarjtT1zdp7dc"
 INTENT = {"id": "pi_123", "object": "payment_intent", "status": "succeeded"}
@@ -85,6 +102,45 @@ def test_json_request_and_no_auth():
     assert response.status_code == 202 and response.body is None
 
 
+FORMS = {
+    "stripe metadata brackets": {"amount": "2000", "metadata[order]": "42",
+                                 "metadata[note]": "a&b=c", "items[0][price]": "p_1"},
+    "unicode": {"description": "Crème brûlée für 2 — 注文 ✓ 🎉", "名前": "ü"},
+    "spaces": {"a key": "a value  with  spaces", " ": " "},
+    "reserved characters": {"amp": "&", "eq": "=", "plus": "+", "pct": "%", "mix": "a+b=c&d%20e",
+                            "k&=+%": "v", "slash": "/?#[]@!$'()*,;:~"},
+    "empty values": {"empty": "", "": "empty key", "also": ""},
+    "control characters": {"lines": "one\r\ntwo\tthree\x00"},
+}
+
+
+@pytest.mark.parametrize("form", FORMS.values(), ids=FORMS.keys())
+def test_form_body_is_what_requests_builds_from_the_dict(form):
+    """Our urlencode of the pairs = requests' own encoding of the same dict: same body
+    text, same Content-Type and Content-Length."""
+    settings = ProviderSettings.from_env("payments", {"OUTBOX_PAYMENTS_API_KEY": KEY})
+    ours = HttpClient(settings, MockTransport(ok)).prepare(Request("POST", "/v1/x", form=form))
+    theirs = requests.Request("POST", settings.base_url + "/v1/x", data=form).prepare()
+    assert (ours.body, type(ours.body)) == (theirs.body, type(theirs.body))
+    assert ours.headers["Content-Type"] == theirs.headers["Content-Type"] == FORM_CONTENT_TYPE
+    assert ours.headers["Content-Length"] == theirs.headers["Content-Length"]
+    assert dict(parse_qsl(ours.body, keep_blank_values=True)) == form
+
+
+@pytest.mark.parametrize("form", [{"amount": 2000}, {"note": None}, {"tags": ["a", "b"]},
+                                  {"raw": b"\xff"}, {1: "one"}])
+def test_form_values_must_be_str(form):
+    """``Request.form`` maps str to str; anything else is refused, not sent as ``None``."""
+    settings = ProviderSettings.from_env("payments", {"OUTBOX_PAYMENTS_API_KEY": KEY})
+    transport = MockTransport(ok)
+    client = HttpClient(settings, transport)
+    with pytest.raises(ValueError, match="str to str"):
+        client.prepare(Request("POST", "/v1/x", form=form))
+    with pytest.raises(ClientError) as info:
+        client.send(Request("POST", "/v1/x", form=form))
+    assert info.value.code == "bad_request" and transport.calls == []
+
+
 def test_real_transport_policy():
     """TLS verification on, TLS >= 1.2, pool sized to max concurrency, no env leakage."""
     transport = RequestsTransport(pool_size=16)
@@ -95,6 +151,9 @@ def test_real_transport_policy():
     context = adapter.poolmanager.connection_pool_kw["ssl_context"]
     assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    # Our HTTPS pool class is set on this adapter's manager only, not on urllib3's defaults.
+    assert issubclass(adapter.poolmanager.pool_classes_by_scheme["https"], HTTPSConnectionPool)
+    assert urllib3.poolmanager.pool_classes_by_scheme["https"] is HTTPSConnectionPool
     settings = ProviderSettings.from_env("payments", {"OUTBOX_PAYMENTS_MAX_CONCURRENCY": "16"})
     assert HttpClient(settings).transport.tls_adapter._pool_maxsize == 16
 
@@ -187,6 +246,100 @@ def test_real_success_round_trip(server):
         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body))
     delivery = loopback_provider(srv.port).deliver("charge", CHARGE, "k1")
     assert delivery.summary == "200 pi_9 processing"
+
+
+# --- TLS handshake: never sent; TLS failures after it: maybe sent (real sockets) -------
+
+@pytest.fixture(scope="module")
+def tls_certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def loopback():
+    with loopback_servers() as start:
+        yield start
+
+
+def tls_provider(server: LoopbackServer, ca, **env):
+    """A payments provider for ``server`` over https that also trusts the test CA ``ca``."""
+    transport = RequestsTransport(pool_size=1)
+    trust(transport, ca)
+    environ = {"OUTBOX_PAYMENTS_API_KEY": KEY, "OUTBOX_PAYMENTS_BASE_URL": server.url, **env}
+    return build_provider("payments", environ, transport=transport)
+
+
+HANDSHAKE_FAILURES = {
+    # name: (server behaviour given the certificates, what the error detail says)
+    "not a TLS server (wrong version number)": (lambda c: answer_plain_http, "handshake failed"),
+    "closed during the handshake": (lambda c: close_during_handshake, "handshake failed"),
+    "certificate not trusted": (
+        lambda c: tls(server_context(c.untrusted_cert, c.untrusted_key), read_request_then_drop),
+        "certificate rejected"),
+    "only TLS 1.0/1.1 offered": (
+        lambda c: tls(old_protocol_context(c.cert, c.key), read_request_then_drop),
+        "handshake failed"),
+}
+
+
+@pytest.mark.parametrize("case", list(HANDSHAKE_FAILURES))
+def test_real_tls_handshake_failure_is_never_sent(loopback, tls_certs, case):
+    """Whatever breaks the handshake, the request was not written: Transient ``tls_error``
+    (an e-mail is retried, not dead-lettered "needs review")."""
+    behaviour, detail = HANDSHAKE_FAILURES[case]
+    srv = loopback(behaviour(tls_certs))
+    with pytest.raises(Transient, match=detail) as info:
+        tls_provider(srv, tls_certs.ca).deliver("charge", CHARGE, "k1")
+    assert info.value.code == "tls_error"
+    assert srv.requests == []
+
+
+def test_real_tls_handshake_timeout_is_never_sent(loopback, tls_certs):
+    """A server that never answers the ClientHello: the connect timeout ends the handshake,
+    before any request byte (urllib3 alone would call it a read timeout)."""
+    srv = loopback(never_answer_handshake)
+    provider = tls_provider(srv, tls_certs.ca, OUTBOX_PAYMENTS_CONNECT_TIMEOUT="0.2")
+    with pytest.raises(Transient, match=r"handshake failed \(TimeoutError\)") as info:
+        provider.deliver("charge", CHARGE, "k1")
+    assert info.value.code == "tls_error"
+
+
+@pytest.mark.parametrize("behaviour", [read_request_then_drop, read_request_then_answer_in_clear],
+                         ids=["dropped without answering", "SSL error reading the response"])
+def test_real_tls_failure_after_the_handshake_is_maybe_sent(loopback, tls_certs, behaviour):
+    """The handshake succeeded and the server read the whole request: ambiguous, even when
+    the error is the same SSL error a non-TLS server causes during the handshake."""
+    srv = loopback(tls(server_context(tls_certs.cert, tls_certs.key), behaviour))
+    with pytest.raises(Ambiguous) as info:
+        tls_provider(srv, tls_certs.ca).deliver("charge", CHARGE, "k1")
+    assert info.value.code == "connection_lost"
+    (request,) = srv.requests
+    assert request.startswith(b"POST /v1/payment_intents ") and b"metadata%5Border%5D=42" in request
+
+
+def test_real_tls_round_trip_with_verification(loopback, tls_certs):
+    """The connection class changes only how failures are reported: a trusted server works."""
+    body = b'{"id": "pi_7", "object": "payment_intent", "status": "succeeded"}'
+
+    def answer(conn, server):
+        server.requests.append(read_request(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+    srv = loopback(tls(server_context(tls_certs.cert, tls_certs.key), answer))
+    assert tls_provider(srv, tls_certs.ca).deliver("charge", CHARGE, "k1").summary == \
+        "200 pi_7 succeeded"
+    assert len(srv.requests) == 1
+
+
+def test_ssl_error_from_elsewhere_than_connect_is_maybe_sent():
+    """Only where the failure happened decides, never its text: an SSL error a transport
+    raises outside our connection's connect() — even a certificate error — is ambiguous."""
+    def cert_error(_r):
+        raise requests.exceptions.SSLError(ssl.SSLCertVerificationError(1, "verify failed"))
+
+    with pytest.raises(Ambiguous):
+        provider_for(cert_error)[0].deliver("charge", CHARGE, "k1")
 
 
 # --- settings --------------------------------------------------------------------------
