@@ -38,7 +38,7 @@ NOT_IMPLEMENTED_STATUSES = frozenset({501, 505})
 DETAIL_MAX_LENGTH = 200
 
 
-def error_class_for(status: int) -> type[IntegrationError] | None:
+def exception_for_status(status: int) -> type[IntegrationError] | None:
     """The exception class the table above assigns to ``status`` (None for 2xx)."""
     if 200 <= status < 300:
         return None
@@ -67,7 +67,7 @@ def classify(response: Response, *, code: str | None = None,
         An ``IntegrationError`` instance (not raised) carrying ``status_code``, ``code``,
         ``detail`` and, for 429, ``retry_after_s``.
     """
-    cls = error_class_for(response.status_code)
+    cls = exception_for_status(response.status_code)
     if cls is None:
         return None
     return make_error(cls, response, code=code, detail=detail)

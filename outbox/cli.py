@@ -414,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, make_sessionmaker(engine)) or 0
     except (OutboxError, ConfigurationError) as exc:
         return _fail(str(exc))
+    except sa_exc.OperationalError as exc:   # could not connect, or the server went away
+        return _fail(f"database unreachable: {describe(exc)}")
     except sa_exc.DBAPIError as exc:
         return _fail(f"database error: {describe(exc)}")
     except BrokenPipeError:   # `outbox dead list --json | head`: the reader left, not an error

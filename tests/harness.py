@@ -83,3 +83,20 @@ class Processes:
             if proc.poll() is None:
                 self.kill(proc, signal.SIGTERM)
         self.procs.clear()
+
+
+def fail_claimed(session, claim, exc, *, now=None, policy=None, idempotent=True, rng=None):
+    """Record ``exc`` as the failure of the claimed attempt, decided as the delivery task
+    decides it (``outbox.decisions``); returns the Decision."""
+    from outbox.clock import utcnow
+    from outbox.decisions import decide, failure_from
+    from outbox.lifecycle import record
+    from outbox.retry import RetryPolicy
+
+    now = now or utcnow()
+    failure = failure_from(exc)
+    decision = decide(failure, attempts=claim.attempts, rate_limited=claim.rate_limited_count,
+                      budget_started_at=claim.budget_started_at, policy=policy or RetryPolicy(),
+                      idempotent=idempotent, now=now, rng=rng)
+    record(session, claim, failure, decision, now=now)
+    return decision

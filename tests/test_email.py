@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 
 import pytest
 import requests
@@ -21,12 +22,22 @@ from integrations.errors import (
 from integrations.registry import build_provider, known_providers
 from integrations.testing import MockTransport, sequence
 from outbox import InvalidPayload, Message, enqueue
-from outbox.lifecycle import FailureKind
-from tasks.delivery import to_failure
+from outbox.decisions import decide, failure_from
+from outbox.models import AttemptOutcome
+from outbox.retry import RetryPolicy
 
 KEY = "signup-42-welcome"
 MAIL = {"to": "ann@example.com", "subject": "Welcome", "text": "Hello Ann",
         "from": {"email": "shop@example.com", "name": "Shop"}}
+
+NOW = datetime(2026, 12, 1, 12, 0, 0)
+
+
+def decided(exc, idempotent=False):
+    """What the outbox decides for ``exc`` as an email's first failed attempt (email has no
+    idempotency keys)."""
+    return decide(failure_from(exc), attempts=0, rate_limited=0, budget_started_at=NOW,
+                  policy=RetryPolicy(), idempotent=idempotent, now=NOW)
 
 
 @pytest.fixture(autouse=True)
@@ -135,10 +146,14 @@ def test_malformed_default_sender_fails_loudly_without_quoting_it(value):
     assert "OUTBOX_EMAIL_FROM" in str(info.value) and value not in str(info.value)
 
 
-def test_non_ascii_key_travels_in_custom_args_only():
-    _, transport = deliver(accepted(), key="заказ-42")
-    assert "X-Message-Key" not in transport.calls[0].request.headers
-    assert sent_body(transport)["custom_args"] == {"outbox_key": "заказ-42"}
+@pytest.mark.parametrize("key", ["заказ-42", " order-42", "order-42 ", "order\n42"])
+def test_a_key_that_is_no_header_value_is_refused_before_sending(key):
+    """The key rule enqueue applies (schemas/common/idempotency_key) is applied again before
+    the request is built: such a row can only come from outside enqueue, and is refused."""
+    provider, transport = provider_for(accepted())
+    with pytest.raises(ClientError) as info:
+        provider.deliver("send", MAIL, key)
+    assert info.value.code == "invalid_idempotency_key" and transport.calls == []
 
 
 def test_invalid_payload_is_refused_before_sending():
@@ -175,7 +190,7 @@ def test_400_is_client_error_coded_by_field():
                                                                   ErrorClass.CLIENT_ERROR)
     assert error.detail == ("The from email does not contain a valid address.; "
                             "The subject is required.")
-    assert to_failure(error, False).kind is FailureKind.PERMANENT
+    assert decided(error).outcome is AttemptOutcome.DEAD and not decided(error).needs_review
 
 
 @pytest.mark.parametrize("status", [403, 404, 413])
@@ -207,15 +222,16 @@ def test_429_is_rate_limited_with_retry_after():
     with pytest.raises(RateLimited) as info:
         deliver(answer(429, sendgrid_error("too many requests"), {"Retry-After": "3"}))
     assert (info.value.retry_after_s, info.value.detail) == (3, "too many requests")
-    failure = to_failure(info.value, False)
-    assert failure.kind is FailureKind.RATE_LIMITED and failure.retry_after_s == 3
+    decision = decided(info.value)
+    assert decision.outcome is AttemptOutcome.RETRY and decision.attempts == 0
+    assert decision.next_attempt_at == NOW + timedelta(seconds=3)
 
 
 @pytest.mark.parametrize("status", [502, 503, 504, 408])
 def test_gateway_errors_are_transient_and_retried(status):
     with pytest.raises(Transient) as info:
         deliver(answer(status, "<html>bad gateway</html>"))
-    assert to_failure(info.value, False).kind is FailureKind.RETRY
+    assert decided(info.value).outcome is AttemptOutcome.RETRY
 
 
 @pytest.mark.parametrize("handler", [
@@ -227,10 +243,10 @@ def test_ambiguous_without_idempotency_is_dead_lettered_for_review(handler):
     """The mail may have gone out and SendGrid cannot dedupe a retry: a person decides."""
     with pytest.raises(Ambiguous) as info:
         deliver(handler)
-    failure = to_failure(info.value, False)
-    assert failure.kind is FailureKind.PERMANENT
-    assert failure.error_class == "ambiguous"
-    assert failure.detail.startswith("needs review: ")
+    decision = decided(info.value)
+    assert decision.outcome is AttemptOutcome.DEAD and decision.needs_review
+    assert decision.reason.startswith("needs review: ")
+    assert failure_from(info.value).error_class == "ambiguous"
 
 
 def test_non_sendgrid_error_body_falls_back_to_the_status():
@@ -282,8 +298,7 @@ def test_sandbox_500_after_sending_is_needs_review_and_the_email_went_out(sandbo
             provider.deliver("send", MAIL, KEY)
     finally:
         provider.close()
-    assert to_failure(info.value, provider.adapter.supports_idempotency).detail.startswith(
-        "needs review")
+    assert decided(info.value, provider.adapter.supports_idempotency).needs_review
     assert stats(sandbox)["effects_by_key"] == {KEY: 1}
 
 

@@ -8,13 +8,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, insert, select
 
+from integrations.errors import Ambiguous, AuthError, ClientError
 from outbox import InvalidMessage, dispatch, enqueue
 from outbox.clock import utcnow
 from outbox.deadletters import DeadFilter, discard, list_dead, redrive
 from outbox.ids import new_id
-from outbox.lifecycle import Failure, FailureKind, claim, record_failure
+from outbox.lifecycle import claim
 from outbox.models import AuditEntry, Message, MessageStatus
-from outbox.retry import RetryPolicy
+from tests.harness import fail_claimed
 
 
 @pytest.fixture
@@ -40,13 +41,12 @@ def _make_dead(sessions, key, *, provider="payments", error_class="client_error"
         session.commit()
     dispatch.dispatcher().flush()
     dead_at = dead_at or utcnow()
+    error = {"client_error": ClientError, "auth": AuthError, "ambiguous": Ambiguous}[error_class]
     with sessions() as session:
         c = claim(session, message_id, timedelta(minutes=1))
-        outcome = record_failure(session, c, Failure(FailureKind.PERMANENT, error_class,
-                                                     f"{status_code} refused",
-                                                     status_code=status_code),
-                                 RetryPolicy(), now=dead_at)
-    assert outcome.outcome == "dead"
+        decision = fail_claimed(session, c, error("refused", status_code=status_code),
+                                now=dead_at, idempotent=provider == "payments")
+    assert decision.outcome == "dead"
     return message_id
 
 
@@ -128,7 +128,7 @@ def test_redrive_by_id_restarts_the_budget_and_dispatches(sessions, publisher, t
     assert (entry.actor, entry.action, entry.message_id) == ("alice@ops", "redrive", message_id)
     assert entry.reason == "customer updated card" and entry.at == redriven_at
     assert entry.details == {"last_error_class": "client_error", "last_status_code": 402,
-                             "attempts": 1}
+                             "attempts": 1, "needs_review": False}
 
     gate.set()
     dispatch.dispatcher().flush()
@@ -144,7 +144,7 @@ def test_redrive_dry_run_changes_nothing(sessions, publisher, three_dead):
     """dry_run reports what would be re-driven; rows stay dead, no audit, nothing published."""
     with sessions() as session:
         results = redrive(session, reason="check", actor="alice", where=DeadFilter(),
-                          dry_run=True)
+                          all_providers=True, dry_run=True)
     assert [(r.id, r.done, r.note) for r in results] == [
         (three_dead[k], True, "would redrive") for k in ("old_declined", "auth", "email")]
     dispatch.dispatcher().flush()
@@ -255,3 +255,55 @@ def test_targets_must_be_named(sessions, three_dead):
             discard(session, reason="r", actor="ops", ids=[])
     with sessions() as session:
         assert len(list_dead(session)) == 3
+
+
+# ---- re-drive safety ---------------------------------------------------------------------------
+
+def test_a_filter_must_name_a_provider_or_say_any_provider(sessions, publisher, three_dead):
+    """An unscoped filter is refused (nothing changes); all_providers=True takes every one."""
+    with sessions() as session:
+        with pytest.raises(InvalidMessage, match="--any-provider"):
+            redrive(session, reason="r", actor="ops", where=DeadFilter(error_class="client_error"))
+    assert len(_audit(sessions)) == 0
+    with sessions() as session:
+        results = redrive(session, reason="r", actor="ops",
+                          where=DeadFilter(error_class="client_error"), all_providers=True)
+    assert sorted(r.id for r in results if r.done) == sorted(
+        [three_dead["old_declined"], three_dead["email"]])
+
+
+def test_ids_and_a_filter_together_are_refused(sessions, publisher, three_dead):
+    """A filter beside ids would be silently ignored: refused, nothing re-driven."""
+    with sessions() as session:
+        with pytest.raises(InvalidMessage, match="not both"):
+            redrive(session, reason="r", actor="ops", ids=[three_dead["auth"]],
+                    where=DeadFilter(provider="email"))
+    assert _row(sessions, three_dead["auth"]).status == MessageStatus.DEAD
+    assert _audit(sessions) == []
+
+
+def test_needs_review_is_redriven_only_with_the_duplicate_risk_accepted(sessions, publisher,
+                                                                         three_dead):
+    """An email that may have been sent (ambiguous, no idempotency) is marked needs_review;
+    re-drive by id or filter skips it with a note, and takes it only with
+    accept_duplicate_risk — audited with the flag, and the mark cleared."""
+    review = _make_dead(sessions, "d", provider="email", error_class="ambiguous",
+                        status_code=500)
+    row = _row(sessions, review)
+    assert row.needs_review and row.last_error.startswith("needs review")
+    publisher.published.clear()
+    with sessions() as session:
+        [by_id] = redrive(session, reason="r", actor="ops", ids=[review])
+        by_filter = redrive(session, reason="r", actor="ops", where=DeadFilter(provider="email"))
+    assert (by_id.done, by_id.note.split(":")[0]) == (False, "needs review")
+    assert {r.id: r.done for r in by_filter} == {three_dead["email"]: True, review: False}
+    assert _row(sessions, review).status == MessageStatus.DEAD
+    with sessions() as session:
+        [taken] = redrive(session, reason="checked the mail log: not sent", actor="ops",
+                          ids=[review], accept_duplicate_risk=True)
+    assert taken.done
+    row = _row(sessions, review)
+    assert row.status in (MessageStatus.PENDING, MessageStatus.QUEUED) and not row.needs_review
+    assert _audit(sessions)[-1].details["needs_review"] is True
+    dispatch.dispatcher().flush()
+    assert review in publisher.ids

@@ -17,7 +17,7 @@ Everything that says "wait" raises ``integrations.errors.Deferred`` with
 ``retry_after_s``: the message is rescheduled without consuming an attempt.
 """
 
-from integrations.protection.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Outcome
+from integrations.protection.breaker import BreakerPolicy, BreakerState, CallHealth, CircuitBreaker
 from integrations.protection.core import DEFAULT_429_PAUSE_S, Permit, Protection
 from integrations.protection.limiter import RateLimiter, Reservation
 from integrations.protection.pause import Pause, pause_from_headers
@@ -29,6 +29,6 @@ from integrations.protection.store import shared_redis
 
 __all__ = [
     "DEFAULT_429_PAUSE_S", "BreakerPolicy", "BreakerState", "CircuitBreaker", "DailyQuota",
-    "Outcome", "Pause", "Permit", "Protection", "ProtectionSettings", "QuotaUse", "RateLimiter",
+    "CallHealth", "Pause", "Permit", "Protection", "ProtectionSettings", "QuotaUse", "RateLimiter",
     "RateSpec", "Reservation", "Semaphore", "pause_from_headers", "shared_redis",
 ]

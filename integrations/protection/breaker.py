@@ -24,7 +24,7 @@ from enum import StrEnum
 
 import redis
 
-from integrations.errors import Ambiguous, Deferred, Permanent, Transient
+from integrations.errors import Deferred, IntegrationError, Permanent
 from integrations.protection.store import LUA_NOW_US, Batch, Keys, from_us, to_us
 
 log = logging.getLogger("integrations.breaker")
@@ -39,7 +39,7 @@ class BreakerState(StrEnum):
     HALF_OPEN = "half_open"
 
 
-class Outcome(StrEnum):
+class CallHealth(StrEnum):
     """What a call told the breaker about the provider's health."""
 
     SUCCESS = "success"     # the provider answered (2xx, or a 4xx about our request)
@@ -47,13 +47,18 @@ class Outcome(StrEnum):
     NEUTRAL = "neutral"     # says nothing (429, our own bug) or the call was never made
 
 
-def outcome_of(error: BaseException | None) -> Outcome:
-    """Classify a call's result for the breaker (None = success)."""
-    if error is None or isinstance(error, Permanent):
-        return Outcome.SUCCESS
-    if isinstance(error, Transient | Ambiguous):
-        return Outcome.FAILURE
-    return Outcome.NEUTRAL
+def call_health(error: BaseException | None) -> CallHealth:
+    """What a call's result says about the provider's health (None = success): a failure
+    the error classes mark as outage evidence (``integrations.errors``: transient and
+    ambiguous ones) counts against it; any answer that proves it works (a 2xx, a 4xx)
+    counts for it; anything else says nothing."""
+    if error is None:
+        return CallHealth.SUCCESS
+    if isinstance(error, IntegrationError) and error.outage_evidence:
+        return CallHealth.FAILURE
+    if isinstance(error, Permanent):
+        return CallHealth.SUCCESS
+    return CallHealth.NEUTRAL
 
 
 @dataclass(frozen=True)
@@ -87,10 +92,10 @@ class BreakerPolicy:
 
 _SCRIPT = LUA_NOW_US + """
 -- KEYS: state hash, calls zset, failures zset, probes zset.
--- ARGV: action (admit|record|state), token, outcome, failures, ratio, min_calls,
+-- ARGV: action (admit|record|state), token, health, failures, ratio, min_calls,
 --       window_us, open_us, probes, probe_lease_us, keep_us.
 local H, CALLS, FAILS, PROBES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local action, token, outcome = ARGV[1], ARGV[2], ARGV[3]
+local action, token, health = ARGV[1], ARGV[2], ARGV[3]
 local max_failures, ratio, min_calls = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local window, open_for = tonumber(ARGV[7]), tonumber(ARGV[8])
 local max_probes, lease, keep = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -136,11 +141,11 @@ end
 if action == 'record' then
   local was_probe = redis.call('ZREM', PROBES, token) == 1
   if state == 'half_open' and was_probe then
-    if outcome == 'success' then move('closed') elseif outcome == 'failure' then move('open') end
-  elseif state == 'closed' and (outcome == 'success' or outcome == 'failure') then
+    if health == 'success' then move('closed') elseif health == 'failure' then move('open') end
+  elseif state == 'closed' and (health == 'success' or health == 'failure') then
     redis.call('ZADD', CALLS, fmt(now), token)
     redis.call('PEXPIRE', CALLS, fmt(math.ceil(window / 1000) + 1000))
-    if outcome == 'failure' then
+    if health == 'failure' then
       redis.call('ZADD', FAILS, fmt(now), token)
       redis.call('PEXPIRE', FAILS, fmt(math.ceil(window / 1000) + 1000))
       local f, c = redis.call('ZCARD', FAILS), redis.call('ZCARD', CALLS)
@@ -180,14 +185,14 @@ class CircuitBreaker:
                       keys("breaker", "probes")]
         self._script = client.register_script(_SCRIPT)
 
-    def _args(self, action: str, token: str = "", outcome: str = "") -> list:
+    def _args(self, action: str, token: str = "", health: str = "") -> list:
         p = self.policy
-        return [action, token, outcome, p.failures, repr(p.ratio), p.min_calls,
+        return [action, token, health, p.failures, repr(p.ratio), p.min_calls,
                 to_us(p.window_s), to_us(p.open_s), p.probes, to_us(self.probe_lease_s),
                 to_us(max(p.window_s, 3600))]
 
-    def _run(self, action: str, token: str = "", outcome: str = "") -> list:
-        return self._reply(self._script(keys=self._keys, args=self._args(action, token, outcome)))
+    def _run(self, action: str, token: str = "", health: str = "") -> list:
+        return self._reply(self._script(keys=self._keys, args=self._args(action, token, health)))
 
     def _reply(self, reply: list) -> list:
         reply = [_text(r) for r in reply]
@@ -219,21 +224,21 @@ class CircuitBreaker:
                        code="breaker_half_open",
                        retry_after_s=min(BUSY_RETRY_S, self.policy.open_s))
 
-    def record(self, ticket: Ticket, outcome: Outcome) -> None:
+    def record(self, ticket: Ticket, health: CallHealth) -> None:
         """Report how the call of ``ticket`` went (and return its probe permit, if any).
 
         Raises:
             redis.RedisError: Redis is unreachable.
         """
-        if outcome is Outcome.NEUTRAL and not ticket.probe:
+        if health is CallHealth.NEUTRAL and not ticket.probe:
             return   # nothing to count, nothing to give back
-        self._run("record", ticket.token, outcome.value)
+        self._run("record", ticket.token, health.value)
 
-    def record_into(self, batch: Batch, ticket: Ticket, outcome: Outcome) -> None:
+    def record_into(self, batch: Batch, ticket: Ticket, health: CallHealth) -> None:
         """``record``, queued in ``batch`` (sent with the other guards' releases)."""
-        if outcome is Outcome.NEUTRAL and not ticket.probe:
+        if health is CallHealth.NEUTRAL and not ticket.probe:
             return
-        batch.script(self._script, self._keys, self._args("record", ticket.token, outcome.value),
+        batch.script(self._script, self._keys, self._args("record", ticket.token, health.value),
                      self._reply)
 
     def state(self) -> dict:

@@ -32,7 +32,7 @@ from typing import Any
 import redis
 
 from integrations.errors import Deferred
-from integrations.protection.breaker import CircuitBreaker, Outcome, outcome_of
+from integrations.protection.breaker import CallHealth, CircuitBreaker, call_health
 from integrations.protection.guards import (
     BreakerGuard,
     ConcurrencyGuard,
@@ -72,7 +72,8 @@ class Permit:
 
     @property
     def probe(self) -> bool:
-        return any(getattr(t, "probe", False) for _, t in self.tickets)
+        return any(ticket.probe for guard, ticket in self.tickets
+                   if isinstance(guard, BreakerGuard))
 
     def release(self, error: BaseException | None = None) -> None:
         """Record the call's outcome and give back permits; a second call does nothing.
@@ -87,7 +88,7 @@ class Permit:
             return
         self.released = True
         attempted = not isinstance(error, Deferred)
-        self.protection._release(self.tickets, outcome_of(error), attempted)
+        self.protection._release(self.tickets, call_health(error), attempted)
 
     def __enter__(self) -> Permit:
         return self
@@ -174,10 +175,10 @@ class Protection:
                     ticket = guard.acquire(operation, budget)
                 permit.tickets.append((guard, ticket))
         except Deferred:
-            self._release(permit.tickets, Outcome.NEUTRAL, attempted=False)
+            self._release(permit.tickets, CallHealth.NEUTRAL, attempted=False)
             raise
         except redis.RedisError as exc:
-            self._release(permit.tickets, Outcome.NEUTRAL, attempted=False)
+            self._release(permit.tickets, CallHealth.NEUTRAL, attempted=False)
             log.warning("%s: protection state unreachable (%s); deferring, not calling "
                         "unprotected", self.provider, type(exc).__name__,
                         extra={"provider": self.provider})
@@ -202,38 +203,24 @@ class Protection:
                            f"{type(exc).__name__})", code="protection_unavailable",
                            retry_after_s=REDIS_DOWN_RETRY_S) from exc
 
-    def _release(self, tickets: list[tuple[Guard, Any]], outcome: Outcome,
+    def _release(self, tickets: list[tuple[Guard, Any]], health: CallHealth,
                  attempted: bool) -> None:
-        # In reverse order, as one round trip: guards that can queue their release in a
-        # batch do; one that cannot is released on its own, after what was queued before it.
+        # In reverse order of acquisition, as one round trip.
         batch = Batch(self.client)
         queued: list[Guard] = []
         for guard, ticket in reversed(tickets):
-            release_into = getattr(guard, "release_into", None)
-            if release_into is not None:
-                before = len(batch)
-                release_into(batch, ticket, outcome, attempted)
-                queued.extend([guard] * (len(batch) - before))
-                continue
-            self._flush(batch, queued)
-            try:
-                guard.release(ticket, outcome, attempted)
-            except redis.RedisError as exc:
-                self._not_released(guard, exc)
-        self._flush(batch, queued)
-
-    def _flush(self, batch: Batch, queued: list[Guard]) -> None:
+            before = len(batch)
+            guard.release_into(batch, ticket, health, attempted)
+            queued.extend([guard] * (len(batch) - before))
         if not queued:
             return
-        guards = list(queued)
-        queued.clear()
         try:
             results = batch.execute()
         except redis.RedisError as exc:
-            for guard in dict.fromkeys(guards):
+            for guard in dict.fromkeys(queued):
                 self._not_released(guard, exc)
             return
-        for guard, result in zip(guards, results, strict=True):
+        for guard, result in zip(queued, results, strict=True):
             if isinstance(result, redis.RedisError):
                 self._not_released(guard, result)
 

@@ -1,12 +1,11 @@
 """The guards around a provider call: one small hook per concern, run in a fixed order.
 
 A guard's ``acquire`` may sleep (within the time budget it is given) and raises
-``Deferred`` when the call must wait longer; ``release`` is told how the call went.
-``attempted=False`` means the call was never made (a later guard deferred it): each
-guard then undoes what it took (the quota is refunded, the permit returned).
-
-A guard may also offer ``release_into(batch, ticket, outcome, attempted)``: the same
-release, queued in a ``Batch`` so that the releases of all guards take one Redis round trip.
+``Deferred`` when the call must wait longer. ``release_into(batch, ticket, health,
+attempted)`` queues in a ``Batch`` whatever the guard must give back or record, so that
+the releases of all guards take one Redis round trip; ``attempted=False`` means the call
+was never made (a later guard deferred it): each guard then undoes what it took (the quota
+is refunded, the permit returned).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from integrations.protection.breaker import CircuitBreaker, Outcome
+from integrations.protection.breaker import CallHealth, CircuitBreaker
 from integrations.protection.limiter import RateLimiter, Reservation
 from integrations.protection.quota import DailyQuota
 from integrations.protection.semaphore import Semaphore
@@ -31,10 +30,12 @@ class Guard(Protocol):
 
     def acquire(self, operation: str, budget_s: float) -> Any:
         """Let the call proceed (sleeping at most ``budget_s``); return a ticket for
-        ``release``. Raises ``Deferred`` (call later) or ``redis.RedisError``."""
+        ``release_into``. Raises ``Deferred`` (call later) or ``redis.RedisError``."""
 
-    def release(self, ticket: Any, outcome: Outcome, attempted: bool) -> None:
-        """Account for the finished (or never made) call. Raises ``redis.RedisError``."""
+    def release_into(self, batch: Batch, ticket: Any, health: CallHealth,
+                     attempted: bool) -> None:
+        """Queue in ``batch`` the accounting for the finished (or never made) call; queue
+        nothing when there is nothing to give back."""
 
 
 class QuotaGuard:
@@ -48,13 +49,14 @@ class QuotaGuard:
     def acquire(self, operation: str, budget_s: float) -> str:
         return self.quota.take()
 
-    def release(self, ticket: str, outcome: Outcome, attempted: bool) -> None:
+    def release_into(self, batch: Batch, ticket: str, health: CallHealth,
+                     attempted: bool) -> None:
         if not attempted:
-            self.quota.refund(ticket)
+            self.quota.refund_into(batch, ticket)
 
 
 class BreakerGuard:
-    """Refuses calls while the breaker is open; reports each call's health outcome."""
+    """Refuses calls while the breaker is open; reports each call's health."""
 
     name = "breaker"
 
@@ -64,11 +66,8 @@ class BreakerGuard:
     def acquire(self, operation: str, budget_s: float):
         return self.breaker.admit()
 
-    def release(self, ticket, outcome: Outcome, attempted: bool) -> None:
-        self.breaker.record(ticket, outcome if attempted else Outcome.NEUTRAL)
-
-    def release_into(self, batch: Batch, ticket, outcome: Outcome, attempted: bool) -> None:
-        self.breaker.record_into(batch, ticket, outcome if attempted else Outcome.NEUTRAL)
+    def release_into(self, batch: Batch, ticket, health: CallHealth, attempted: bool) -> None:
+        self.breaker.record_into(batch, ticket, health if attempted else CallHealth.NEUTRAL)
 
 
 class ConcurrencyGuard:
@@ -85,10 +84,8 @@ class ConcurrencyGuard:
     def acquire(self, operation: str, budget_s: float) -> str:
         return self.semaphore.acquire(budget_s, self.sleep, self.monotonic)
 
-    def release(self, ticket: str, outcome: Outcome, attempted: bool) -> None:
-        self.semaphore.release(ticket)
-
-    def release_into(self, batch: Batch, ticket: str, outcome: Outcome, attempted: bool) -> None:
+    def release_into(self, batch: Batch, ticket: str, health: CallHealth,
+                     attempted: bool) -> None:
         self.semaphore.release_into(batch, ticket)
 
     def try_with_slot(self, rate: RateGuard, operation: str,
@@ -122,9 +119,6 @@ class RateGuard:
     def reserves_nothing(self, operation: str) -> bool:
         return self.limiter.reserves_nothing(operation)
 
-    def release(self, ticket: float, outcome: Outcome, attempted: bool) -> None:
-        return None
-
-    def release_into(self, batch: Batch, ticket: float, outcome: Outcome,
+    def release_into(self, batch: Batch, ticket: float, health: CallHealth,
                      attempted: bool) -> None:
-        return None
+        return None   # a slot in time is spent whatever happens

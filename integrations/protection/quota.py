@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import redis
 
 from integrations.errors import Deferred
-from integrations.protection.store import LUA_NOW_US, Keys, from_us
+from integrations.protection.store import LUA_NOW_US, Batch, Keys, from_us
 
 # The counter outlives its day by this much, so status can still read yesterday's use.
 KEEP_AFTER_DAY_S = 3600
@@ -115,6 +115,10 @@ class DailyQuota:
             redis.RedisError: Redis is unreachable.
         """
         self._refund(keys=[key])
+
+    def refund_into(self, batch: Batch, key: str) -> None:
+        """``refund``, queued in ``batch``."""
+        batch.script(self._refund, [key], [])
 
     def usage(self) -> QuotaUse:
         """Today's use, for status.
