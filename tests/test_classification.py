@@ -256,15 +256,17 @@ def test_client_errors_dead_letter_at_once(sessions, provider, sandbox, status, 
     m = row(sessions, mid)
     assert (result.outcome, m.status, m.last_error_class) == (AttemptOutcome.DEAD, "dead",
                                                              "client_error")
-    assert code in result.label
+    assert code in result.summary
 
 
 def test_card_declined_402_dead_letters_with_readable_label(sessions, provider, sandbox):
-    """402 card_declined → dead at once; label `payments.charge <id> 402 card_declined`."""
+    """402 card_declined → dead at once; labelled with codes only:
+    `payments.charge <id>` and `client_error 402 card_declined: not retryable`."""
     mid = add(sessions, "declined", {**CHARGE, "customer": "cus_declined"})
     result = run(sessions, provider, mid, Clock())
     assert result.outcome is AttemptOutcome.DEAD
-    assert result.label == f"payments.charge {mid} 402 card_declined"
+    assert result.label == f"payments.charge {mid}"
+    assert result.summary == "client_error 402 card_declined: not retryable"
     assert sandbox.state.stats(include_log=False)["requests_total"] == 1
 
 
@@ -331,15 +333,16 @@ def test_a_message_not_yet_due_is_not_delivered(sessions, provider, sandbox):
 
 def test_log_lines_of_a_delivery_carry_its_identity(sessions, provider, sandbox, caplog):
     """Every record logged during a delivery has provider, message_id, attempt and the
-    (sanitised) correlation id bound; nothing is bound after it."""
+    (sanitised) correlation id bound; the outcome is one line, no traceback; nothing is bound
+    after it. (CR/LF in a correlation id are refused at enqueue.)"""
     import logging
 
-    from tasks import logcontext
+    from outbox.logs import ContextFilter
 
-    logcontext.install()
+    caplog.handler.addFilter(ContextFilter())   # what outbox.logs.configure installs
     with sessions() as s:
         m = enqueue(s, provider="payments", operation="charge", payload=CHARGE,
-                    idempotency_key="ctx", correlation_id="req-7\r\nFAKE LINE")
+                    idempotency_key="ctx", correlation_id="req-7 token=abc123")
         m.next_attempt_at = m.created_at = m.budget_started_at = m.updated_at = T0
         s.commit()
         mid = m.id
@@ -351,21 +354,28 @@ def test_log_lines_of_a_delivery_carry_its_identity(sessions, provider, sandbox,
     for record in during:
         bound = record.outbox
         assert (bound["provider"], bound["message_id"], bound["attempt"]) == ("payments", mid, "1")
-        assert "\n" not in bound["correlation_id"] and "req-7" in bound["correlation_id"]
-        assert f"message_id={mid}" in record.outbox_context
+        assert bound["correlation_id"] == "req-7 token=***"   # sanitised when bound
+        assert f" message_id={mid}" in record.context
+    [outcome] = [r for r in caplog.records if r.name == "outbox.delivery"]
+    assert outcome.getMessage().startswith(f"retry payments.charge {mid} transient 503 api_error; "
+                                           "next attempt at 2026-11-21T12:00:01")
+    assert outcome.exc_info is None and outcome.outbox["message_id"] == mid
     assert row(sessions, mid).last_error_class == "transient"   # logging did not break the call
     after = logging.getLogger("after").makeRecord("after", logging.INFO, "f", 1, "m", (), None)
-    assert after.outbox == {} and after.outbox_context == ""
+    ContextFilter().filter(after)
+    assert after.outbox == {} and after.context == ""
 
 
-@pytest.mark.parametrize("idempotent, kind", [(True, "retry"), (False, "permanent")])
-def test_an_unexpected_exception_mid_call_needs_review_without_idempotency(idempotent, kind):
+@pytest.mark.parametrize("idempotent, outcome", [(True, "retry"), (False, "dead")])
+def test_an_unexpected_exception_mid_call_needs_review_without_idempotency(idempotent, outcome):
     """A non-integration exception (e.g. a time limit firing mid-request) is retried only where
     the provider deduplicates by key; otherwise it is dead-lettered as 'needs review'."""
     from celery.exceptions import SoftTimeLimitExceeded
 
-    from tasks.delivery import to_failure
+    from outbox.decisions import decide, failure_from
 
-    failure = to_failure(SoftTimeLimitExceeded("soft limit"), supports_idempotency=idempotent)
-    assert failure.kind == kind and failure.error_class == "internal"
-    assert failure.detail.startswith("needs review") == (not idempotent)
+    failure = failure_from(SoftTimeLimitExceeded("soft limit"))
+    decision = decide(failure, attempts=0, rate_limited=0, budget_started_at=T0,
+                      policy=retry_policy("payments"), idempotent=idempotent, now=T0)
+    assert failure.error_class == "internal" and decision.outcome == outcome
+    assert decision.needs_review == (not idempotent)

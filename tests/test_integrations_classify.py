@@ -15,6 +15,8 @@ from integrations.errors import (
     Ambiguous,
     AuthError,
     ClientError,
+    CredentialUnavailable,
+    Deferred,
     ErrorClass,
     InvalidResponse,
     RateLimited,
@@ -219,11 +221,14 @@ def test_401_then_rotated_key_file_succeeds(tmp_path):
     assert os.path.exists(key_file)
 
 
-def test_missing_key_is_auth_error_without_a_call():
+def test_missing_key_defers_without_a_call():
+    """No key: nothing is sent and the message waits (CredentialUnavailable is a Deferred:
+    no attempt spent), naming the variables to set."""
     transport = MockTransport(answer(200, INTENT))
     provider = build_provider("payments", {}, transport=transport)
-    with pytest.raises(AuthError, match="OUTBOX_PAYMENTS_API_KEY"):
+    with pytest.raises(CredentialUnavailable, match="OUTBOX_PAYMENTS_API_KEY") as info:
         provider.deliver("charge", CHARGE, "k1")
+    assert isinstance(info.value, Deferred) and info.value.retry_after_s > 0
     assert transport.calls == []
 
 

@@ -18,7 +18,13 @@ from urllib3 import HTTPSConnectionPool
 
 from integrations.base import Request
 from integrations.credentials import ApiKey
-from integrations.errors import Ambiguous, AuthError, ClientError, ConfigurationError, Transient
+from integrations.errors import (
+    Ambiguous,
+    ClientError,
+    ConfigurationError,
+    CredentialUnavailable,
+    Transient,
+)
 from integrations.http import FORM_CONTENT_TYPE, USER_AGENT, HttpClient, RequestsTransport
 from integrations.payments import STRIPE_VERSION, PaymentsAdapter
 from integrations.registry import build_provider, get_provider, known_providers, reset
@@ -433,15 +439,34 @@ def test_refresh_rereads_even_when_file_looks_unchanged(tmp_path):
     assert key.get() == "sk_test_bbb"
 
 
-def test_missing_or_empty_key(tmp_path):
-    with pytest.raises(AuthError, match="no API key configured"):
+def test_missing_empty_unreadable_or_non_utf8_key_is_unavailable(tmp_path):
+    """Each names the variable (never the key) and is a deferral, not a dead letter."""
+    with pytest.raises(CredentialUnavailable, match="no API key configured"):
         ApiKey().get()
-    with pytest.raises(AuthError, match="unreadable"):
-        ApiKey(path=tmp_path / "absent").get()
+    var = "OUTBOX_PAYMENTS_API_KEY_FILE"
+    with pytest.raises(CredentialUnavailable, match=f"{var}: .*absent: No such file"):
+        ApiKey(path=tmp_path / "absent", file_variable=var).get()
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(AuthError, match="empty"):
-        ApiKey(path=tmp_path / "empty").get()
+    with pytest.raises(CredentialUnavailable, match=f"{var}: .*empty: empty"):
+        ApiKey(path=tmp_path / "empty", file_variable=var).get()
+    (tmp_path / "latin1").write_bytes(b"sk_test_caf\xe9")
+    with pytest.raises(CredentialUnavailable, match="not UTF-8") as info:
+        ApiKey(path=tmp_path / "latin1", file_variable=var).get()
+    assert "caf" not in str(info.value)
+    (tmp_path / "a-folder").mkdir()   # unreadable as a file, whoever runs the test
+    with pytest.raises(CredentialUnavailable, match="Is a directory"):
+        ApiKey(path=tmp_path / "a-folder", file_variable=var).get()
     assert repr(ApiKey(KEY)) == "ApiKey(value=***)"
+
+
+def test_a_key_file_readable_by_others_gives_a_warning(tmp_path):
+    path = tmp_path / "key"
+    path.write_text(KEY)
+    path.chmod(0o600)
+    assert ApiKey(path=path, file_variable="OUTBOX_X_API_KEY_FILE").check() == []
+    path.chmod(0o644)
+    [warning] = ApiKey(path=path, file_variable="OUTBOX_X_API_KEY_FILE").check()
+    assert "OUTBOX_X_API_KEY_FILE" in warning and "readable by group or others" in warning
 
 
 # --- Retry-After -----------------------------------------------------------------------

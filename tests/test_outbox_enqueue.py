@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event, func, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from outbox import (
@@ -459,6 +463,219 @@ def test_many_threads_racing_on_one_key(pg_url, publisher):
             t.join(10)
         assert errors == []
         assert len(ids) == 8 and len(set(ids)) == 1
+        assert _count(sessions) == 1
+    finally:
+        engine.dispose()
+
+
+# ---- payload intake: plain, bounded JSON data (outbox.payload) ---------------------------------
+
+SURROGATE = "\ud800"
+
+
+def _nested(depth: int):
+    value: object = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("payload, path, words", [
+    ({"amount": 19.0, "currency": "usd"}, "$.amount", "no fraction"),
+    ({"amount": float("nan"), "currency": "usd"}, "$.amount", "NaN"),
+    ({"amount": float("inf"), "currency": "usd"}, "$.amount", "NaN and infinity"),
+    ({"amount": 10 ** 5000, "currency": "usd"}, "$.amount", "out of range"),
+    ({"amount": 100, "currency": "usd", "metadata": _nested(5000)}, "$.metadata.a.a.a", "nested"),
+    ({"amount": 100, "currency": "us" + SURROGATE}, "$.currency", "surrogate"),
+    ({"amount": 100, "currency": "usd", "metadata": {SURROGATE: "x"}}, "$.metadata[", "surrogate"),
+    ({"amount": 100, "currency": "usd", "description": "a\x00b"}, "$.description", "NUL"),
+    ({"amount": 100, "currency": "usd", "metadata": {1: "x"}}, "$.metadata", "keys must be strings"),
+    ({"amount": 100, "currency": "usd", "metadata": {("t",): "x"}}, "$.metadata", "keys must be"),
+    ({"amount": 100, "currency": ("u", "s", "d")}, "$.currency", "tuple is not JSON data"),
+    ({"amount": 100, "currency": "usd", "metadata": {"s": {1, 2}}}, "$.metadata.s", "set is not"),
+    ({"amount": 100, "currency": b"usd"}, "$.currency", "bytes is not"),
+    ({"amount": 100, "currency": "usd", "description": "x" * 300_000}, "$", "262144-byte cap"),
+    ({"amount": 100, "currency": "usd", "description": "x" * 100_000_000}, "$", "cap"),
+])
+def test_payloads_that_are_not_plain_bounded_json_are_refused(sessions, publisher, payload,
+                                                              path, words):
+    """Each raises InvalidPayload naming the path (never the value), writes nothing, and the
+    caller's transaction stays usable."""
+    with sessions() as session:
+        with pytest.raises(InvalidPayload) as info:
+            _charge(session, payload=payload)
+        assert info.value.path.startswith(path) and words in str(info.value)
+        assert "xxxx" not in str(info.value) and len(str(info.value)) < 400
+        _charge(session, key="after")            # the transaction goes on
+        session.commit()
+    assert _count(sessions) == 1
+
+
+def test_the_size_cap_is_configurable(sessions, publisher, monkeypatch):
+    monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", "64")
+    with sessions() as session:
+        _charge(session, key="small")
+        with pytest.raises(InvalidPayload, match="64"):
+            _charge(session, key="big", payload={**CHARGE, "description": "d" * 60})
+        session.commit()
+    assert _count(sessions) == 1
+
+
+def test_a_payload_at_the_cap_is_accepted(sessions, publisher, monkeypatch):
+    """The cap is on the canonical UTF-8 text; exactly at it is fine, one byte over is not."""
+    base = json.dumps({**CHARGE, "description": ""}, separators=(",", ":"), sort_keys=True)
+    room = 1000 - len(base.encode())
+    monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", "1000")
+    with sessions() as session:
+        _charge(session, key="at", payload={**CHARGE, "description": "é" * (room // 2)})
+        with pytest.raises(InvalidPayload):
+            _charge(session, key="over", payload={**CHARGE, "description": "é" * (room // 2 + 1)})
+        session.commit()
+    assert _count(sessions) == 1
+
+
+@pytest.mark.parametrize("provider, operation", [
+    ({"a": 1}, "charge"), (["payments"], "charge"), (None, "charge"), ("payments", {"x"}),
+    ("payments", None),
+])
+def test_unhashable_or_non_string_names_are_invalid_messages(sessions, provider, operation):
+    with sessions() as session:
+        with pytest.raises(InvalidMessage):
+            enqueue(session, provider=provider, operation=operation, payload=CHARGE,
+                    idempotency_key="k")
+
+
+@pytest.mark.parametrize("key", [" order-42", "order-42 ", " "])
+def test_keys_with_spaces_at_either_end_are_refused(sessions, key):
+    """The key becomes an HTTP header value, which cannot start or end with a space: the
+    same rule (schemas/common/idempotency_key) the adapters apply before sending."""
+    with sessions() as session:
+        with pytest.raises(InvalidIdempotencyKey, match="no space at either end"):
+            _charge(session, key=key)
+
+
+@pytest.mark.parametrize("correlation_id", ["a\r\nb", "a\nb", "a\x00b", "", "\u2028"])
+def test_correlation_ids_with_control_characters_are_refused(sessions, correlation_id):
+    with sessions() as session:
+        with pytest.raises(InvalidMessage, match="correlation_id"):
+            _charge(session, correlation_id=correlation_id)
+
+
+def test_text_and_html_are_bounded(sessions, publisher):
+    """An e-mail body over 200,000 characters is refused at enqueue (it used to be accepted at
+    100 MB); within the limit it is fine."""
+    mail = {"to": "a@example.com", "subject": "s"}
+    with sessions() as session:
+        enqueue(session, provider="email", operation="send",
+                payload={**mail, "text": "t" * 200_000}, idempotency_key="ok")
+        with pytest.raises(InvalidPayload, match=r"\$.text: violates maxLength 200000"):
+            enqueue(session, provider="email", operation="send",
+                    payload={**mail, "text": "t" * 200_001}, idempotency_key="long")
+        session.commit()
+    assert _count(sessions) == 1
+
+
+# ---- property: bad input never writes and never breaks the transaction ------------------------
+
+json_leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                        st.text(max_size=20), st.binary(max_size=5),
+                        st.sampled_from([SURROGATE, "a\x00", "usd\n", "a@example.com\n", 19.0]))
+odd_keys = st.one_of(st.text(max_size=8), st.integers(), st.sampled_from([SURROGATE, "\x00"]))
+values = st.recursive(json_leaves, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.tuples(inner),
+    st.dictionaries(odd_keys, inner, max_size=4)), max_leaves=12)
+charges = st.fixed_dictionaries(
+    {"amount": st.one_of(st.integers(-5, 10 ** 20), st.floats(), st.just(19.0), st.text(max_size=3)),
+     "currency": st.one_of(st.sampled_from(["usd", "eur", "usd\n", "USD", ""]), values)},
+    optional={"customer": values, "description": values, "metadata": values, "extra": values})
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_bad_input_never_writes_and_never_breaks_the_transaction(request, backend, publisher):
+    """For any payload, key and correlation id hypothesis makes up: enqueue either succeeds or
+    raises an InvalidMessage (nothing else); after a refusal nothing was written and the same
+    transaction still commits a valid message."""
+    url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    counter = iter(range(10 ** 9))
+
+    @settings(max_examples=150, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(payload=st.one_of(charges, values), key=st.one_of(st.text(max_size=300), values),
+           correlation_id=st.one_of(st.none(), st.text(max_size=300), values))
+    def check(payload, key, correlation_id):
+        n = next(counter)
+        with sessions() as session:
+            before = session.scalar(select(func.count()).select_from(Message))
+            try:
+                enqueue(session, provider="payments", operation="charge", payload=payload,
+                        idempotency_key=key, correlation_id=correlation_id)
+                written = 1
+            except IdempotencyConflict:
+                written = 0
+            except InvalidMessage as exc:
+                written = 0
+                assert len(str(exc)) < 500
+                assert session.scalar(select(func.count()).select_from(Message)) == before
+            _charge(session, key=f"valid-after-{n}")     # the transaction is usable
+            session.commit()
+            after = session.scalar(select(func.count()).select_from(Message))
+        assert after in (before + 1 + written, before + written)   # a repeat key returns the row
+
+    try:
+        check()
+    finally:
+        engine.dispose()
+
+
+# ---- isolation levels (PostgreSQL) -------------------------------------------------------------
+
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_key_committed_before_the_snapshot_is_found_at_any_level(pg_url, publisher, level):
+    """Same payload → the existing message; different payload → IdempotencyConflict; either
+    way the caller's transaction goes on and commits."""
+    engine = make_engine(pg_url, isolation_level=level)
+    sessions = make_sessionmaker(engine)
+    try:
+        with sessions() as session:
+            first = _charge(session).id
+            session.commit()
+        dispatch.dispatcher().flush()    # its row is marked queued: no change after this point
+        with sessions() as session:
+            assert _charge(session).id == first
+            with pytest.raises(IdempotencyConflict):
+                _charge(session, payload={"amount": 1, "currency": "usd"})
+            _charge(session, key="next")
+            session.commit()
+        assert _count(sessions) == 2
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_key_committed_after_the_snapshot_is_a_serialization_failure(pg_url, publisher, level):
+    """Documented behaviour: at REPEATABLE READ or SERIALIZABLE, a key whose row another
+    transaction inserted (or updated: marked queued, delivered) after ours took its snapshot
+    is PostgreSQL's serialization failure (SQLSTATE 40001), raised by the driver as for any
+    statement at those levels. Retrying the transaction returns the committed message; one
+    row in all."""
+    engine = make_engine(pg_url, isolation_level=level)
+    sessions = make_sessionmaker(engine)
+    try:
+        with sessions() as late:
+            late.execute(text("select 1"))                 # our snapshot is taken here
+            with sessions() as early:
+                committed = _charge(early).id
+                early.commit()
+            with pytest.raises(OperationalError) as info:
+                _charge(late)
+            assert info.value.orig.pgcode == "40001"
+            late.rollback()
+        dispatch.dispatcher().flush()   # else its 'queued' update can fail the retry as well
+        with sessions() as retry:                          # what the caller's retry loop does
+            assert _charge(retry).id == committed
+            retry.commit()
         assert _count(sessions) == 1
     finally:
         engine.dispose()
