@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-# Defaults for the demo; any of them can be overridden from the environment.
-export DATABASE_URL ?= sqlite:///var/outbox.db
+# Defaults for the demo; any of them can be overridden from the environment. DATABASE_URL is
+# not set here: unset, every process and every `outbox` command uses the same embedded
+# database, ~/.local/share/integration-outbox/outbox.db (see README, Configuration).
 export REDIS_URL ?= redis://localhost:6379/0
 export SANDBOX_PORT ?= 8100
 export OUTBOX_PAYMENTS_BASE_URL ?= http://127.0.0.1:$(SANDBOX_PORT)
@@ -15,7 +16,7 @@ export OUTBOX_EMAIL_BASE_URL ?= http://127.0.0.1:$(SANDBOX_PORT)
 export OUTBOX_EMAIL_API_KEY ?= $(OUTBOX_PAYMENTS_API_KEY)
 export OUTBOX_EMAIL_FROM ?= Demo Shop <shop@example.com>
 
-.PHONY: install system-packages migrate redis run test bench lint clean
+.PHONY: install system-packages migrate redis run test bench bench-smoke lint clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +36,7 @@ run: migrate redis
 	@creds="$$(scripts/flower_credentials.sh)"; \
 	echo "Flower:  http://127.0.0.1:5555  (login $${creds%%:*} / $${creds#*:}; set FLOWER_BASIC_AUTH to choose)"; \
 	echo "Shop:    POST http://127.0.0.1:8000/orders    Sandbox: $(OUTBOX_PAYMENTS_BASE_URL)/_sandbox/stats"; \
-	echo "Status:  $(BIN)/outbox status"; \
+	echo "Status:  $(BIN)/outbox status   (or: source $(BIN)/activate; outbox status)"; \
 	FLOWER_BASIC_AUTH="$$creds" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 system-packages:
@@ -43,8 +44,13 @@ system-packages:
 
 test: install system-packages redis
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory bench-smoke
 
-bench: migrate redis
+# Every benchmark with tiny counts (about a minute): a benchmark that breaks fails `make test`.
+bench-smoke: install redis
+	$(BIN)/python -m bench --smoke
+
+bench: install redis
 	$(BIN)/python -m bench
 
 lint: install

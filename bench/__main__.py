@@ -1,10 +1,12 @@
 """``python -m bench``: run every benchmark and print the tables.
 
 ``python -m bench [options]`` runs the pipeline benchmark (``bench.run``), then the
-rate-limit benchmark (``bench.ratelimit``; ``--quick`` is passed on to it) in a fresh
-interpreter — ``celeryconfig`` and the Celery apps read ``REDIS_URL`` once, at import,
-and the first benchmark has imported them on its own Redis DB.
-``python -m bench ratelimit [options]`` runs only the rate-limit benchmark.
+rate-limit benchmark (``bench.ratelimit``) and the payload-validation benchmark
+(``bench.validation``), each in a fresh interpreter — ``celeryconfig`` and the Celery apps
+read ``REDIS_URL`` once, at import, and the first benchmark has imported them on its own
+Redis DB. ``--quick`` and ``--smoke`` (tiny counts: proves they still run; ``make test``
+runs it) are passed on.
+``python -m bench ratelimit|validation [options]`` runs only that benchmark.
 """
 
 import subprocess
@@ -15,11 +17,17 @@ if argv[:1] == ["ratelimit"]:
     from bench.ratelimit import main as ratelimit
 
     raise SystemExit(ratelimit(argv[1:]))
+if argv[:1] == ["validation"]:
+    from bench.validation import main as validation
+
+    raise SystemExit(validation(argv[1:]))
 
 from bench.run import main  # noqa: E402
 
 code = main(argv)
-print(flush=True)
-rc = subprocess.call([sys.executable, "-m", "bench", "ratelimit",
-                      *(["--quick"] if "--quick" in argv else [])])
-raise SystemExit(code or rc)
+passed = [flag for flag in ("--quick", "--smoke") if flag in argv]
+for name in ("ratelimit", "validation"):
+    print(flush=True)
+    flags = [f for f in passed if not (name == "validation" and f == "--quick")]
+    code = subprocess.call([sys.executable, "-m", "bench", name, *flags]) or code
+raise SystemExit(code)

@@ -297,83 +297,45 @@ def clean_after_marginal(ctx: Ctx) -> None:
 
 
 def enqueue_breakdown(ctx: Ctx, iterations: int = 1500) -> dict:
-    """Where an enqueue's time goes, by timing its parts on their own (medians, µs)."""
+    """Where an enqueue's time goes, by timing it whole and its public parts on their own
+    (medians, µs): intake (``outbox.payload.canonical_json``), the schema
+    (``schemas.validate_operation``), the digest, and what a read-back of the row would cost
+    (``session.get``; enqueue returns the row without one)."""
     import hashlib
-    import json
 
     import schemas
-    from outbox.enqueue import _validate
+    from outbox.config import max_payload_bytes
+    from outbox.payload import canonical_json
 
     payload = {"amount": 1999, "currency": "usd"}
-    parts: dict[str, list[float]] = {"validate (schema)": [], "canonical json + sha256": [],
-                                     "session.get (the read-back enqueue avoids)": []}
+    cap = max_payload_bytes()
+    parts: dict[str, list[float]] = {
+        "enqueue, whole call (INSERT included)": [], "intake: canonical JSON + checks": [],
+        "schema validation": [], "sha256 digest": [],
+        "session.get (the read-back enqueue avoids)": []}
     with ctx.sessions() as s:
         for i in range(iterations):
             t0 = time.perf_counter()
-            _validate("payments", "charge", payload, f"x-{i}", None)
+            enqueue(s, provider="payments", operation="charge", payload=payload,
+                    idempotency_key=f"breakdown-{i}")
             t1 = time.perf_counter()
-            canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"),
-                                   ensure_ascii=False)
-            hashlib.sha256(f"charge\n{canonical}".encode()).hexdigest()
+            canonical = canonical_json(payload, max_bytes=cap)
             t2 = time.perf_counter()
-            parts["validate (schema)"].append(t1 - t0)
-            parts["canonical json + sha256"].append(t2 - t1)
-        # what a read-back would cost: the identity map is empty, so session.get() SELECTs
+            schemas.validate_operation("payments", "charge", payload)
+            t3 = time.perf_counter()
+            hashlib.sha256(f"charge\n{canonical}".encode()).hexdigest()
+            t4 = time.perf_counter()
+            for key, start_, end_ in (("enqueue, whole call (INSERT included)", t0, t1),
+                                      ("intake: canonical JSON + checks", t1, t2),
+                                      ("schema validation", t2, t3), ("sha256 digest", t3, t4)):
+                parts[key].append(end_ - start_)
+        s.rollback()
+    with ctx.sessions() as s:
+        # the identity map is empty, so session.get() SELECTs
         for message_id in s.scalars(select(Message.id).limit(500)).all():
             t0 = time.perf_counter()
             s.get(Message, message_id)
             parts["session.get (the read-back enqueue avoids)"].append(time.perf_counter() - t0)
-        s.rollback()
-    # enqueue's INSERT (prepared once on the table, given parameters) against the one it used
-    # to build (an ORM-enabled insert(Message) with 16 literal values, rebuilt per call);
-    # then enqueue's way of returning the row: attached as persistent, without a SELECT.
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    from outbox.enqueue import _attach, _insert_statement
-    from outbox.ids import new_id
-
-    dialect = postgresql if ctx.engine.dialect.name == "postgresql" else sqlite
-    conflict = {"index_elements": ["provider", "idempotency_key"]}
-    as_built, as_prepared, attach = [], [], []
-    with ctx.sessions() as s:
-        s.execute(select(1))
-        prepared = _insert_statement(s)
-        for i in range(iterations):
-            for timings, build in ((as_built, True), (as_prepared, False)):
-                now = utcnow()
-                values = dict(
-                    id=new_id(), provider="payments", operation="charge",
-                    idempotency_key=f"breakdown-{build}-{i}", payload=payload,
-                    payload_sha256="0" * 64, correlation_id=None, status=MessageStatus.PENDING,
-                    attempts=0, rate_limited_count=0, lease_token=0, next_attempt_at=now,
-                    created_at=now, updated_at=now, budget_started_at=now)
-                t0 = time.perf_counter()
-                if build:
-                    s.execute(dialect.insert(Message).values(**values)
-                              .on_conflict_do_nothing(**conflict))
-                else:
-                    s.execute(prepared, values)
-                timings.append(time.perf_counter() - t0)
-                if not build:
-                    t0 = time.perf_counter()
-                    _attach(s, values)
-                    attach.append(time.perf_counter() - t0)
-        s.rollback()
-    parts["INSERT rebuilt per call as ORM insert (before)"] = as_built
-    parts["INSERT prepared once, with parameters (enqueue)"] = as_prepared
-    parts["row attached as persistent, no SELECT (enqueue)"] = attach
-    schema_only = []
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        schemas.validate_operation("payments", "charge", payload)
-        schema_only.append(time.perf_counter() - t0)
-    parts["validate, of which jsonschema"] = schema_only
-    order = ["INSERT rebuilt per call as ORM insert (before)",
-             "INSERT prepared once, with parameters (enqueue)",
-             "row attached as persistent, no SELECT (enqueue)",
-             "session.get (the read-back enqueue avoids)", "validate (schema)",
-             "validate, of which jsonschema", "canonical json + sha256"]
-    parts = {k: parts[k] for k in order}
     return {k: round(statistics.median(v) * 1e6, 1) for k, v in parts.items() if v}
 
 

@@ -70,10 +70,15 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                                                          DEFAULT_REDIS_URL),
                    help="a Redis DB the bench may flush (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="small counts, to check the harness")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny counts, seconds: only proves the benchmark still runs (make test)")
     p.add_argument("--max-seconds", type=int, default=300, help="hard stop for the whole run")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.ours_timeout, args.celery_seconds, args.warmup = 300, 30.0, 15.0, 16
+    if args.smoke:
+        args.n, args.workers, args.ours_timeout, args.celery_seconds = 40, 1, 20.0, 3.0
+        args.warmup, args.max_seconds = 4, 120
     if args.n < 2 or args.limit < 1 or args.workers < 1 or args.concurrency < 1:
         p.error("--n must be >= 2; --limit, --workers and --concurrency >= 1")
     return args

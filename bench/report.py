@@ -135,9 +135,9 @@ def _whys(r: dict) -> list[str]:
         parts = r["enqueue_breakdown_us"]
         lines.append(
             f"(b) enqueue adds {mc['marginal_enqueue_us']:.0f} µs vs {mc['marginal_delay_us']:.0f}"
-            f" µs for .delay(): its prepared INSERT costs "
-            f"{parts.get('INSERT prepared once, with parameters (enqueue)', 0):.0f} µs, schema "
-            f"validation {parts.get('validate (schema)', 0):.0f} µs, and the dispatch "
+            f" µs for .delay(): the call itself costs "
+            f"{parts.get('enqueue, whole call (INSERT included)', 0):.0f} µs (schema "
+            f"validation {parts.get('schema validation', 0):.0f} µs), and the dispatch "
             f"thread's publish competes for the GIL at commit "
             f"(+{mc['marginal_enqueue_us'] - r['marginal_without_broker']['marginal_enqueue_us']:.0f}"
             " µs).")

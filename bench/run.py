@@ -27,10 +27,15 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow-provider-ms", type=float, default=50.0,
                    help="supplementary (a) with this sandbox latency, n/2 per side (0: skip)")
     p.add_argument("--quick", action="store_true", help="small counts, to check the harness")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny counts, seconds: only proves the benchmark still runs (make test)")
     p.add_argument("--max-seconds", type=int, default=420, help="hard stop for the whole run")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.rounds, args.iterations, args.latency_seconds = 300, 1, 400, 3.0
+    if args.smoke:
+        args.n, args.rounds, args.iterations, args.latency_seconds = 40, 1, 60, 1.0
+        args.slow_provider_ms, args.max_seconds = 0, 120
     return args
 
 
