@@ -1,4 +1,4 @@
-"""Generic classification of an HTTP response by status, following the DESIGN error table.
+"""Generic classification of an HTTP response by status, following the error table (README, "Error classification").
 
     2xx                          None (success)
     408, 502, 503, 504           Transient

@@ -5,7 +5,7 @@ a level (ok, warning, critical) and the reasons for it.
 admin app's ``/health``. Each finding names the threshold that tripped, e.g.
 ``error rate 27 % over 5 min ≥ 5 % (503 ×40, 500 ×12)``.
 
-Thresholds (``Thresholds``) follow the seed's table:
+Thresholds (``Thresholds``; the README's "Health" table):
 
     signal                      warning                 critical
     error rate, 5 minutes       1 %                     5 %

@@ -3,7 +3,7 @@
 Exponential backoff ``base * multiplier**(n-1)`` capped at ``max_delay``, plus
 0–``jitter`` (fraction) of itself so that workers do not retry in lock-step, and
 ``Retry-After`` honoured when the provider gives one. The defaults (1 s doubling
-to a 5 min cap, 25 attempts, 24 h max age) keep retrying for about 88 minutes
+to a 5 min cap, 25 attempts, 24 h max age) keep retrying for at least 83.5 minutes
 before dead-lettering, so a one-hour provider outage loses nothing.
 """
 

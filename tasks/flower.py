@@ -7,13 +7,15 @@ never appears on a command line (``ps``) or in the Procfile. Note (measured):
 Flower's ``/metrics`` and ``/healthcheck`` answer without authentication even
 with basic auth on; they carry counts and task names, never arguments.
 
-The task list (``/tasks``) shows the ``args`` column instead of Flower's default
-``uuid`` one (``TASKS_COLUMNS``): every broker message carries only a row id, so
-the uuid says nothing, while ``args`` is our ``argsrepr`` label
-(``payments.charge 01J…``, never the payload). An operator filtering FAILURE then
-reads which operations failed in the list instead of opening each task. A
-caller's own ``--tasks_columns`` (or ``--tasks-columns``) or ``FLOWER_TASKS_COLUMNS``
-wins.
+The task list (``/tasks``) leads with the ``args`` column (``TASKS_COLUMNS``): every
+broker message carries only a row id, so a uuid says nothing, while ``args`` is our
+``argsrepr`` label (``payments.charge 01J…``, never the payload). The ``exception``
+column shows why a task failed or is retried, in codes only (``DeadLettered('payments.charge
+01J… client_error 402 card_declined: not retryable')``); Flower does not cut it, where it
+cuts ``args`` and ``result`` at 400 px. The ``uuid`` column comes last: it is the list's
+link to each task's page. An operator filtering FAILURE reads which operations failed,
+and why, in the list. A caller's own ``--tasks_columns`` (or ``--tasks-columns``) or
+``FLOWER_TASKS_COLUMNS`` wins.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 
 MIN_PASSWORD_LENGTH = 8
 # Flower's default is name,uuid,state,received,runtime,worker; see the module docstring.
-TASKS_COLUMNS = "name,args,state,result,received,runtime,worker"
+TASKS_COLUMNS = "name,args,state,exception,received,runtime,worker,uuid"
 
 
 def check_credentials(value: str | None) -> str | None:

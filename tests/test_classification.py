@@ -1,4 +1,4 @@
-"""Every row of the DESIGN error table, against the real sandbox over HTTP and a real database.
+"""Every row of the error table (README, "Error classification"), against the real sandbox over HTTP and a real database.
 
 ``deliver_message`` runs without Celery, with an injected clock and jitter, so
 each row's outcome and retry time is asserted exactly.

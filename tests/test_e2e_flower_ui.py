@@ -145,12 +145,12 @@ def _row(page: Page, label: str, state: str) -> Locator:
             .filter(has=page.locator(".badge", has_text=state)))
 
 
-def _args_cell(page: Page, row: Locator) -> Locator:
-    """The row's cell in the ``args`` column, found through the server-rendered header."""
+def _cell(page: Page, row: Locator, column: str = "args") -> Locator:
+    """The row's cell in ``column``, found through the server-rendered header."""
     columns = page.locator("#tasks-table thead th").evaluate_all(
         "ths => ths.map(th => th.dataset.column)")
-    assert "args" in columns, f"Flower's task list has no args column: {columns}"
-    return row.locator("td").nth(columns.index("args"))
+    assert column in columns, f"Flower's task list has no {column} column: {columns}"
+    return row.locator("td").nth(columns.index(column))
 
 
 # Whether the cell's first ``n`` characters are drawn inside its content box, with room
@@ -177,7 +177,7 @@ def _assert_label_readable(page: Page, label: str, state: str) -> None:
     """
     row = _row(page, label, state)
     expect(row).to_have_count(1)
-    cell = _args_cell(page, row)
+    cell = _cell(page, row)
     expect(cell).to_have_text(label)
     expect(cell).to_be_visible()
     box = cell.bounding_box()
@@ -224,6 +224,11 @@ def test_task_list_shows_labels_in_args_column_never_payloads(flower_url, page, 
     assert page.url.endswith("/tasks")           # the list, not a task's detail page
     _assert_label_readable(page, dead_label, "FAILURE")
     _assert_no_payload(page, "Failed filter")
+    # Why it failed, in codes, uncut; and the uuid column still links to the task's page.
+    dead_row = _row(page, dead_label, "FAILURE")
+    expect(_cell(page, dead_row, "exception")).to_contain_text(
+        f"{dead_label} client_error 402 card_declined: not retryable")
+    expect(_cell(page, dead_row, "uuid").locator("a[href*='/task/']")).to_have_count(1)
 
     page.get_by_role("button", name="All").click()
     expect(_row(page, good_label, "SUCCESS")).to_be_visible()

@@ -1,4 +1,4 @@
-"""Every row of the DESIGN error table, through PaymentsAdapter + HttpClient + MockTransport."""
+"""Every row of the error table (README, "Error classification"), through PaymentsAdapter + HttpClient + MockTransport."""
 
 from __future__ import annotations
 
