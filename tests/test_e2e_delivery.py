@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import redis as redis_lib
 import requests
 from sqlalchemy import func, select
 
@@ -48,7 +49,7 @@ def test_committed_messages_are_delivered_once_and_rolled_back_ones_never(
 
 
 def test_twenty_duplicate_broker_messages_make_one_provider_call(
-        sessions, procs, sandbox, celery_publisher):
+        sessions, procs, sandbox, celery_publisher, redis_url):
     """Given sandbox idempotency switched OFF, 20 broker messages for one row → 1 request."""
     requests.post(sandbox.url + "/_sandbox/config", json={"idempotency": False}, timeout=5)
     with sessions() as session:
@@ -59,9 +60,11 @@ def test_twenty_duplicate_broker_messages_make_one_provider_call(
     celery_publisher.publish([ref] * 20)
     procs.worker(concurrency=8)
     wait_until(lambda: _count(sessions, MessageStatus.DELIVERED) == 1, 60, message="delivery")
-    # Let every duplicate be consumed before counting.
-    wait_until(lambda: "succeeded" in procs.log("w1") and procs.log("w1").count(
-        "outbox.deliver[") >= 40, 30, message="20 tasks received and finished")
+    # Let every duplicate be consumed (and acknowledged) before counting.
+    broker = redis_lib.Redis.from_url(redis_url)
+    wait_until(lambda: broker.llen("payments") == 0 and broker.hlen("unacked") == 0, 30,
+               message="all 20 broker messages consumed and acknowledged")
+    broker.close()
     assert _stats(sandbox)["requests_by_key"] == {"dup-1": 1}
 
 
