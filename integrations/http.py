@@ -242,14 +242,15 @@ class HttpClient:
         except OSError as exc:  # requests' exceptions included (RequestException is an OSError)
             elapsed_s = time.perf_counter() - started
             error = translate(exc, self.settings)
-            log.warning("%s %s failed after %.0f ms: %s (%s)", request.method.upper(), path,
+            # DEBUG: the delivery logs each outcome once, with its class and code.
+            log.debug("%s %s failed after %.0f ms: %s (%s)", request.method.upper(), path,
                         elapsed_s * 1000, error.error_class.value,
                         sanitize(_strip_queries(str(exc)), 300),
                         extra=self._extra(request.method, path, None, elapsed_s,
                                           error_class=error.error_class.value))
             raise error from exc
         elapsed_s = time.perf_counter() - started
-        log.info("%s %s -> %s in %.0f ms", request.method.upper(), path, raw.status_code,
+        log.debug("%s %s -> %s in %.0f ms", request.method.upper(), path, raw.status_code,
                  elapsed_s * 1000, extra=self._extra(request.method, path, raw.status_code, elapsed_s))
         return Response(status_code=raw.status_code, headers=CaseInsensitiveDict(raw.headers),
                         body=_decode_json(raw.content), elapsed_s=elapsed_s)

@@ -13,6 +13,7 @@ from email.utils import format_datetime
 
 import pytest
 import requests
+from sqlalchemy import select
 
 from integrations.http import RequestsTransport
 from integrations.registry import build_provider
@@ -379,3 +380,29 @@ def test_an_unexpected_exception_mid_call_needs_review_without_idempotency(idemp
                       policy=retry_policy("payments"), idempotent=idempotent, now=T0)
     assert failure.error_class == "internal" and decision.outcome == outcome
     assert decision.needs_review == (not idempotent)
+
+
+def test_personal_data_echoed_by_the_provider_stays_out_of_logs_and_labels(
+        sessions, provider, sandbox, caplog):
+    """A 400 whose message names the customer's e-mail and id: the attempt row and last_error
+    keep the message with both masked; the outcome (Flower's text) and every log line carry
+    codes only."""
+    import logging
+
+    fault(sandbox, fault="status", status=400, count=1, body={"error": {
+        "type": "invalid_request_error", "code": "resource_missing",
+        "message": "No such customer: 'cus_Q8xK2' (ann.smith@example.org)"}})
+    mid = add(sessions, "pii")
+    with caplog.at_level(logging.DEBUG):
+        result = run(sessions, provider, mid, Clock())
+    assert result.summary == "client_error 400 resource_missing: not retryable"
+    m = row(sessions, mid)
+    assert m.last_error == ("not retryable: 400 resource_missing: No such customer: "
+                            "'cus_***' (***@example.org)")
+    with sessions() as s:
+        [attempt] = s.scalars(select(Attempt).where(Attempt.message_id == mid)).all()
+    assert attempt.error == "400 resource_missing: No such customer: 'cus_***' (***@example.org)"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "resource_missing" in logged
+    for personal in ("cus_Q8xK2", "ann.smith", "No such customer"):
+        assert personal not in logged and personal not in result.summary
