@@ -1,6 +1,6 @@
 """Demo traffic for ``make run``: a steady stream of orders, some designed to fail.
 
-Every ``DRIVER_INTERVAL`` seconds (default 0.5) it places an order through the
+Every ``DRIVER_INTERVAL`` seconds (default 1) it places an order through the
 shop. Before some orders it arms a sandbox fault for that order's idempotency
 key, so Flower soon shows retries and dead letters:
 
@@ -26,7 +26,7 @@ import requests
 
 SHOP = os.environ.get("SHOP_URL", f"http://127.0.0.1:{os.environ.get('SHOP_PORT', '8000')}")
 SANDBOX = os.environ.get("OUTBOX_PAYMENTS_BASE_URL", "http://127.0.0.1:8100")
-INTERVAL_S = float(os.environ.get("DRIVER_INTERVAL", "0.5"))
+INTERVAL_S = float(os.environ.get("DRIVER_INTERVAL", "1"))
 MAX_ORDERS = int(os.environ.get("DRIVER_MAX_ORDERS", "600"))
 
 
