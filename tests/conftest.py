@@ -208,3 +208,47 @@ def celery_publisher(stack_env, monkeypatch):
     yield publisher
     dispatch.dispatcher().flush()
     dispatch.use_publisher(None)
+
+
+# ---- the CLI, in-process --------------------------------------------------------------------
+
+@pytest.fixture
+def provider_env(monkeypatch, redis_url):
+    """Providers configured (keys, this test's Redis), as the workers would be: status is ok."""
+    from integrations import registry
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("OUTBOX_PAYMENTS_API_KEY", "sk_test_cli")
+    monkeypatch.setenv("OUTBOX_EMAIL_API_KEY", "sk_test_cli")
+    registry.reset()
+    yield
+    registry.reset()
+
+
+@pytest.fixture
+def cli_db(sqlite_url, monkeypatch, publisher, provider_env):
+    """DATABASE_URL points at a fresh SQLite file; sessions on it for arranging and checking."""
+    monkeypatch.setenv("DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("OUTBOX_ACTOR", "tester@ci")
+    engine = make_engine(sqlite_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+# ---- TLS servers on loopback (tests/tls_servers.py) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls_certs(tmp_path_factory):
+    """A CA and server certificates made with the openssl command, once per module."""
+    from tests.tls_servers import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def loopback():
+    """Starts loopback servers for the test and always stops them."""
+    from tests.tls_servers import loopback_servers
+
+    with loopback_servers() as start:
+        yield start

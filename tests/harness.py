@@ -18,6 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def wait_until(predicate: Callable[[], object], timeout_s: float = 30.0, interval_s: float = 0.05,
                message: str = "condition") -> object:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
@@ -57,6 +66,34 @@ class Processes:
                    message=f"worker {name} to be ready")
         assert proc.poll() is None, f"worker {name} exited:\n{self.log(name)[-3000:]}"
         return proc
+
+    def flower(self, user: str, password: str, worker: str = "w1") -> str:
+        """Flower (through ``tasks.flower``) with basic auth on a free loopback port; returns
+        its URL once it answers and has heard ``worker``'s heartbeat (events sent before
+        Flower listens are lost, so a test must not produce any earlier)."""
+        import requests
+
+        port = free_port()
+        proc = self.start("flower", [sys.executable, "-m", "tasks.flower", f"--port={port}"],
+                          FLOWER_BASIC_AUTH=f"{user}:{password}")
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            assert proc.poll() is None, f"flower exited:\n{self.log('flower')[-3000:]}"
+            try:
+                return requests.get(url + "/healthcheck", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(healthy, 30, 0.1, message="Flower /healthcheck")
+
+        def receiving_events():
+            metrics = requests.get(url + "/metrics", timeout=5).text
+            return any(line.startswith(f'flower_worker_online{{worker="{worker}@')
+                       and line.endswith(" 1.0") for line in metrics.splitlines())
+
+        wait_until(receiving_events, 30, 0.2, message="Flower to receive the worker's events")
+        return url
 
     def relay(self, name: str = "relay", **env) -> subprocess.Popen:
         env.setdefault("OUTBOX_RELAY_POLL_INTERVAL", "0.2")
@@ -100,3 +137,13 @@ def fail_claimed(session, claim, exc, *, now=None, policy=None, idempotent=True,
                       idempotent=idempotent, now=now, rng=rng)
     record(session, claim, failure, decision, now=now)
     return decision
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run the ``outbox`` CLI in-process; (exit code, stdout, stderr)."""
+    from outbox import cli
+
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -24,8 +24,6 @@ from tasks.delivery import deliver_message
 from tests.tls_servers import (
     answer_plain_http,
     close_during_handshake,
-    loopback_servers,
-    make_certs,
     old_protocol_context,
     read_request_then_answer_in_clear,
     read_request_then_drop,
@@ -114,17 +112,6 @@ def test_connect_refused_is_transient(sessions, sandbox):
     result = run(sessions, closed, mid, Clock())
     assert result.outcome is AttemptOutcome.RETRY
     assert row(sessions, mid).last_error_class == "transient"
-
-
-@pytest.fixture(scope="module")
-def tls_certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture
-def loopback():
-    with loopback_servers() as start:
-        yield start
 
 
 def tls_provider(name, server, ca):

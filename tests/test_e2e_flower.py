@@ -8,7 +8,6 @@ only: what is tested here is what Flower shows, not the database.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ import requests
 from sqlalchemy import select
 
 from outbox import Message, MessageStatus, enqueue
-from tests.harness import ROOT, wait_until
+from tests.harness import ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +31,6 @@ API_KEY = "sk_test_outbox"
 def db_url(sqlite_url):
     """Only SQLite in this module (overrides the sqlite/postgresql parametrisation)."""
     return sqlite_url
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Flower:
@@ -64,29 +57,7 @@ class Flower:
 def flower(procs) -> Flower:
     """A worker on ``payments,dead_letter`` (fast retries) and Flower with basic auth."""
     procs.worker(OUTBOX_PAYMENTS_RETRY_BASE="0.2")
-    port = _free_port()
-    proc = procs.start("flower", [sys.executable, "-m", "tasks.flower", f"--port={port}"],
-                       FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        assert proc.poll() is None, f"flower exited:\n{procs.log('flower')[-3000:]}"
-        try:
-            return requests.get(url + "/healthcheck", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    wait_until(healthy, 30, 0.1, message="Flower /healthcheck")
-
-    def receiving_events():
-        # /healthcheck answers before Flower listens to events, and events sent before are
-        # lost: wait for a worker heartbeat (every 2 s) to have reached Flower's metrics.
-        metrics = requests.get(url + "/metrics", timeout=5).text
-        return any(line.startswith('flower_worker_online{worker="w1@') and line.endswith(" 1.0")
-                   for line in metrics.splitlines())
-
-    wait_until(receiving_events, 30, 0.2, message="Flower to receive the worker's events")
-    return Flower(url)
+    return Flower(procs.flower(USER, PASSWORD))
 
 
 def _enqueue(sessions, key: str, **payload) -> tuple[str, str]:
@@ -121,7 +92,7 @@ def test_launcher_refuses_to_start_without_strong_basic_auth(value, expected):
     env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
     if value is not None:
         env["FLOWER_BASIC_AUTH"] = value
-    done = subprocess.run([sys.executable, "-m", "tasks.flower", f"--port={_free_port()}"],
+    done = subprocess.run([sys.executable, "-m", "tasks.flower", f"--port={free_port()}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "refusing to start" in done.stderr

@@ -14,8 +14,6 @@ installs Debian's ``chromium`` and the test launches ``/usr/bin/chromium``.
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,12 +57,6 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def flower_url(chromium, procs) -> str:
     """A worker on ``payments,dead_letter`` and Flower (via ``tasks.flower``) with basic auth.
@@ -73,28 +65,7 @@ def flower_url(chromium, procs) -> str:
     No ``--tasks_columns`` is passed: the launcher's default columns are what is tested.
     """
     procs.worker()
-    port = _free_port()
-    proc = procs.start("flower", [sys.executable, "-m", "tasks.flower", f"--port={port}"],
-                       FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        assert proc.poll() is None, f"flower exited:\n{procs.log('flower')[-3000:]}"
-        try:
-            return requests.get(url + "/healthcheck", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    wait_until(healthy, 30, 0.1, message="Flower /healthcheck")
-
-    def receiving_events():
-        # Events sent before Flower listens are lost: wait for a worker heartbeat in /metrics.
-        metrics = requests.get(url + "/metrics", timeout=5).text
-        return any(line.startswith('flower_worker_online{worker="w1@') and line.endswith(" 1.0")
-                   for line in metrics.splitlines())
-
-    wait_until(receiving_events, 30, 0.2, message="Flower to receive the worker's events")
-    return url
+    return procs.flower(USER, PASSWORD)
 
 
 @pytest.fixture

@@ -36,8 +36,6 @@ from tests.tls_servers import (
     LoopbackServer,
     answer_plain_http,
     close_during_handshake,
-    loopback_servers,
-    make_certs,
     never_answer_handshake,
     old_protocol_context,
     read_request,
@@ -255,17 +253,6 @@ def test_real_success_round_trip(server):
 
 
 # --- TLS handshake: never sent; TLS failures after it: maybe sent (real sockets) -------
-
-@pytest.fixture(scope="module")
-def tls_certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture
-def loopback():
-    with loopback_servers() as start:
-        yield start
-
 
 def tls_provider(server: LoopbackServer, ca, **env):
     """A payments provider for ``server`` over https that also trusts the test CA ``ca``."""

@@ -10,45 +10,22 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from integrations import registry
 from integrations.errors import ClientError, Transient
 from outbox import cli
 from outbox.clock import utcnow
-from outbox.db import make_engine, make_sessionmaker
 from outbox.lifecycle import claim
 from outbox.models import AuditEntry, Message, MessageStatus
-from tests.harness import fail_claimed
+from tests.harness import fail_claimed, run_cli
 
 ULID = re.compile(r"\b[0-9A-HJKMNP-TV-Z]{26}\b")
 
 
 @pytest.fixture
-def provider_env(monkeypatch, redis_url):
-    """Providers configured (keys, the test's Redis), as the workers would be: status is ok."""
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("OUTBOX_PAYMENTS_API_KEY", "sk_test_cli")
-    monkeypatch.setenv("OUTBOX_EMAIL_API_KEY", "sk_test_cli")
-    registry.reset()
-    yield
-    registry.reset()
+def db(cli_db):
+    return cli_db
 
 
-@pytest.fixture
-def db(sqlite_url, monkeypatch, publisher, provider_env):
-    """DATABASE_URL points at a fresh SQLite file; sessions on it for arranging and checking."""
-    monkeypatch.setenv("DATABASE_URL", sqlite_url)
-    monkeypatch.setenv("OUTBOX_ACTOR", "tester@ci")
-    engine = make_engine(sqlite_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
-def run(capsys, *argv):
-    """Run the CLI; return (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def run_json(capsys, *argv, code=0):

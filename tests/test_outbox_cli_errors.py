@@ -16,20 +16,16 @@ import sqlalchemy as sa
 
 from integrations import registry
 from integrations.errors import Ambiguous, ClientError
-from outbox import cli, enqueue
-from outbox.db import make_engine, make_sessionmaker
+from outbox import enqueue
+from outbox.db import make_engine
 from outbox.lifecycle import claim
 from outbox.models import MessageStatus
-from tests.harness import fail_claimed
+from tests.harness import fail_claimed, run_cli
 
 OUTBOX = str(Path(sys.executable).parent / "outbox")
 
 
-def run(capsys, *argv):
-    capsys.readouterr()
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def one_error_line(err: str) -> str:
@@ -41,21 +37,8 @@ def one_error_line(err: str) -> str:
 
 
 @pytest.fixture
-def configured(monkeypatch, redis_url):
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("OUTBOX_PAYMENTS_API_KEY", "sk_test_cli")
-    monkeypatch.setenv("OUTBOX_EMAIL_API_KEY", "sk_test_cli")
-    registry.reset()
-    yield
-    registry.reset()
-
-
-@pytest.fixture
-def db(sqlite_url, monkeypatch, publisher, configured):
-    monkeypatch.setenv("DATABASE_URL", sqlite_url)
-    engine = make_engine(sqlite_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+def db(cli_db):
+    return cli_db
 
 
 # ---- bad input: one line, exit 2 ----------------------------------------------------------------
@@ -91,7 +74,7 @@ def test_bad_input_is_one_error_line_and_exit_2(capsys, db, argv, words):
      'database "outbox_does_not_exist" does not exist'),
     ("postgresql://postgres@127.0.0.1:1/test", "database unreachable"),
 ])
-def test_a_bad_or_unreachable_database_is_one_line(capsys, monkeypatch, configured, url, words):
+def test_a_bad_or_unreachable_database_is_one_line(capsys, monkeypatch, provider_env, url, words):
     """Malformed URLs, unknown drivers, a missing PostgreSQL database, a closed port: one line,
     exit 2, never the password."""
     monkeypatch.setenv("DATABASE_URL", url)
@@ -101,7 +84,7 @@ def test_a_bad_or_unreachable_database_is_one_line(capsys, monkeypatch, configur
         assert code == 2 and words in line and "s3cret" not in err, argv
 
 
-def test_only_db_upgrade_creates_a_database(tmp_path, capsys, monkeypatch, configured):
+def test_only_db_upgrade_creates_a_database(tmp_path, capsys, monkeypatch, provider_env):
     """Outside any project, with no DATABASE_URL: every command but `db upgrade` says
     'database not migrated' and creates nothing (no file, no folders); `db upgrade` creates
     the default database in the user's data folder, and then everything works from anywhere."""
@@ -124,14 +107,14 @@ def test_only_db_upgrade_creates_a_database(tmp_path, capsys, monkeypatch, confi
     assert code == 0
 
 
-def test_a_mistyped_sqlite_path_creates_no_folders(tmp_path, capsys, monkeypatch, configured):
+def test_a_mistyped_sqlite_path_creates_no_folders(tmp_path, capsys, monkeypatch, provider_env):
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/no/such/dir/outbox.db")
     code, _, err = run(capsys, "status")
     assert code == 2 and "database not migrated" in one_error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_unmigrated_or_old_database_is_refused(tmp_path, capsys, monkeypatch, configured):
+def test_an_unmigrated_or_old_database_is_refused(tmp_path, capsys, monkeypatch, provider_env):
     """An empty SQLite file, or one migrated only to 0001: 'database not migrated'."""
     from outbox.migrations import upgrade
 
@@ -157,14 +140,14 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
     assert "database not migrated: run outbox db upgrade" in one_error_line(done.stderr)
 
 
-def test_limit_is_checked_before_postgresql_sees_it(capsys, monkeypatch, pg_url, configured):
+def test_limit_is_checked_before_postgresql_sees_it(capsys, monkeypatch, pg_url, provider_env):
     """`--limit -5` on PostgreSQL used to reach the server as a DataError."""
     monkeypatch.setenv("DATABASE_URL", pg_url)
     code, _, err = run(capsys, "dead", "list", "--limit", "-5")
     assert code == 2 and "--limit" in one_error_line(err)
 
 
-def test_plain_postgresql_urls_work_with_psycopg_3(capsys, monkeypatch, pg_url, configured,
+def test_plain_postgresql_urls_work_with_psycopg_3(capsys, monkeypatch, pg_url, provider_env,
                                                     publisher):
     """`postgresql://user@host/db` (what hosting platforms hand out) uses psycopg 3;
     `postgresql+psycopg2://` keeps working on the same database."""

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import select
 
+from integrations.errors import ClientError, Deferred, RateLimited, Transient
 from outbox import dispatch, enqueue
 from outbox.clock import utcnow
-from integrations.errors import ClientError, Deferred, RateLimited, Transient
 from outbox.config import current_retry_policy
 from outbox.decisions import decide, failure_from
 from outbox.lifecycle import claim, mark_delivered, record, recover_expired_leases

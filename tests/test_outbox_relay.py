@@ -9,14 +9,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import insert, update
 
+from integrations.errors import RateLimited, Transient
+from integrations.registry import supports_idempotency
 from outbox import dispatch, enqueue
 from outbox.clock import utcnow
 from outbox.config import RelaySettings
 from outbox.db import make_engine, make_sessionmaker
-from outbox.ids import new_id
-from integrations.errors import RateLimited, Transient
-from integrations.registry import supports_idempotency
 from outbox.decisions import decide, failure_from
+from outbox.ids import new_id
 from outbox.lifecycle import claim, record
 from outbox.models import Message, MessageStatus
 from outbox.relay import BrokerUnavailable, run_once, take_due
