@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from typing import Annotated
 
@@ -65,8 +66,15 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from outbox import IdempotencyConflict, InvalidMessage, enqueue
-from outbox.db import make_engine, make_sessionmaker
+from outbox import (
+    ConfigurationError,
+    IdempotencyConflict,
+    InvalidMessage,
+    OutboxError,
+    enqueue,
+    logs,
+)
+from outbox.db import check_migrated, make_engine, make_sessionmaker
 
 log = logging.getLogger("examples.shop")
 
@@ -344,11 +352,15 @@ def _port() -> int:
 
 def main() -> None:
     """Create the table and serve the shop on 127.0.0.1:$SHOP_PORT."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()   # the outbox's log handler: sanitised lines (OUTBOX_LOG_FORMAT applies)
     port = _port()
-    engine = make_engine(hide_parameters=True)   # SQL errors never print submitted values
-    create_tables(engine)
+    try:
+        engine = make_engine(hide_parameters=True)   # SQL errors never print submitted values
+        check_migrated(engine)
+        create_tables(engine)
+    except (OutboxError, ConfigurationError) as exc:   # one line and exit 2, as the CLI
+        print(f"shop: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     # access_log=False: it would record client addresses; the shop logs ids only.
     uvicorn.run(make_app(make_sessionmaker(engine)), host="127.0.0.1", port=port,
                 log_config=None, access_log=False)

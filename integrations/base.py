@@ -52,6 +52,10 @@ class Adapter(ABC):
     # How the shared client authenticates requests: "bearer" adds
     # "Authorization: Bearer <key>" from the provider's credential; None adds nothing.
     auth: str | None = None
+    # Limits the provider documents, used when OUTBOX_<NAME>_RATE_LIMIT (or the operation's)
+    # is not set: e.g. "100/s", {"refund": "25/s"}. None: no default limit.
+    rate_limit: str | None = None
+    operation_rate_limits: Mapping[str, str] | None = None
 
     @abstractmethod
     def build_request(self, operation: str, payload: Mapping[str, Any],

@@ -42,7 +42,9 @@ from enum import StrEnum
 
 
 class ErrorClass(StrEnum):
-    """The classes of the error table (README, "Error classification"), as stored in attempt rows."""
+    """The classes of the error table (README, "Error classification"). Attempt rows also
+    hold two the outbox adds: ``internal`` (an exception that is not an IntegrationError) and
+    ``exhausted`` (the budget was spent before a call), from ``outbox.decisions``."""
 
     TRANSIENT = "transient"
     RATE_LIMITED = "rate_limited"
@@ -167,4 +169,6 @@ class InvalidResponse(Permanent):
 
 
 class ConfigurationError(ValueError):
-    """Bad provider settings (URL, timeout, credentials source). Raised at start-up."""
+    """A bad setting (environment variable), named in the message; the one class both
+    ``integrations`` and ``outbox`` raise. Workers, the relay and the CLI check settings at
+    start-up; a setting read later (``OUTBOX_MAX_PAYLOAD_BYTES`` at enqueue) raises it then."""

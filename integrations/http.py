@@ -2,8 +2,8 @@
 
 Policy (``HttpClient``): base URL, ``(connect, read)`` timeouts on every request, TLS
 verification always on with TLS >= 1.2, a connection pool sized to the provider's
-concurrency, no redirects, a fixed User-Agent, bearer credentials, one sanitised log
-line per request, and translation of library errors into ``integrations.errors``:
+concurrency, no redirects, a fixed User-Agent, bearer credentials, one sanitised DEBUG
+log line per request (the delivery logs each outcome once), and translation of library errors into ``integrations.errors``:
 
     never sent: refused, DNS, connect timeout                        → Transient connect_error
     never sent: TLS handshake failed (certificate rejected, not TLS,  → Transient tls_error
@@ -184,7 +184,7 @@ class HttpClient:
             auth: ``"bearer"`` to add ``Authorization: Bearer <key>``, or None.
 
         Raises:
-            AuthError: bearer auth asked for but no key is available.
+            CredentialUnavailable: bearer auth asked for but the key cannot be read.
             ValueError: the path is not absolute, ``auth`` is unknown, or a form key or
                 value is not a str.
         """
@@ -227,7 +227,7 @@ class HttpClient:
                 handshake failed or certificate rejected).
             Ambiguous: it may have been sent (read timeout, connection dropped after
                 sending, TLS error after the handshake, unknown transport failure).
-            AuthError: bearer auth asked for but no key is available.
+            CredentialUnavailable: bearer auth asked for but the key cannot be read.
             ClientError: the request could not be built (bad path or URL).
         """
         path = request.path.split("?", 1)[0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from integrations.protection import DEFAULT_429_PAUSE_S, Protection, ProtectionS
 from integrations.protection import store as protection_store
 from integrations.settings import ProviderSettings
 
-_ADAPTERS: dict[str, Callable[[], Adapter]] = {
+_ADAPTERS: dict[str, type[Adapter]] = {
     "payments": PaymentsAdapter,
     "email": EmailAdapter,
 }
@@ -90,14 +90,17 @@ class Provider:
         except BaseException as exc:
             error = exc
             if permit.probe and isinstance(exc, IntegrationError):
-                # What a failed probe means for its message is outbox.decisions' call.
+                # What a failed probe means for its message is outbox.decisions' call; if it
+                # is deferred, the breaker is open again for open_s: no use coming back sooner.
                 exc.probe = True
+                if exc.retry_after_s is None:
+                    exc.retry_after_s = self.protection.settings.breaker.open_s
             raise
         finally:
             permit.release(error)
 
     def _send(self, operation: str, request) -> Delivery:
-        auth = getattr(self.adapter, "auth", None)
+        auth = self.adapter.auth
         response = self._observed(self.client.send(request, auth=auth))
         if response.status_code == 401 and auth is not None:
             log.info("%s: 401, refreshing credentials and retrying once", self.name,
@@ -157,7 +160,7 @@ class Provider:
 def supports_idempotency(name: str) -> bool:
     """Whether provider ``name`` deduplicates retries by idempotency key (False if unknown)."""
     adapter = _ADAPTERS.get(name)
-    return bool(adapter is not None and getattr(adapter, "supports_idempotency", False))
+    return adapter is not None and adapter.supports_idempotency
 
 
 def known_providers() -> list[str]:
@@ -190,8 +193,8 @@ def build_provider(name: str, environ: Mapping[str, str] | None = None, *,
     adapter = _ADAPTERS[name]()
     limits = ProtectionSettings.from_env(
         name, environ, operations=adapter.operations,
-        default_rate_limit=getattr(adapter, "rate_limit", None),
-        default_operation_rate_limits=getattr(adapter, "operation_rate_limits", None))
+        default_rate_limit=adapter.rate_limit,
+        default_operation_rate_limits=adapter.operation_rate_limits)
     if protection is None and redis is not None:
         if isinstance(redis, str):
             redis = protection_store.shared_redis(redis)

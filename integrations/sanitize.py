@@ -30,8 +30,9 @@ _PAIR = re.compile(
     ("[^"]*"|'[^']*'|[^\s&,;"'}\]]+)""")
 # 13-19 digits, optionally grouped by single spaces or dashes, not glued to a word.
 _CARD = re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])")
-# The local part of an address (the WHATWG form rule's characters), then "@" and a domain.
-_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@(?=[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
+# The local part of an address (letters and digits of any script and the WHATWG rule's
+# signs, but not a quote, which more often encloses the address), "@", a dotted domain.
+_EMAIL = re.compile(r"[\w.!#$%&*+/=?^`{|}~-]+@(?=[\w-]+(?:\.[\w-]+)+)")
 _CUSTOMER = re.compile(r"\b(cus_)[A-Za-z0-9]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 

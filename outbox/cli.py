@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
+import schemas
 from integrations.errors import ConfigurationError
 from integrations.sanitize import sanitize
 
@@ -121,6 +122,8 @@ def cmd_relay(args, sessions):
 
     engine = sessions.kw["bind"]   # the sessionmaker's engine
     settings = config.RelaySettings.from_env()
+    for provider in schemas.operations():   # refuse to start on a provider's bad settings
+        config.retry_policy(provider)
     disp = dispatch.dispatcher()
     if disp.publisher is None:
         raise OutboxError("no publisher is installed (is the package installed with `pip install -e .`?)")
@@ -158,50 +161,12 @@ def _provider_facts() -> dict[str, dict]:
     return facts
 
 
-def _protection_line(name: str, fact: dict) -> str:
-    p = fact.get("protection")
-    if p is None:
-        return f"{name:<12}protection unavailable: {fact.get('settings_error')}"
-    if "error" in p and "breaker" not in p:
-        return f"{name:<12}protection unknown: {p['error']}"
-    breaker = p.get("breaker") or {}
-    parts = [f"limit {p.get('rate_limit') or 'none'}"]
-    parts += [f"{op} {spec}" for op, spec in (p.get("operation_rate_limits") or {}).items()]
-    if p.get("paused_for_s"):
-        parts.append(f"PAUSED {p['paused_for_s']:.1f}s (429)")
-    if p.get("max_concurrency"):
-        parts.append(f"in flight {p.get('permits_in_use')}/{p['max_concurrency']}")
-    if p.get("daily_quota"):
-        state = "EXHAUSTED, waits for" if p.get("quota_remaining") == 0 else "resets in"
-        parts.append(f"quota {p.get('quota_used')}/{p['daily_quota']} ({state} "
-                     f"{(p.get('quota_resets_in_s') or 0) / 3600:.1f} h)")
-    state = breaker.get("state", "?")
-    detail = f"{breaker.get('failures', 0)} failure(s) in window"
-    if state != "closed" and breaker.get("half_open_in_s") is not None:
-        detail += f", half-open in {breaker['half_open_in_s']:.1f}s"
-    parts.append(f"breaker {state.upper() if state != 'closed' else state} ({detail})")
-    return f"{name:<12}" + "   ".join(parts)
-
-
 def cmd_status(args, sessions):
     facts = _provider_facts()
     with sessions() as session:
         data = status.report(session, facts=facts)
     data["protection"] = {name: fact["protection"] for name, fact in facts.items()}
-    lines = [f"outbox status: {data['level']}   dead letters awaiting action: {data['dead_awaiting']}"]
-    lines += [f"  {f['level'].upper()}: {f['reason']}" for f in data["findings"]]
-    lines.append(f"{'provider':<12}{'pending':>8}{'queued':>8}{'flight':>8}{'retry@':>8}"
-                 f"{'deliv.':>9}{'dead':>6}{'disc.':>6}{'oldest due':>12}{'err 5m':>8}  level")
-    for name, e in data["providers"].items():
-        s = e["by_status"]
-        lines.append(f"{name:<12}{s['pending'] - e['retry_scheduled']:>8}{s['queued']:>8}"
-                     f"{s['in_flight']:>8}{e['retry_scheduled']:>8}{s['delivered']:>9}"
-                     f"{s['dead']:>6}{s['discarded']:>6}{e['oldest_due_age_s']:>11.1f}s"
-                     f"{e['error_rate_5m'] * 100:>7.1f}%  {e['level']}")
-        lines += [f"  {f['level'].upper()}: {f['reason']}" for f in e["findings"]]
-    lines.append("protection (shared by every worker):")
-    lines += ["  " + _protection_line(name, fact) for name, fact in facts.items()]
-    _emit(args, data, lines)
+    _emit(args, data, status.render(data, facts))
     return health.exit_code(data["level"])
 
 

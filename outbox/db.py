@@ -53,7 +53,8 @@ def make_engine(url: str | None = None, *, create: bool = False, **kwargs) -> En
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
             elif not path.exists():
-                raise DatabaseNotReady(f"{NOT_MIGRATED} ({path.resolve()} does not exist)")
+                raise DatabaseNotReady(f"{NOT_MIGRATED} ({path.resolve()} does not exist)"
+                                       + _old_default_hint(url))
         engine = _create(parsed, connect_args={"timeout": 30}, **kwargs)
         _tune_sqlite(engine)
         return engine
@@ -61,6 +62,18 @@ def make_engine(url: str | None = None, *, create: bool = False, **kwargs) -> En
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     return _create(parsed, **kwargs)
+
+
+OLD_DEFAULT = Path("var/outbox.db")
+
+
+def _old_default_hint(url: str) -> str:
+    """Until issue 6 the default database was ``var/outbox.db`` in the working directory: if
+    one is here while the new default is missing, say how to keep using it."""
+    if url == config.default_database_url() and OLD_DEFAULT.exists():
+        return (f"; {OLD_DEFAULT.resolve()} is the old default location: set "
+                f"DATABASE_URL=sqlite:///{OLD_DEFAULT.resolve()} to keep using it")
+    return ""
 
 
 def _create(url, **kwargs) -> Engine:

@@ -33,7 +33,8 @@ from .models import AuditEntry, Message, MessageStatus
 
 @dataclass(frozen=True)
 class DeadFilter:
-    """Which dead letters an operator means. Empty filter = all of them."""
+    """Which dead letters an operator means. An empty filter lists all of them; re-drive
+    needs a provider or ``all_providers`` (see the module docstring)."""
 
     provider: str | None = None
     error_class: str | None = None
@@ -144,14 +145,18 @@ def _transition(session, target, action, reason, actor, targets, dry_run, now,
             values.update(attempts=0, rate_limited_count=0, budget_started_at=now,
                           next_attempt_at=now, dead_at=None, queued_at=None,
                           needs_review=False)
+        guard = [Message.id == message_id, Message.status == MessageStatus.DEAD]
+        if target is MessageStatus.PENDING and not accept_duplicate_risk:
+            guard.append(Message.needs_review.is_(False))   # in the statement: no race
         changed = session.execute(
-            update(Message).where(Message.id == message_id, Message.status == MessageStatus.DEAD)
-            .values(**values).execution_options(synchronize_session=False)
+            update(Message).where(*guard).values(**values)
+            .execution_options(synchronize_session=False)
         ).rowcount
         if not changed:
             session.refresh(message)
-            results.append(ActionResult(message_id, message.label, False,
-                                        f"not dead (is {message.status})"))
+            note = (NEEDS_REVIEW_NOTE if message.status == MessageStatus.DEAD
+                    and message.needs_review else f"not dead (is {message.status})")
+            results.append(ActionResult(message_id, message.label, False, note))
             continue
         session.execute(insert(AuditEntry).values(
             at=now, actor=actor, action=action, message_id=message_id, reason=reason,

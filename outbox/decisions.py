@@ -71,8 +71,11 @@ class Failure:
 
 LOST_DETAIL = "worker lost: lease expired before an outcome was recorded"
 # A worker that held the message died or hung past its lease: the call may have happened.
+# It says nothing about the provider, so the retry is due at once (Retry-After 0), not after
+# a backoff; it still spends an attempt, so a message that kills every worker it reaches
+# ends as a dead letter instead of looping.
 LOST = Failure("ambiguous", Handling.BACKOFF, maybe_acted=True, outage_evidence=False,
-               detail=LOST_DETAIL, label="worker_lost")
+               detail=LOST_DETAIL, label="worker_lost", retry_after_s=0.0)
 
 
 def failure_from(exc: BaseException) -> Failure:

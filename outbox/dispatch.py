@@ -138,6 +138,19 @@ class Dispatcher:
             log.warning("could not mark %d message(s) queued: %s", len(refs), type(exc).__name__)
         return True
 
+    def announce_dead_letter(self, message_id: str, label: str) -> None:
+        """Publish one dead letter's event (``Publisher.publish_dead_letter``), in the caller's
+        thread. The dead letter is already committed, so a broker failure is logged, not
+        raised: the count awaiting action lives in the database."""
+        publisher = self.publisher
+        try:
+            if publisher is None:
+                raise RuntimeError("no publisher installed")
+            publisher.publish_dead_letter(message_id, label)
+        except Exception as exc:
+            log.error("dead letter %s recorded but its event was not published: %s", label,
+                      type(exc).__name__)
+
     def flush(self, timeout_s: float = 5.0) -> None:
         """Wait until everything submitted so far was published (or failed)."""
         if self._thread is not None:

@@ -41,7 +41,8 @@ class UnknownOperation(InvalidMessage):
 
 
 class InvalidPayload(InvalidMessage):
-    """The payload failed its JSON Schema. ``path`` is the JSON path of the failing value."""
+    """The payload is not plain, bounded JSON data (``outbox.payload``) or fails its JSON
+    Schema. ``path`` is the JSON path of the failing value (never the value itself)."""
 
     def __init__(self, message: str, path: str):
         super().__init__(message)

@@ -87,14 +87,16 @@ _FENCED = update(_M).where(_M.c.id == bindparam("m_id"), _M.c.lease_token == bin
                            _M.c.status == MessageStatus.IN_FLIGHT)
 
 # A success is recorded under our token even if the relay presumed us dead meanwhile
-# (recovery leaves the token; only a new claim bumps it): dropping it would send again.
+# (recovery leaves the token; only a new claim bumps it): dropping it would send again, and
+# a dead letter it made (needs review, or its budget spent) did happen after all.
 _DELIVERED = update(_M).where(
     _M.c.id == bindparam("m_id"), _M.c.lease_token == bindparam("token"),
-    _M.c.status.in_([MessageStatus.IN_FLIGHT, MessageStatus.PENDING, MessageStatus.QUEUED]),
+    _M.c.status.in_([MessageStatus.IN_FLIGHT, MessageStatus.PENDING, MessageStatus.QUEUED,
+                     MessageStatus.DEAD]),
 ).values(
     status=MessageStatus.DELIVERED, delivered_at=bindparam("now"), updated_at=bindparam("now"),
     lease_expires_at=None, provider_ref=bindparam("ref"), last_status_code=bindparam("code"),
-    attempts=_M.c.attempts + 1)
+    attempts=_M.c.attempts + 1, dead_at=None, needs_review=False)
 
 _FAILED = {   # status → statement; the failure columns come from the Failure
     status: _FENCED.values(
@@ -195,9 +197,9 @@ def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool
                            now: datetime | None = None, limit: int = 500
                            ) -> list[tuple[str, Decision]]:
     """In-flight rows whose lease expired (worker killed or hung): decided as the ``LOST``
-    failure (the call may have happened), then retried with the same idempotency key, or
-    dead-lettered — "needs review" for a provider without idempotency, "exhausted" for a
-    message that kills every worker it reaches. Commits.
+    failure (the call may have happened), then due again at once with the same idempotency
+    key, or dead-lettered — "needs review" for a provider without idempotency, "exhausted"
+    for a message that kills every worker it reaches. Commits.
 
     Args:
         idempotent: provider name → whether it deduplicates retries (the composition layer

@@ -57,6 +57,19 @@ def current() -> dict[str, str]:
     return dict(_context.get())
 
 
+def _clean(value):
+    """``value`` with every string in it sanitised (containers kept, anything else as text)."""
+    if isinstance(value, str):
+        return sanitize(value, None)
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return sanitize(repr(value), None)
+
+
 class ContextFilter(logging.Filter):
     """Puts the bound context on each record: ``record.outbox`` and ``record.context``."""
 
@@ -68,12 +81,17 @@ class ContextFilter(logging.Filter):
 
 
 class _Json(JsonFormatter):
-    """python-json-logger's formatter, with the bound context as top-level fields."""
+    """python-json-logger's formatter, with the bound context as top-level fields, and every
+    other field sanitised too: a library's ``extra`` (Celery adds the exception and its
+    traceback to failures) would otherwise reach the line as it is."""
 
     def add_fields(self, log_record, record, message_dict) -> None:
         super().add_fields(log_record, record, message_dict)
         log_record.pop("context", None)
         log_record.update(log_record.pop("outbox", None) or {})
+        for key, value in list(log_record.items()):
+            if key not in ("time", "level", "logger", "message"):
+                log_record[key] = _clean(value)
 
     def formatException(self, ei) -> str:
         # This formatter renders tracebacks itself (not from the sanitised record.exc_text).

@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -84,7 +85,7 @@ class Message(Base):
     provider_ref: Mapped[str | None] = mapped_column(String(255))
     # Dead-lettered because the provider may have acted and cannot deduplicate a retry:
     # a re-drive may act twice, so it needs an operator's explicit consent.
-    needs_review: Mapped[bool] = mapped_column(Boolean, default=False)
+    needs_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (
         UniqueConstraint("provider", "idempotency_key", name="uq_outbox_messages_provider_key"),

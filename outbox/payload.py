@@ -29,6 +29,8 @@ import json
 import math
 from typing import Any
 
+import schemas
+
 from .errors import InvalidPayload
 
 MAX_DEPTH = 32
@@ -69,7 +71,7 @@ def _walk(payload: dict, max_bytes: int, label: str) -> None:
     values = MAX_VALUES  # values still allowed
 
     def refuse(path: tuple, reason: str) -> InvalidPayload:
-        where = _render(path)
+        where = schemas.json_path(path)
         return InvalidPayload(f"invalid payload for {label}: {where}: {reason}", where)
 
     too_big = f"larger than the {max_bytes}-byte cap (OUTBOX_MAX_PAYLOAD_BYTES)"
@@ -142,18 +144,3 @@ def _check_text(text: str, path: tuple, refuse) -> None:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise refuse(path, "not valid Unicode (an unpaired surrogate)") from None
-
-
-def _render(path: tuple) -> str:
-    """``$.metadata.order``, ``$.to[3]``; a key that is not a plain name is quoted and
-    shortened, so a path never carries control characters or much of a key into a message."""
-    out = "$"
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif (part.isascii() and part.replace("_", "a").replace("-", "a").isalnum()
-              and len(part) <= 64):
-            out += f".{part}"
-        else:
-            out += f"[{json.dumps(part[:40])}]"
-    return out

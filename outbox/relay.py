@@ -15,11 +15,14 @@ from datetime import timedelta
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from integrations.errors import ConfigurationError
+
 from .clock import utcnow
 from .config import RelaySettings, current_retry_policy
 from .dispatch import Dispatcher, MessageRef
 from .lifecycle import due_filter, recover_expired_leases
 from .models import AttemptOutcome, Message, MessageStatus
+from .retry import RetryPolicy
 
 log = logging.getLogger("outbox.relay")
 
@@ -68,7 +71,7 @@ def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
     """
     with Session(engine) as session:
         lost = recover_expired_leases(session, limit=settings.batch_size, idempotent=idempotent,
-                                      policy_for=current_retry_policy)
+                                      policy_for=_policy)
         if lost:
             log.warning("recovered %d message(s) whose worker lease expired", len(lost))
             _announce_dead(dispatcher, session,
@@ -83,19 +86,22 @@ def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
     return len(refs)
 
 
+def _policy(provider: str) -> RetryPolicy:
+    """The provider's retry policy; the default one if its settings are invalid, so that one
+    provider's typo cannot stop the relay for all (``outbox relay`` checks them at start)."""
+    try:
+        return current_retry_policy(provider)
+    except ConfigurationError as exc:
+        log.error("%s: invalid retry settings (%s); using the defaults", provider, exc)
+        return RetryPolicy()
+
+
 def _announce_dead(dispatcher: Dispatcher, session: Session, ids: list[str]) -> None:
     """Publish the dead-letter event of rows the relay dead-lettered."""
-    publisher = dispatcher.publisher
     for message in (session.get(Message, mid) for mid in ids):
         log.warning("dead letter %s: %s", message.label, "needs review (worker lost)"
                     if message.needs_review else "worker lost, budget spent")
-        if publisher is None:
-            continue
-        try:
-            publisher.publish_dead_letter(message.id, f"{message.label} worker_lost")
-        except Exception as exc:  # the row is dead in the database whatever the broker says
-            log.warning("dead-letter event for %s not published: %s", message.id,
-                        type(exc).__name__)
+        dispatcher.announce_dead_letter(message.id, f"{message.label} worker_lost")
 
 
 class BrokerUnavailable(RuntimeError):

@@ -31,7 +31,7 @@ from pathlib import Path
 import fastjsonschema
 
 __all__ = ["SchemaError", "load", "operations", "validate", "validate_operation",
-           "validate_response", "check_idempotency_key"]
+           "validate_response", "check_idempotency_key", "json_path"]
 
 _ROOT = Path(__file__).resolve().parent
 _NAME = re.compile(r"^(?P<name>[a-z0-9_]+(?:\.[a-z0-9_]+)?)\.v(?P<version>\d+)\.json$")
@@ -103,9 +103,9 @@ def validate(kind: str, name: str, document: object) -> None:
     try:
         _validator(kind, name)(document)
     except fastjsonschema.JsonSchemaValueException as exc:
-        path = _path(document, exc.path or ["data"])
-        raise SchemaError(f"{kind}/{name}", path,
-                          _reason(exc.rule, exc.rule_definition, _at(document, exc.path))) from None
+        steps = _steps(document, exc.name or "data")
+        raise SchemaError(f"{kind}/{name}", json_path(steps),
+                          _reason(exc.rule, exc.rule_definition, _at(document, steps))) from None
 
 
 def validate_operation(provider: str, operation: str, payload: object) -> None:
@@ -128,27 +128,55 @@ def check_idempotency_key(key: object) -> None:
     validate("common", "idempotency_key", key)
 
 
-def _path(document: object, parts: list) -> str:
-    """``$.to[3].email`` for fastjsonschema's ``["data", "to", "3", "email"]``: a part is an
-    index when the value it selects from is a list (the library gives indexes as strings)."""
-    out, node = "$", document
-    for part in parts[1:]:
-        if isinstance(node, list):
+def json_path(parts: tuple | list) -> str:
+    """The one way a path is written in errors: ``$.metadata.order``, ``$.to[3]``. A key that
+    is not a plain name is quoted, escaped and shortened (``$.metadata["ann@exa…"]``), so a
+    path never carries control characters, or much of a key that may be data, into a message.
+    """
+    out = "$"
+    for part in parts:
+        if isinstance(part, int):
             out += f"[{part}]"
-            node = node[int(part)] if str(part).isdigit() and int(part) < len(node) else None
-        else:
+        elif (part.isascii() and part.replace("_", "a").replace("-", "a").isalnum()
+              and len(part) <= 64):
             out += f".{part}"
-            node = node.get(part) if isinstance(node, dict) else None
+        else:
+            out += f"[{json.dumps(part[:40])}]"
     return out
 
 
-def _at(document: object, parts: list | None) -> object:
+def _steps(document: object, name: str) -> list[int | str]:
+    """The keys and indexes of fastjsonschema's ``name`` (``data.to[3].email``), read against
+    the document itself: a key may hold dots or brackets, so the text is matched to the
+    document's own keys (the longest that fits), not split on them."""
+    steps: list[int | str] = []
+    node, rest = document, name[len("data"):]
+    while rest:
+        if isinstance(node, list) and rest.startswith("["):
+            index = rest[1:rest.index("]")]
+            steps.append(int(index))
+            node = node[int(index)] if int(index) < len(node) else None
+            rest = rest[len(index) + 2:]
+        elif isinstance(node, dict) and rest.startswith("."):
+            keys = [k for k in node if isinstance(k, str) and rest[1:].startswith(k)
+                    and rest[1 + len(k):][:1] in ("", ".", "[")]
+            if not keys:
+                break
+            key = max(keys, key=len)
+            steps.append(key)
+            node, rest = node[key], rest[1 + len(key):]
+        else:
+            break
+    return steps
+
+
+def _at(document: object, steps: list[int | str]) -> object:
     node = document
-    for part in (parts or ["data"])[1:]:
-        if isinstance(node, list) and str(part).isdigit() and int(part) < len(node):
-            node = node[int(part)]
+    for step in steps:
+        if isinstance(node, list) and isinstance(step, int) and step < len(node):
+            node = node[step]
         elif isinstance(node, dict):
-            node = node.get(part)
+            node = node.get(step)
         else:
             return None
     return node

@@ -35,6 +35,7 @@ log = logging.getLogger("outbox.delivery")
 # A provider whose settings cannot be loaded: nothing is sent, the message waits this long
 # (``outbox status`` names the problem; workers refuse to start with it).
 PROVIDER_UNAVAILABLE_RETRY_S = 30.0
+LEASE_LOST = "not recorded: the lease was lost to a newer claim, which owns the message"
 
 
 class AttemptFailed(Retry):
@@ -58,7 +59,8 @@ class Result:
     """What ``deliver_message`` did, for the task to report (codes and labels only).
 
     Attributes:
-        outcome: None when there was nothing to claim (a duplicate or stale message).
+        outcome: None when there was nothing to claim (a duplicate or stale message), or
+            when our lease was lost to a newer claim before the outcome was recorded.
         label: the message's label (``payments.charge 01J…``).
         summary: ``200 pi_… succeeded``, or ``client_error 402 card_declined: not retryable``.
         next_attempt_at: when a retried or deferred message is due again.
@@ -123,9 +125,10 @@ def _attempt(session: Session, claim: Claim, provider_for, idempotent, worker, c
         except Exception as exc:
             failure = decisions.failure_from(exc)
         else:
-            lifecycle.mark_delivered(session, claim, status_code=delivery.status_code,
-                                     provider_ref=delivery.provider_ref, worker=worker,
-                                     now=clock())
+            if not lifecycle.mark_delivered(session, claim, status_code=delivery.status_code,
+                                            provider_ref=delivery.provider_ref, worker=worker,
+                                            now=clock()):
+                return Result(None, claim.label, f"{delivery.summary}; {LEASE_LOST}")
             return Result(AttemptOutcome.DELIVERED, claim.label, delivery.summary)
     decision = decisions.decide(failure, attempts=claim.attempts,
                                 rate_limited=claim.rate_limited_count,
@@ -136,17 +139,20 @@ def _attempt(session: Session, claim: Claim, provider_for, idempotent, worker, c
 
 def _record(session: Session, claim: Claim, failure: Failure, decision: Decision, worker,
             clock) -> Result:
-    lifecycle.record(session, claim, failure, decision, worker=worker, now=clock())
     summary = (failure.label if failure.label == failure.error_class
                else f"{failure.error_class} {failure.label}")
     if decision.reason:
         summary += f": {decision.reason}"
+    if not lifecycle.record(session, claim, failure, decision, worker=worker, now=clock()):
+        return Result(None, claim.label, f"{summary}; {LEASE_LOST}")
     return Result(decision.outcome, claim.label, summary, decision.next_attempt_at)
 
 
 def _log(result: Result) -> None:
     """One line per outcome: label, class and reason; never a traceback or provider text."""
-    if result.outcome is AttemptOutcome.DEAD:
+    if result.outcome is None:
+        log.info("%s %s", result.label, result.summary)
+    elif result.outcome is AttemptOutcome.DEAD:
         log.warning("dead letter %s %s", result.label, result.summary)
     elif result.outcome is AttemptOutcome.DELIVERED:
         log.info("delivered %s %s", result.label, result.summary)
@@ -155,23 +161,12 @@ def _log(result: Result) -> None:
                  iso(result.next_attempt_at))
 
 
-def _announce_dead_letter(message_id: str, label: str) -> None:
-    """Publish the dead-letter event through the process's publisher (``dead_letter`` queue)."""
-    publisher = dispatch.dispatcher().publisher
-    try:
-        if publisher is None:
-            raise RuntimeError("no publisher installed")
-        publisher.publish_dead_letter(message_id, label)
-    except Exception as exc:  # the row is dead in the database whatever the broker says
-        log.error("dead letter %s recorded but its event could not be published: %s",
-                  label, type(exc).__name__)
-
-
 @app.task(name="outbox.deliver", bind=True, throws=(DeadLettered,))
 def deliver(self, message_id: str) -> str:
     """Deliver outbox row ``message_id``; the state Flower shows is the delivery's outcome."""
     result = deliver_message(message_id, sessions=runtime.sessions(), lease=runtime.lease(),
-                             worker=runtime.worker_name(), on_dead=_announce_dead_letter)
+                             worker=runtime.worker_name(),
+                             on_dead=dispatch.dispatcher().announce_dead_letter)
     if result.outcome in (AttemptOutcome.RETRY, AttemptOutcome.DEFERRED):
         raise AttemptFailed(f"{result.summary}; next attempt at {iso(result.next_attempt_at)}")
     if result.outcome is AttemptOutcome.DEAD:

@@ -262,3 +262,24 @@ def test_needs_review_requires_accepting_the_duplicate_risk(capsys, db):
     code, out, _ = run(capsys, "dead", "redrive", message_id, "--reason", "checked: not sent",
                        "--accept-duplicate-risk")
     assert code == 0 and "redrive done" in out
+
+
+def test_the_relay_refuses_to_start_on_a_providers_bad_retry_settings(capsys, db, monkeypatch):
+    monkeypatch.setenv("OUTBOX_EMAIL_MAX_ATTEMPTS", "lots")
+    code, _, err = run(capsys, "relay", "--once")
+    assert code == 2 and "OUTBOX_EMAIL_MAX_ATTEMPTS" in one_error_line(err)
+
+
+def test_the_old_default_database_is_pointed_out(tmp_path, capsys, monkeypatch, provider_env):
+    """A var/outbox.db in this folder (the default until issue 6) and no database at the new
+    default: the error says how to keep using the old one; nothing is created."""
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "outbox.db").touch()
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "status")
+    line = one_error_line(err)
+    assert code == 2 and f"DATABASE_URL=sqlite:///{tmp_path}/var/outbox.db" in line
+    assert not (tmp_path / "home").exists()

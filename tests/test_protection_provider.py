@@ -170,3 +170,19 @@ def test_get_provider_refuses_a_bad_spec(monkeypatch):
             registry.get_provider("payments")
     finally:
         registry.reset()
+
+
+def test_a_failed_half_open_probe_is_marked_and_waits_for_the_breaker(client):
+    """A probe's failure carries ``probe`` (outbox.decisions defers it without spending an
+    attempt) and, when the provider named no wait, the breaker's open time: coming back
+    sooner would only meet the open breaker again."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    down, _ = provider(client, lambda r: (503, {}, {"error": {}}), ns, BREAKER_FAILURES=1,
+                       BREAKER_OPEN="0.3")
+    with pytest.raises(Transient) as first:
+        down.deliver("charge", CHARGE, "k-1")
+    assert first.value.probe is False and first.value.retry_after_s is None
+    time.sleep(0.35)                                  # half-open: the next call is the probe
+    with pytest.raises(Transient) as probe:
+        down.deliver("charge", CHARGE, "k-2")
+    assert probe.value.probe is True and probe.value.retry_after_s == pytest.approx(0.3)

@@ -190,3 +190,18 @@ def test_errors_name_the_path_and_rule(payload, message):
 def test_unknown_documents_still_raise_key_error():
     with pytest.raises(KeyError):
         schemas.validate_operation("payments", "nope", {})
+
+
+@pytest.mark.parametrize("key, shown", [
+    ("order", "$.metadata.order"),
+    ("a.b[0]", '$.metadata["a.b[0]"]'),
+    ("ann.smith@example.com\r\nInjected: yes", '$.metadata["ann.smith@example.com\\r\\nInjected'),
+])
+def test_paths_quote_keys_that_are_not_plain_names(key, shown):
+    """Keys holding dots or brackets are matched to the document (not split on), and any key
+    that is not a plain name is quoted and escaped: no CR/LF reaches a message."""
+    with pytest.raises(schemas.SchemaError) as info:
+        schemas.validate_operation("payments", "charge",
+                                   {"amount": 1, "currency": "usd", "metadata": {key: 5}})
+    assert info.value.path.startswith(shown)
+    assert "\r" not in str(info.value) and "\n" not in str(info.value)
