@@ -95,6 +95,25 @@ class Processes:
         wait_until(receiving_events, 30, 0.2, message="Flower to receive the worker's events")
         return url
 
+    def sandbox(self, name: str = "sandbox") -> str:
+        """The sandbox providers in a process of their own; returns the URL once it listens.
+
+        For tests that time arrivals at the provider: the in-process sandbox shares the
+        test's GIL, so whatever the test process does (its dispatch thread publishing, its
+        polling) can delay a request's arrival timestamp and bunch arrivals together.
+        """
+        import re
+
+        env = {"SANDBOX_PAYMENTS_API_KEY": self.env.get("OUTBOX_PAYMENTS_API_KEY", "")}
+        proc = self.start(name, [sys.executable, "-m", "sandbox", "--port", "0"], **env)
+
+        def listening():
+            assert proc.poll() is None, f"sandbox exited:\n{self.log(name)[-2000:]}"
+            match = re.search(r"listening on (http://\S+)", self.log(name))
+            return match.group(1) if match else None
+
+        return wait_until(listening, 20, message="the sandbox to listen")
+
     def relay(self, name: str = "relay", **env) -> subprocess.Popen:
         env.setdefault("OUTBOX_RELAY_POLL_INTERVAL", "0.2")
         return self.start(name, [str(BIN / "outbox"), "relay"], **env)

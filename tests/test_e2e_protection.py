@@ -56,12 +56,15 @@ def _cpu_seconds(pids):
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def test_four_workers_share_one_global_rate_limit(sessions, procs, sandbox, celery_publisher):
+def test_four_workers_share_one_global_rate_limit(sessions, procs, celery_publisher):
     """4 worker processes, limit 20/s, 400 messages: never more than 20 requests in any
     1-second window at the sandbox, done within 10 % of the ideal 20 s, and the throttled
-    workers sleep rather than spin (low CPU)."""
+    workers sleep rather than spin (low CPU). The sandbox runs in its own process, so that
+    its arrival times are not those of a process busy with the test itself."""
+    provider_url = procs.sandbox()
     workers = [procs.worker(f"w{n}", queues="payments", concurrency=4,
-                            OUTBOX_PAYMENTS_RATE_LIMIT="20/s") for n in range(4)]
+                            OUTBOX_PAYMENTS_RATE_LIMIT="20/s",
+                            OUTBOX_PAYMENTS_BASE_URL=provider_url) for n in range(4)]
     procs.relay()
     cpu_before, wall_before = _cpu_seconds(p.pid for p in workers), time.monotonic()
     _enqueue(sessions, 400, "rl")
@@ -71,7 +74,9 @@ def test_four_workers_share_one_global_rate_limit(sessions, procs, sandbox, cele
         time.monotonic() - wall_before)
     # Delivering 20/s costs a few ms of CPU each; a busy-waiting worker would burn a core.
     assert cpu_share < 0.5, f"4 throttled workers used {cpu_share:.2f} CPU cores"
-    times = _arrivals(sandbox)
+    log = requests.get(provider_url + "/_sandbox/stats", params={"log": "1"},
+                       timeout=30).json()["request_log"]
+    times = sorted(e["t"] for e in log if e["path"] == "/v1/payment_intents")
     assert len(times) == 400
     assert max_in_window(times) <= 20
     elapsed = times[-1] - times[0]
@@ -108,16 +113,21 @@ def test_concurrency_cap_holds_across_workers_and_a_killed_worker_returns_its_pe
     assert set(stats["effects_by_key"].values()) == {1}
 
 
-def test_one_429_pauses_every_worker_for_retry_after(sessions, procs, sandbox, celery_publisher):
-    """One 429 with Retry-After: 2 → no worker sends that provider anything for 2 s."""
-    _fault(sandbox, fault="rate_limit", retry_after="2", count=1)
+def test_one_429_pauses_every_worker_for_retry_after(sessions, procs, celery_publisher):
+    """One 429 with Retry-After: 2 → no worker sends that provider anything for 2 s. (The
+    sandbox runs in its own process: its arrival times are not delayed by the test's.)"""
+    provider_url = procs.sandbox()
+    requests.post(provider_url + "/_sandbox/faults", json={
+        "fault": "rate_limit", "retry_after": "2", "count": 1}, timeout=5).raise_for_status()
     for n in range(2):
-        procs.worker(f"w{n}", queues="payments", concurrency=4)
+        procs.worker(f"w{n}", queues="payments", concurrency=4,
+                     OUTBOX_PAYMENTS_BASE_URL=provider_url)
     procs.relay()
     _enqueue(sessions, 40, "pause")
     wait_until(lambda: _count(sessions, MessageStatus.DELIVERED) == 40, 60, interval_s=0.2,
                message="40 deliveries")
-    log = sandbox.state.stats()["request_log"]
+    log = requests.get(provider_url + "/_sandbox/stats", params={"log": "1"},
+                       timeout=30).json()["request_log"]
     [throttled] = [e for e in log if e["status"] == 429]
     # Requests already on the wire when the 429 was answered may still land just after it.
     quiet = [e for e in log if throttled["t_end"] + 0.1 < e["t"] < throttled["t_end"] + 1.95]
