@@ -84,6 +84,14 @@ def _no_remote(uri: str):
     raise KeyError(f"remote $ref {uri!r} is not allowed in schemas/")
 
 
+def compile_all() -> None:
+    """Compile every document now (a few ms each), so that no delivery pays for it: a worker
+    calls this at start-up, before its threads race for their first rate-limit slots."""
+    for kind in ("operations", "responses", "common"):
+        for name in _index(kind):
+            _validator(kind, name)
+
+
 def operations() -> dict[str, frozenset[str]]:
     """Every provider and the operations it accepts, as declared by the operation schemas."""
     found: dict[str, set[str]] = {}

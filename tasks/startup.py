@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import schemas
 from integrations.errors import ConfigurationError, IntegrationError
 from integrations.registry import get_provider, known_providers
 from outbox.config import RelaySettings, retry_policy
@@ -61,6 +62,7 @@ def check_worker(queues: Iterable[str]) -> Findings:
                 found.warnings += provider.client.credentials.check()
             except IntegrationError as exc:
                 found.problems.append(f"{name} credential: {exc.detail}")
+    schemas.compile_all()
     try:
         check_migrated(runtime.engine())
     except (ConfigurationError, DatabaseNotReady) as exc:
