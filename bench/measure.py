@@ -155,8 +155,8 @@ def pipeline_throughput(ctx: Ctx, n: int, tag: str, batch: int = 100,
     # Broker messages the worker took per delivered row: > 1 means duplicates (e.g. the relay
     # re-sent rows the dispatch thread had not yet marked queued); each costs a claim.
     time.sleep(0.3)  # let the worker's log catch up
-    result["tasks_received"] = ctx.stack.log_count("worker", log0,
-                                                   r"outbox\.deliver\[[^\]]*\] received")
+    # One line per deliver message the worker took: its outcome, or "duplicate or stale".
+    result["tasks_received"] = ctx.stack.log_count("worker", log0, r"outbox\.delivery: ")
     return result
 
 

@@ -94,6 +94,8 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
     with sessions() as session:
         claim = lifecycle.claim(session, message_id, lease, now=clock())
         if claim is None:
+            # A duplicate or stale broker message (redelivered, or the row already moved on).
+            log.info("duplicate or stale broker message %s: nothing to do", message_id)
             return Result(None, message_id, "nothing to do (duplicate or stale message)")
         with logs.bound(provider=claim.provider, message_id=claim.id,
                         attempt=claim.attempts + 1, correlation_id=claim.correlation_id):
