@@ -24,7 +24,13 @@ from typing import Any
 import schemas
 from integrations.base import Adapter, Delivery
 from integrations.email import EmailAdapter
-from integrations.errors import ClientError, IntegrationError, InvalidResponse, RateLimited
+from integrations.errors import (
+    ClientError,
+    ConfigurationError,
+    IntegrationError,
+    InvalidResponse,
+    RateLimited,
+)
 from integrations.http import HttpClient
 from integrations.payments import PaymentsAdapter
 from integrations.protection import DEFAULT_429_PAUSE_S, Protection, ProtectionSettings
@@ -166,6 +172,37 @@ def supports_idempotency(name: str) -> bool:
 def known_providers() -> list[str]:
     """Names of every provider with an adapter, sorted."""
     return sorted(_ADAPTERS)
+
+
+@dataclass(frozen=True)
+class ProviderCheck:
+    """Whether a provider can work here and now, for workers' start-up and for health.
+
+    Attributes:
+        provider: the process's ``Provider``, or None when its settings are invalid.
+        settings_error: why its settings are invalid, or None.
+        credential_error: why its credential cannot be read, or None.
+        warnings: about its credential (a key file others can read).
+    """
+
+    provider: Provider | None
+    settings_error: str | None = None
+    credential_error: str | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def check_provider(name: str) -> ProviderCheck:
+    """Build (or reuse) provider ``name`` and read its credential now."""
+    try:
+        provider = get_provider(name)
+    except (ConfigurationError, KeyError) as exc:
+        return ProviderCheck(None, settings_error=str(exc))
+    if provider.adapter.auth is None:
+        return ProviderCheck(provider)
+    try:
+        return ProviderCheck(provider, warnings=tuple(provider.client.credentials.check()))
+    except IntegrationError as exc:
+        return ProviderCheck(provider, credential_error=exc.detail)
 
 
 def build_provider(name: str, environ: Mapping[str, str] | None = None, *,

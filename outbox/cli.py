@@ -82,6 +82,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    if not (text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a TCP port (0-65535)")
+    return int(text)
+
+
 def _actor(args) -> str:
     return args.actor or os.environ.get("OUTBOX_ACTOR") or f"{getpass.getuser()}@{socket.gethostname()}"
 
@@ -140,24 +146,14 @@ def cmd_relay(args, sessions):
 def _provider_facts() -> dict[str, dict]:
     """Each provider's live state, for health: its shared limiter/quota/breaker state (Redis),
     whether its credential can be read, whether its settings load."""
-    from integrations.errors import IntegrationError
-    from integrations.registry import get_provider, known_providers
+    from integrations.registry import check_provider, known_providers
 
     facts = {}
     for name in known_providers():
-        fact: dict = {"protection": None, "credential": None, "settings_error": None}
-        try:
-            provider = get_provider(name)
-        except (ConfigurationError, KeyError) as exc:
-            fact["settings_error"] = str(exc)
-        else:
-            fact["protection"] = provider.protection.snapshot()
-            if provider.adapter.auth is not None:
-                try:
-                    provider.client.credentials.get()
-                except IntegrationError as exc:
-                    fact["credential"] = exc.detail
-        facts[name] = fact
+        check = check_provider(name)
+        facts[name] = {
+            "protection": check.provider.protection.snapshot() if check.provider else None,
+            "credential": check.credential_error, "settings_error": check.settings_error}
     return facts
 
 
@@ -293,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="create or migrate the database").set_defaults(
-        func=cmd_db_upgrade, creates_database=True)
+        func=cmd_db_upgrade, opens_database=False)   # it creates the database
 
     p = sub.add_parser("relay", help="publish due and lost messages, forever")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
@@ -354,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sandbox", help="run the fake providers on loopback")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=int(os.environ.get("SANDBOX_PORT", "8100")))
-    p.set_defaults(func=cmd_sandbox, needs_database=False)
+    p.add_argument("--port", type=_port, default=os.environ.get("SANDBOX_PORT", "8100"),
+                   help="0 picks a free one")
+    p.set_defaults(func=cmd_sandbox, opens_database=False)
     return parser
 
 
@@ -370,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:   # OUTBOX_LOG_FORMAT or OUTBOX_LOG_LEVEL
         return _fail(str(exc))
     try:
-        if not getattr(args, "needs_database", True):
-            return args.func(args, None) or 0
-        if getattr(args, "creates_database", False):
+        if not getattr(args, "opens_database", True):
             return args.func(args, None) or 0
         engine = make_engine()
         check_migrated(engine)

@@ -61,8 +61,13 @@ def exit_code(level: str) -> int:
     return _ORDER[level]
 
 
-def _level(value: float, levels: tuple[float, float]) -> str:
-    return CRITICAL if value >= levels[1] else WARNING if value >= levels[0] else OK
+def _level(value: float, levels: tuple[float, float]) -> tuple[str, float]:
+    """The level ``value`` reaches, and the threshold it passed (None when ok)."""
+    if value >= levels[1]:
+        return CRITICAL, levels[1]
+    if value >= levels[0]:
+        return WARNING, levels[0]
+    return OK, None
 
 
 def provider_findings(stats: Mapping, facts: Mapping | None, now_epoch_s: float,
@@ -80,17 +85,15 @@ def provider_findings(stats: Mapping, facts: Mapping | None, now_epoch_s: float,
     found: list[Finding] = []
     t = thresholds
     rate = stats["failures_5m"] / stats["attempts_5m"] if stats["attempts_5m"] else 0.0
-    level = _level(rate, t.error_rate)
+    level, bound = _level(rate, t.error_rate)
     if level != OK:
-        bound = t.error_rate[1] if level == CRITICAL else t.error_rate[0]
         codes = ", ".join(f"{code} ×{n}" for code, n in stats["failures_by_code_5m"].items())
         found.append(Finding("error_rate", level,
                              f"error rate {rate:.0%} over 5 min ≥ {bound:.0%} ({codes})"))
-    level = _level(stats["depth"], t.depth)
+    level, bound = _level(stats["depth"], t.depth)
     if level != OK:
-        bound = t.depth[1] if level == CRITICAL else t.depth[0]
         found.append(Finding("depth", level, f"queue depth {stats['depth']:,} ≥ {bound:,}"))
-    level = _level(stats["dead_last_hour"], t.dead_per_hour)
+    level, _ = _level(stats["dead_last_hour"], t.dead_per_hour)
     if level != OK:
         found.append(Finding("dead_letters", level,
                              f"{stats['dead_last_hour']} dead letter(s) in the last hour"

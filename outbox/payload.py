@@ -36,6 +36,7 @@ from .errors import InvalidPayload
 MAX_DEPTH = 32
 MAX_VALUES = 10_000
 MAX_INT = 2**63 - 1
+_INT_RANGE = "integer out of range (at most 19 digits, signed 64-bit)"
 
 
 def canonical_json(payload: Any, *, max_bytes: int, label: str = "payload") -> str:
@@ -102,8 +103,7 @@ def _walk(payload: dict, max_bytes: int, label: str) -> None:
             elif kind is int:
                 budget -= 1
                 if not -MAX_INT <= item <= MAX_INT:
-                    raise refuse(path + (key,), "integer out of range (at most 19 digits, "
-                                                "signed 64-bit)")
+                    raise refuse(path + (key,), _INT_RANGE)
             elif kind is dict or kind is list:
                 stack.append((item, path + (key,), depth + 1))
             else:
@@ -121,7 +121,7 @@ def _other(value, path: tuple, depth: int, stack: list, refuse) -> int:
         return len(value) + 2
     if isinstance(value, int):
         if not -MAX_INT <= value <= MAX_INT:
-            raise refuse(path, "integer out of range (at most 19 digits, signed 64-bit)")
+            raise refuse(path, _INT_RANGE)
         return 1
     if isinstance(value, float):
         if not math.isfinite(value):

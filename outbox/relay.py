@@ -20,6 +20,7 @@ from integrations.errors import ConfigurationError
 from .clock import utcnow
 from .config import RelaySettings, current_retry_policy
 from .dispatch import Dispatcher, MessageRef
+from .errors import OutboxError
 from .lifecycle import due_filter, recover_expired_leases
 from .models import AttemptOutcome, Message, MessageStatus
 from .retry import RetryPolicy
@@ -81,7 +82,8 @@ def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
             return 0
         if not dispatcher.publish_now(None, refs):
             release(session, refs)
-            raise BrokerUnavailable(f"could not publish {len(refs)} message(s)")
+            raise BrokerUnavailable(f"broker unreachable: could not publish {len(refs)} "
+                                    "message(s); they stay due")
     log.debug("relay published %d message(s)", len(refs))
     return len(refs)
 
@@ -104,8 +106,8 @@ def _announce_dead(dispatcher: Dispatcher, session: Session, ids: list[str]) -> 
         dispatcher.announce_dead_letter(message.id, f"{message.label} worker_lost")
 
 
-class BrokerUnavailable(RuntimeError):
-    pass
+class BrokerUnavailable(OutboxError, RuntimeError):
+    """The broker refused the relay's messages; the rows are due again and wait for it."""
 
 
 def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,

@@ -102,8 +102,8 @@ def report(session: Session, now: datetime | None = None,
             e["error_rate_5m"] = round(e["failures_5m"] / e["attempts_5m"], 4)
         e["failures_by_code_5m"] = dict(sorted(e["failures_by_code_5m"].items(),
                                                key=lambda kv: -kv[1]))
-        found = health.provider_findings(e, (facts or {}).get(name) if facts is not None
-                                         else None, epoch, thresholds)
+        found = health.provider_findings(e, None if facts is None else facts.get(name),
+                                         epoch, thresholds)
         e["findings"] = [f.to_dict() for f in found]
         e["checks"] = {f.check: f.level for f in found}
         e["level"] = health.worst(f.level for f in found)

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
+from types import MappingProxyType
 
 import fastjsonschema
 
@@ -92,13 +93,15 @@ def compile_all() -> None:
             _validator(kind, name)
 
 
-def operations() -> dict[str, frozenset[str]]:
-    """Every provider and the operations it accepts, as declared by the operation schemas."""
+@cache
+def operations() -> Mapping[str, frozenset[str]]:
+    """Every provider and the operations it accepts, as declared by the operation schemas
+    (read once per process: ``enqueue`` asks on every call)."""
     found: dict[str, set[str]] = {}
     for name in _index("operations"):
         provider, operation = name.split(".", 1)
         found.setdefault(provider, set()).add(operation)
-    return {provider: frozenset(ops) for provider, ops in found.items()}
+    return MappingProxyType({provider: frozenset(ops) for provider, ops in found.items()})
 
 
 def validate(kind: str, name: str, document: object) -> None:

@@ -31,8 +31,11 @@ def _check_before_start(sender=None, **_):
 
     SystemExit passes through Celery's signal dispatch (it only catches Exception).
     """
+    import schemas
+
     from .startup import check_worker
 
+    schemas.compile_all()   # now, not in the threads racing for their first rate-limit slots
     queues = list(sender.app.amqp.queues.consume_from) if sender is not None else []
     found = check_worker(queues)
     for warning in found.warnings:

@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import schemas
-from integrations.errors import ConfigurationError, IntegrationError
-from integrations.registry import get_provider, known_providers
+from integrations.errors import ConfigurationError
+from integrations.registry import check_provider, known_providers
 from outbox.config import RelaySettings, retry_policy
 from outbox.db import check_migrated
 from outbox.errors import DatabaseNotReady
@@ -48,21 +47,22 @@ def check_worker(queues: Iterable[str]) -> Findings:
     for name in known_providers():
         try:
             retry_policy(name)
-            provider = get_provider(name)
-        except (ConfigurationError, KeyError) as exc:
+        except ConfigurationError as exc:
             found.problems.append(str(exc))
+        check = check_provider(name)
+        if check.provider is None:
+            found.problems.append(check.settings_error)
             continue
+        provider = check.provider
         longest_s = (provider.settings.connect_timeout_s + provider.settings.read_timeout_s
                      + provider.protection.settings.max_wait_s)
         if lease_s <= longest_s:
             found.warnings.append(f"OUTBOX_LEASE={lease_s:g}s is not longer than the longest "
                                   f"{name} call ({longest_s:g}s: timeouts + max wait)")
-        if name in consumed and provider.adapter.auth is not None:
-            try:
-                found.warnings += provider.client.credentials.check()
-            except IntegrationError as exc:
-                found.problems.append(f"{name} credential: {exc.detail}")
-    schemas.compile_all()
+        if name in consumed:
+            found.warnings += check.warnings
+            if check.credential_error:
+                found.problems.append(f"{name} credential: {check.credential_error}")
     try:
         check_migrated(runtime.engine())
     except (ConfigurationError, DatabaseNotReady) as exc:

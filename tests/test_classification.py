@@ -125,6 +125,18 @@ def tls_provider(name, server, ca):
                           transport=transport)
 
 
+def through_tls(sessions, loopback, tls_certs, name, behaviour, key):
+    """One message of ``name`` delivered once to a loopback server doing ``behaviour``;
+    (result, its row, the server)."""
+    srv = loopback(behaviour)
+    provider = tls_provider(name, srv, tls_certs.ca)
+    operation, payload = MESSAGES[name]
+    mid = add(sessions, key, payload, provider=name, operation=operation)
+    result = run(sessions, provider, mid, Clock())
+    provider.close()
+    return result, row(sessions, mid), srv
+
+
 HANDSHAKE_FAILURES = {
     "not TLS": lambda certs: answer_plain_http,
     "closed mid-handshake": lambda certs: close_during_handshake,
@@ -141,13 +153,8 @@ def test_tls_handshake_failure_is_transient_even_without_idempotency(
         sessions, loopback, tls_certs, name, case):
     """TLS handshake failed (never sent: not TLS, closed, certificate rejected, no common
     protocol) → transient: pending, next = backoff(1); an e-mail too, not "needs review"."""
-    srv = loopback(HANDSHAKE_FAILURES[case](tls_certs))
-    provider = tls_provider(name, srv, tls_certs.ca)
-    operation, payload = MESSAGES[name]
-    mid = add(sessions, f"tls-{name}", payload, provider=name, operation=operation)
-    result = run(sessions, provider, mid, Clock())
-    provider.close()
-    m = row(sessions, mid)
+    result, m, srv = through_tls(sessions, loopback, tls_certs, name,
+                                 HANDSHAKE_FAILURES[case](tls_certs), f"tls-{name}")
     assert (result.outcome, m.status, m.attempts, m.needs_review) == (
         AttemptOutcome.RETRY, "pending", 1, False)
     assert (m.last_error_class, m.last_status_code) == ("transient", None)
@@ -164,13 +171,9 @@ def test_tls_failure_after_the_handshake_is_ambiguous(
         sessions, loopback, tls_certs, name, outcome, status, behaviour):
     """Handshake done and request read, then the connection drops or the response is not
     TLS (maybe sent) → ambiguous: payments retries (same key); e-mail is "needs review"."""
-    srv = loopback(tls(server_context(tls_certs.cert, tls_certs.key), behaviour))
-    provider = tls_provider(name, srv, tls_certs.ca)
-    operation, payload = MESSAGES[name]
-    mid = add(sessions, f"tls-after-{name}", payload, provider=name, operation=operation)
-    result = run(sessions, provider, mid, Clock())
-    provider.close()
-    m = row(sessions, mid)
+    result, m, srv = through_tls(sessions, loopback, tls_certs, name,
+                                 tls(server_context(tls_certs.cert, tls_certs.key), behaviour),
+                                 f"tls-after-{name}")
     assert (result.outcome, m.status, m.attempts) == (outcome, status, 1)
     assert (m.last_error_class, m.needs_review) == ("ambiguous", name == "email")
     assert len(srv.requests) == 1

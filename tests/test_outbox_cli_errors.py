@@ -59,6 +59,7 @@ def db(cli_db):
     (["enqueue", "payments", "charge", "--key", "k", "--correlation-id", "a\r\nb",
       "--payload", '{"amount": 19, "currency": "usd"}'], "correlation_id"),
     (["nosuchcommand"], "invalid choice"),
+    (["sandbox", "--port", "99999"], "not a TCP port"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(capsys, db, argv, words):
     """Each of the issue's reproductions: one 'outbox: error:' line naming what is wrong."""

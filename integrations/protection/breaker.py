@@ -224,18 +224,9 @@ class CircuitBreaker:
                        code="breaker_half_open",
                        retry_after_s=min(BUSY_RETRY_S, self.policy.open_s))
 
-    def record(self, ticket: Ticket, health: CallHealth) -> None:
-        """Report how the call of ``ticket`` went (and return its probe permit, if any).
-
-        Raises:
-            redis.RedisError: Redis is unreachable.
-        """
-        if health is CallHealth.NEUTRAL and not ticket.probe:
-            return   # nothing to count, nothing to give back
-        self._run("record", ticket.token, health.value)
-
     def record_into(self, batch: Batch, ticket: Ticket, health: CallHealth) -> None:
-        """``record``, queued in ``batch`` (sent with the other guards' releases)."""
+        """Report how the call of ``ticket`` went (and return its probe permit, if any),
+        queued in ``batch`` (sent with the other guards' releases)."""
         if health is CallHealth.NEUTRAL and not ticket.probe:
             return
         batch.script(self._script, self._keys, self._args("record", ticket.token, health.value),

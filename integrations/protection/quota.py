@@ -92,7 +92,7 @@ class DailyQuota:
         self._refund = client.register_script(_REFUND)
 
     def take(self) -> str:
-        """Use one request of today's quota; return the dated key (for ``refund``).
+        """Use one request of today's quota; return the dated key (for ``refund_into``).
 
         Raises:
             Deferred: the quota is exhausted; ``retry_after_s`` is the time until the next
@@ -108,16 +108,9 @@ class DailyQuota:
                            code="quota_exhausted", retry_after_s=reset_s)
         return key.decode() if isinstance(key, bytes) else key
 
-    def refund(self, key: str) -> None:
-        """Give back one request taken by ``take`` (the call was never made).
-
-        Raises:
-            redis.RedisError: Redis is unreachable.
-        """
-        self._refund(keys=[key])
-
     def refund_into(self, batch: Batch, key: str) -> None:
-        """``refund``, queued in ``batch``."""
+        """Give back one request taken by ``take`` (the call was never made), queued in
+        ``batch`` (sent with the other guards' releases)."""
         batch.script(self._refund, [key], [])
 
     def usage(self) -> QuotaUse:
