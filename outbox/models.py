@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -50,6 +51,11 @@ class AttemptOutcome(StrEnum):
 
 class Base(DeclarativeBase):
     pass
+
+
+def _where(condition: str) -> dict[str, Any]:
+    """A partial index's condition, for both databases."""
+    return {"postgresql_where": text(condition), "sqlite_where": text(condition)}
 
 
 class Message(Base):
@@ -86,11 +92,26 @@ class Message(Base):
     # Dead-lettered because the provider may have acted and cannot deduplicate a retry:
     # a re-drive may act twice, so it needs an operator's explicit consent.
     needs_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Ordered delivery (optional): rows with the same (provider, ordering_key) are delivered
+    # one at a time in ordering_seq order, which is their commit order (``outbox.ordering``).
+    ordering_key: Mapped[str | None] = mapped_column(String(255))
+    ordering_seq: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         UniqueConstraint("provider", "idempotency_key", name="uq_outbox_messages_provider_key"),
-        Index("ix_outbox_messages_status_due", "status", "next_attempt_at"),
         Index("ix_outbox_messages_provider_status", "provider", "status"),
+        # Partial indexes: each covers only the rows in one working state, so the relay's,
+        # the lease recovery's and the status queries cost what is live, not what is history.
+        *(Index(name, *columns, **_where(condition)) for name, columns, condition in (
+            ("ix_outbox_pending_due", ("provider", "next_attempt_at"), "status = 'pending'"),
+            ("ix_outbox_queued", ("provider", "queued_at"), "status = 'queued'"),
+            ("ix_outbox_in_flight", ("lease_expires_at",), "status = 'in_flight'"),
+            ("ix_outbox_dead", ("provider", "dead_at"), "status = 'dead'"),
+            ("ix_outbox_delivered_at", ("delivered_at",), "status = 'delivered'"),
+            ("ix_outbox_discarded_at", ("updated_at",), "status = 'discarded'"),
+        )),
+        Index("uq_outbox_ordering", "provider", "ordering_key", "ordering_seq", unique=True,
+              **_where("ordering_key IS NOT NULL")),
     )
 
     @property
