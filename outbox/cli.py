@@ -1,6 +1,8 @@
 """The ``outbox`` command line. Every listing has ``--json``.
 
     outbox db upgrade
+    outbox db prune [--delivered-older-than 30d] [--discarded-older-than 30d]
+                    [--batch-size N] [--dry-run] [--json]
     outbox relay [--once]
     outbox status [--json]
     outbox show ID [--json]
@@ -38,7 +40,7 @@ import schemas
 from integrations.errors import ConfigurationError
 from integrations.sanitize import sanitize
 
-from . import config, deadletters, dispatch, health, logs, relay, status
+from . import config, deadletters, dispatch, health, logs, relay, retention, status
 from .clock import iso, utcnow
 from .db import check_migrated, describe, make_engine, make_sessionmaker
 from .enqueue import enqueue
@@ -82,6 +84,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``3600s`` or plain seconds (``outbox db prune``)."""
+    try:
+        return retention.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _batch_size(text: str) -> int:
+    if not (text.strip().isdigit() and 1 <= int(text) <= retention.MAX_BATCH_SIZE):
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a whole number from 1 to "
+                                         f"{retention.MAX_BATCH_SIZE}")
+    return int(text)
+
+
 def _port(text: str) -> int:
     if not (text.isdigit() and int(text) <= 65535):
         raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a TCP port (0-65535)")
@@ -121,6 +138,17 @@ def cmd_db_upgrade(args, sessions):
 
     upgrade(config.database_url())
     print(f"database at head: {_safe_url(config.database_url())}")
+
+
+def cmd_db_prune(args, sessions):
+    result = retention.prune(sessions.kw["bind"], delivered_older_than=args.delivered_older_than,
+                             discarded_older_than=args.discarded_older_than,
+                             batch_size=args.batch_size, dry_run=args.dry_run)
+    data = result.as_dict() | {
+        "delivered_older_than_s": int(args.delivered_older_than.total_seconds()),
+        "discarded_older_than_s": int(args.discarded_older_than.total_seconds())}
+    _emit(args, data, [result.summary(args.delivered_older_than, args.discarded_older_than),
+                       "dead letters and unfinished messages are never pruned"])
 
 
 def cmd_relay(args, sessions):
@@ -290,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="create or migrate the database").set_defaults(
         func=cmd_db_upgrade, opens_database=False)   # it creates the database
+    p = db.add_parser("prune", help="delete delivered and discarded messages older than a "
+                                    "window, with their attempts (dead letters are kept)")
+    p.add_argument("--delivered-older-than", type=_duration, default="30d", metavar="AGE",
+                   help="delivered messages older than this go (30d, 12h, 90m, 3600s; default 30d)")
+    p.add_argument("--discarded-older-than", type=_duration, default="30d", metavar="AGE",
+                   help="discarded messages older than this go (default 30d)")
+    p.add_argument("--batch-size", type=_batch_size, default=retention.DEFAULT_BATCH_SIZE,
+                   help="messages per transaction (default 500)")
+    p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_db_prune)
 
     p = sub.add_parser("relay", help="publish due and lost messages, forever")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
