@@ -156,6 +156,9 @@ def cmd_relay(args, sessions):
 
     engine = sessions.kw["bind"]   # the sessionmaker's engine
     settings = config.RelaySettings.from_env()
+    from .retention import PruneSchedule   # its settings are checked at start too
+
+    schedule = PruneSchedule.from_env()
     for provider in schemas.operations():   # refuse to start on a provider's bad settings
         config.retry_policy(provider)
     disp = dispatch.dispatcher()
@@ -168,7 +171,8 @@ def cmd_relay(args, sessions):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     log.info("relay started on %s", _safe_url(config.database_url()))
-    relay.run(engine, disp, settings, idempotent=supports_idempotency, stop=stop)
+    relay.run(engine, disp, settings, idempotent=supports_idempotency, stop=stop,
+              prune=schedule)
 
 
 def _provider_facts() -> dict[str, dict]:

@@ -23,6 +23,9 @@ from sqlalchemy import Engine, bindparam, event, update
 from sqlalchemy.orm import Session
 
 from .clock import utcnow
+from .config import RelaySettings
+from .errors import ConfigurationError
+from .lifecycle import relay_due
 from .models import Message, MessageStatus
 
 log = logging.getLogger("outbox.dispatch")
@@ -57,6 +60,11 @@ class Publisher(Protocol):
         """Announce one dead letter (the ``dead_letter`` queue, seen in Flower). Raises on
         broker failure; the dead letter itself is already recorded in the database."""
 
+    # Optional: ``depth(provider) -> int | None``, the messages waiting in the provider's
+    # queue. With it the relay re-sends lost messages within seconds and dispatch keeps the
+    # broker's backlog bounded (``outbox.relay.take_due``); without it, after
+    # ``OUTBOX_RELAY_REQUEUE_AFTER``.
+
 
 def load_publisher() -> Publisher | None:
     """The publisher registered under the ``outbox.publishers`` entry point, or None."""
@@ -90,6 +98,29 @@ def mark_queued(engine: Engine | None, ids: Sequence[str]) -> None:
         connection.execute(_MARK_QUEUED, {"ids": list(ids), "now": utcnow()})
 
 
+_HAND_TO_RELAY = (
+    update(_T)
+    .where(_T.c.id.in_(bindparam("ids", expanding=True)),
+           _T.c.status == MessageStatus.PENDING,
+           _T.c.next_attempt_at <= _T.c.updated_at)
+    .values(next_attempt_at=bindparam("due"), updated_at=bindparam("now"))
+)
+
+
+def hand_to_relay(engine: Engine | None, ids: Sequence[str]) -> None:
+    """Leave ``ids`` (rows still pending as enqueued) to the relay, due at its next pass."""
+    if engine is None or not ids:
+        return
+    now = utcnow()
+    try:
+        with engine.begin() as connection:
+            connection.execute(_HAND_TO_RELAY, {"ids": list(ids), "now": now,
+                                                "due": relay_due(now)})
+    except Exception as exc:   # the relay takes them after its grace period anyway
+        log.warning("could not hand %d message(s) to the relay: %s", len(ids),
+                    type(exc).__name__)
+
+
 @dataclass
 class _Work:
     engine: Engine | None
@@ -106,6 +137,7 @@ class Dispatcher:
         self._queue: queue.Queue[_Work] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._max_queued: int | None = None
 
     @property
     def publisher(self) -> Publisher | None:
@@ -120,6 +152,18 @@ class Dispatcher:
             return
         self._ensure_thread()
         self._queue.put(_Work(engine, refs))
+
+    def depth(self, provider: str) -> int | None:
+        """Messages waiting in ``provider``'s broker queue, or None if unknown."""
+        publisher = self.publisher
+        depth = getattr(publisher, "depth", None)
+        if depth is None:
+            return None
+        try:
+            return depth(provider)
+        except Exception as exc:
+            log.warning("cannot read the depth of queue %s: %s", provider, type(exc).__name__)
+            return None
 
     def publish_now(self, engine: Engine | None, refs: list[MessageRef]) -> bool:
         """Publish in the caller's thread (CLI, relay). Returns False if it could not."""
@@ -158,6 +202,27 @@ class Dispatcher:
             self._queue.put(_Work(None, [], done))
             done.wait(timeout_s)
 
+    def _within_room(self, engine: Engine | None, refs: list[MessageRef]) -> list[MessageRef]:
+        """The refs the broker has room for (``OUTBOX_RELAY_MAX_QUEUED`` per provider queue);
+        the others are left to the relay, due at once, so a burst waits in the database."""
+        if self._max_queued is None:
+            try:
+                self._max_queued = RelaySettings.from_env().max_queued
+            except ConfigurationError as exc:
+                log.error("%s; using the default", exc)
+                self._max_queued = RelaySettings().max_queued
+        by_provider: dict[str, list[MessageRef]] = {}
+        for ref in refs:
+            by_provider.setdefault(ref.provider, []).append(ref)
+        sent: list[MessageRef] = []
+        for provider, group in by_provider.items():
+            waiting = self.depth(provider)
+            room = len(group) if waiting is None else max(0, self._max_queued - waiting)
+            sent += group[:room]
+            if group[room:]:
+                hand_to_relay(engine, [r.id for r in group[room:]])
+        return sent
+
     def _ensure_thread(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
@@ -172,6 +237,7 @@ class Dispatcher:
             for item in work:
                 batches.setdefault(item.engine, []).extend(item.refs)
             for engine, refs in batches.items():
+                refs = self._within_room(engine, refs)
                 for start in range(0, len(refs), CHUNK):
                     self.publish_now(engine, refs[start:start + CHUNK])
             for item in work:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 
 import schemas
 
-from . import config
+from . import config, ordering
 from .clock import utcnow
 from .dispatch import MessageRef, dispatch_after_commit
 from .errors import (
@@ -24,11 +24,12 @@ from .errors import (
     UnknownProvider,
 )
 from .ids import new_id
+from .lifecycle import relay_due
 from .models import Message, MessageStatus
 from .payload import canonical_json
 
 MAX_KEY_LENGTH = 255
-MAX_CORRELATION_ID_LENGTH = 255
+MAX_LABEL_LENGTH = 255
 
 # Every column NULL unless enqueue sets it: the returned object then holds a value for each
 # column and reading one never loads it. Derived from the table, so it cannot go stale.
@@ -37,7 +38,8 @@ _INSERTS: dict[str, Insert] = {}   # dialect name → INSERT … ON CONFLICT DO 
 
 
 def enqueue(session: Session, *, provider: str, operation: str, payload: dict[str, Any],
-            idempotency_key: str, correlation_id: str | None = None) -> Message:
+            idempotency_key: str, correlation_id: str | None = None,
+            ordering_key: str | None = None) -> Message:
     """Add one message to ``session``; it is dispatched only after the session commits.
 
     Repeating a call with the same ``(provider, idempotency_key)`` and the same
@@ -58,6 +60,10 @@ def enqueue(session: Session, *, provider: str, operation: str, payload: dict[st
         idempotency_key: unique per provider and sent to the provider in an HTTP header:
             1–255 printable ASCII characters, no space at either end.
         correlation_id: optional request id for tracing: at most 255 printable characters.
+        ordering_key: optional; messages of this provider with the same key are delivered
+            one at a time in commit order (``outbox.ordering``): at most 255 printable
+            characters. On PostgreSQL, transactions enqueueing for the same key wait for
+            each other's commit.
 
     Returns:
         The message (new, or the existing one for a repeated key).
@@ -68,6 +74,7 @@ def enqueue(session: Session, *, provider: str, operation: str, payload: dict[st
         IdempotencyConflict: the key is used with a different payload.
     """
     canonical = _validate(provider, operation, payload, idempotency_key, correlation_id)
+    _check_text("ordering_key", ordering_key)
     digest = hashlib.sha256(f"{operation}\n{canonical}".encode()).hexdigest()
     now = utcnow()
     message_id = new_id()
@@ -76,13 +83,20 @@ def enqueue(session: Session, *, provider: str, operation: str, payload: dict[st
         payload=payload, payload_sha256=digest, correlation_id=correlation_id,
         status=MessageStatus.PENDING.value, attempts=0, rate_limited_count=0, lease_token=0,
         next_attempt_at=now, created_at=now, updated_at=now, budget_started_at=now,
-        needs_review=False,
+        needs_review=False, ordering_key=None, ordering_seq=None,
     )
     if session.autoflush:   # as an ORM insert would: the caller's pending objects go first
         session.flush()
+    follower = False
+    if ordering_key is not None:
+        values["ordering_key"] = ordering_key
+        values["ordering_seq"], follower = ordering.next_seq(session, provider, ordering_key)
+        if follower:   # not its key's head: the relay publishes it when it is
+            values["next_attempt_at"] = relay_due(now)
     inserted = session.execute(_insert_statement(session), values).rowcount == 1
     if inserted:
-        dispatch_after_commit(session, MessageRef(message_id, provider, operation))
+        if not follower:
+            dispatch_after_commit(session, MessageRef(message_id, provider, operation))
         # The payload as a load would give it (a copy, from the canonical text), not the
         # caller's own dict.
         return _persistent(session, values | {"payload": json.loads(canonical)})
@@ -126,6 +140,15 @@ def _persistent(session: Session, values: dict[str, Any]) -> Message:
     return message
 
 
+def _check_text(name: str, value: Any) -> None:
+    """An optional label (``correlation_id``, ``ordering_key``): None, or 1-255 printable
+    characters."""
+    if value is not None and (not isinstance(value, str) or not value
+                              or len(value) > MAX_LABEL_LENGTH or not value.isprintable()):
+        raise InvalidMessage(f"{name} must be 1-{MAX_LABEL_LENGTH} printable "
+                             "characters (no CR, LF or other control characters)")
+
+
 def _validate(provider: Any, operation: Any, payload: Any, idempotency_key: Any,
               correlation_id: Any) -> str:
     """Refuse bad input (nothing is written); return the payload's canonical JSON text."""
@@ -144,11 +167,7 @@ def _validate(provider: Any, operation: Any, payload: Any, idempotency_key: Any,
             f"invalid idempotency_key ({exc.reason}): it must be 1-{MAX_KEY_LENGTH} printable "
             "ASCII characters with no space at either end (it is sent to the provider in an "
             "HTTP header)") from None
-    if correlation_id is not None and (
-            not isinstance(correlation_id, str) or not correlation_id
-            or len(correlation_id) > MAX_CORRELATION_ID_LENGTH or not correlation_id.isprintable()):
-        raise InvalidMessage(f"correlation_id must be 1-{MAX_CORRELATION_ID_LENGTH} printable "
-                             "characters (no CR, LF or other control characters)")
+    _check_text("correlation_id", correlation_id)
     label = f"{provider}.{operation}"
     canonical = canonical_json(payload, max_bytes=config.max_payload_bytes(), label=label)
     try:

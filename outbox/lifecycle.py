@@ -21,6 +21,7 @@ from sqlalchemy.orm.util import identity_key
 from .clock import utcnow
 from .decisions import LOST, Decision, Failure, decide
 from .models import Attempt, AttemptOutcome, Message, MessageStatus
+from .ordering import is_head
 from .retry import RetryPolicy
 
 
@@ -50,16 +51,41 @@ def claim(session: Session, message_id: str, lease: timedelta,
     """Take the message for delivery: pending/queued and due → in_flight, with a new lease token.
 
     Returns None (do nothing, acknowledge the broker message) when the row is
-    missing, not due, already delivered, dead, or in flight under another lease.
-    Commits.
+    missing, not due, already delivered, dead, in flight under another lease, or waiting
+    behind an earlier message of its ordering key (such a row goes back to the relay,
+    which publishes it when it is the key's head). Commits.
     """
     now = now or utcnow()
     rows = _execute(session, _CLAIM, {"m_id": message_id, "now": now, "expires": now + lease},
                     message_id)
+    if not rows:
+        session.execute(_BACK_TO_RELAY, {"m_id": message_id, "now": now,
+                                         "due": relay_due(now)})
     session.commit()
     if not rows:
         return None
     return Claim(**rows[0]._mapping, claimed_at=now)
+
+
+def relay_due(now: datetime) -> datetime:
+    """``next_attempt_at`` for a pending row the relay should publish at once, for a row no
+    after-commit dispatch will send (the relay gives fresh rows, ``next_attempt_at ==
+    updated_at``, a grace period first): just after ``now``."""
+    return now + _RELAY_NOW
+
+
+_RELAY_NOW = timedelta(microseconds=1)
+
+
+def renew(session: Session, held: list[tuple[str, int, datetime]]) -> None:
+    """Extend the leases of claims this process still works on: (id, lease token, new
+    expiry). Fenced like every outcome: a lease the relay took over is not extended.
+    Commits."""
+    if not held:
+        return
+    session.execute(_RENEW, [{"m_id": mid, "token": token, "expires": expires}
+                             for mid, token, expires in held])
+    session.commit()
 
 
 # The per-message statements, built once as Core statements on the tables with bound
@@ -74,7 +100,8 @@ _CLAIM = (
            # checking it against this worker's clock again would drop it on clock skew.
            or_(_M.c.status == MessageStatus.QUEUED,
                and_(_M.c.status == MessageStatus.PENDING,
-                    _M.c.next_attempt_at <= bindparam("now"))))
+                    _M.c.next_attempt_at <= bindparam("now"))),
+           is_head(_M.c))
     .values(status=MessageStatus.IN_FLIGHT, lease_token=_M.c.lease_token + 1,
             lease_expires_at=bindparam("expires"), updated_at=bindparam("now"))
     .returning(_M.c.id, _M.c.provider, _M.c.operation, _M.c.payload, _M.c.idempotency_key,
@@ -82,9 +109,21 @@ _CLAIM = (
                _M.c.budget_started_at)
 )
 
+# A queued follower of an unfinished ordering-key head (published by after-commit dispatch,
+# or a head that lost its place): pending again, for the relay to publish when it is head.
+_BACK_TO_RELAY = (
+    update(_M)
+    .where(_M.c.id == bindparam("m_id"), _M.c.status == MessageStatus.QUEUED,
+           _M.c.ordering_key.is_not(None), ~is_head(_M.c))
+    .values(status=MessageStatus.PENDING, queued_at=None, updated_at=bindparam("now"),
+            next_attempt_at=bindparam("due"))
+)
+
 # Outcomes: only under the lease token this worker claimed, and only while still in flight.
 _FENCED = update(_M).where(_M.c.id == bindparam("m_id"), _M.c.lease_token == bindparam("token"),
                            _M.c.status == MessageStatus.IN_FLIGHT)
+
+_RENEW = _FENCED.values(lease_expires_at=bindparam("expires"))
 
 # A success is recorded under our token even if the relay presumed us dead meanwhile
 # (recovery leaves the token; only a new claim bumps it): dropping it would send again, and
@@ -171,7 +210,7 @@ def record(session: Session, claim: Claim, failure: Failure, decision: Decision,
     now = now or utcnow()
     recorded = _apply(session, claim.id, claim.lease_token, failure, decision, now)
     _record_attempt(session, claim.id, claim.lease_token, claim.claimed_at, decision.outcome,
-                    now, worker, failure, next_attempt_at=decision.next_attempt_at)
+                    now, worker, failure, next_attempt_at=_next_at(decision, now))
     session.commit()
     return recorded
 
@@ -187,9 +226,17 @@ def _apply(session: Session, message_id: str, token: int, failure: Failure,
     if dead:
         params["needs_review"] = decision.needs_review
     else:
-        params["next_at"] = decision.next_attempt_at
+        params["next_at"] = _next_at(decision, now)
     statement = _FAILED[MessageStatus.DEAD if dead else MessageStatus.PENDING]
     return _execute(session, statement, params, message_id) == 1
+
+
+def _next_at(decision: Decision, now: datetime) -> datetime | None:
+    """When a retried or deferred message is due: the decision's time, but always the
+    relay's to publish, even one due at once (no grace for fresh rows)."""
+    if decision.next_attempt_at is None:
+        return None
+    return max(decision.next_attempt_at, relay_due(now))
 
 
 def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool],
@@ -226,23 +273,7 @@ def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool
                        else decision.outcome)
             # updated_at is the claim time: a claim is the row's last change while in flight.
             _record_attempt(session, row.id, row.lease_token, row.updated_at, outcome, now,
-                            None, LOST, next_attempt_at=decision.next_attempt_at)
+                            None, LOST, next_attempt_at=_next_at(decision, now))
             recovered.append((row.id, decision))
     session.commit()
     return recovered
-
-
-def due_filter(now: datetime, grace: timedelta, requeue_after: timedelta):
-    """Rows the relay must publish.
-
-    * pending and due: a scheduled retry at once (it was set pending for a later
-      time); a fresh or re-driven row only after ``grace``, which leaves its
-      after-commit dispatch time to mark it queued;
-    * queued for longer than ``requeue_after``: the broker seems to have lost it.
-    """
-    return or_(
-        and_(Message.status == MessageStatus.PENDING, Message.next_attempt_at <= now,
-             or_(Message.next_attempt_at > Message.updated_at,
-                 Message.updated_at <= now - grace)),
-        and_(Message.status == MessageStatus.QUEUED, Message.queued_at <= now - requeue_after),
-    )

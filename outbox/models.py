@@ -103,8 +103,9 @@ class Message(Base):
         # Partial indexes: each covers only the rows in one working state, so the relay's,
         # the lease recovery's and the status queries cost what is live, not what is history.
         *(Index(name, *columns, **_where(condition)) for name, columns, condition in (
-            ("ix_outbox_pending_due", ("provider", "next_attempt_at"), "status = 'pending'"),
-            ("ix_outbox_queued", ("provider", "queued_at"), "status = 'queued'"),
+            ("ix_outbox_pending_due", ("provider", "next_attempt_at", "id"),
+             "status = 'pending'"),
+            ("ix_outbox_queued", ("provider", "queued_at", "id"), "status = 'queued'"),
             ("ix_outbox_in_flight", ("lease_expires_at",), "status = 'in_flight'"),
             ("ix_outbox_dead", ("provider", "dead_at"), "status = 'dead'"),
             ("ix_outbox_delivered_at", ("delivered_at",), "status = 'delivered'"),

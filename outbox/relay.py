@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.orm import Session
+
+import schemas
 
 from integrations.errors import ConfigurationError
 
@@ -21,42 +23,110 @@ from .clock import utcnow
 from .config import RelaySettings, current_retry_policy
 from .dispatch import Dispatcher, MessageRef
 from .errors import OutboxError
-from .lifecycle import due_filter, recover_expired_leases
+from .lifecycle import recover_expired_leases, relay_due
 from .models import AttemptOutcome, Message, MessageStatus
+from .ordering import is_head
+from .retention import PruneSchedule
 from .retry import RetryPolicy
 
 log = logging.getLogger("outbox.relay")
 
 
-def take_due(session: Session, settings: RelaySettings) -> list[MessageRef]:
-    """Mark up to ``batch_size`` due rows queued and return them for publishing. Commits."""
+def take_due(session: Session, settings: RelaySettings, *,
+             depth: Callable[[str], int | None] = lambda provider: None,
+             providers: Iterable[str] | None = None) -> list[MessageRef]:
+    """Mark the rows to publish now queued and return them. Commits.
+
+    Per provider, in this order:
+
+    1. **Re-send what the broker lost.** ``depth(provider)`` is the number of messages
+       waiting in the provider's broker queue (None if the broker cannot say). Rows queued
+       for at least ``settle_s`` that are not among them — queued rows minus depth — were
+       lost: a flushed or restarted broker, a relay killed between marking and publishing,
+       a worker killed holding prefetched messages. The oldest that many are sent again.
+       A message still waiting is never sent twice this way; if a guess is wrong the copy
+       is harmless (the claim is fenced), only wasted. Without a depth, rows queued for
+       longer than ``requeue_after_s`` are sent again.
+    2. **Top up to ``max_queued``.** At most ``max_queued`` rows of a provider are queued at
+       a time; the rest of a backlog waits in the database as due rows, oldest due first,
+       so the broker holds seconds of work, and a lost broker costs that much to rebuild.
+
+    Args:
+        depth: provider → messages waiting in its broker queue, or None.
+        providers: the providers to serve (default: every provider with schemas).
+    """
     now = utcnow()
-    due_ids = (
-        select(Message.id)
-        .where(due_filter(now, timedelta(seconds=settings.grace_s),
-                          timedelta(seconds=settings.requeue_after_s)))
-        .order_by(Message.next_attempt_at)
-        .limit(settings.batch_size)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
+    refs: list[MessageRef] = []
+    for provider in providers if providers is not None else sorted(schemas.operations()):
+        waiting = depth(provider)            # before counting rows: see _lost
+        queued, settled = session.execute(
+            select(func.count(), func.count().filter(
+                Message.queued_at <= now - timedelta(seconds=settings.settle_s)))
+            .where(Message.provider == provider, Message.status == MessageStatus.QUEUED)).one()
+        if waiting is None:
+            refs += _resend(session, provider, now, settings.batch_size,
+                            before=now - timedelta(seconds=settings.requeue_after_s))
+        elif (lost := min(settled, queued - waiting)) > 0:
+            log.warning("%s: %d queued message(s) are not in the broker (%d waiting there); "
+                        "sending them again", provider, lost, waiting)
+            refs += _resend(session, provider, now, lost,
+                            before=now - timedelta(seconds=settings.settle_s))
+        room = min(settings.batch_size, settings.max_queued - queued)
+        if room > 0:
+            refs += _take_pending(session, provider, now, room,
+                                  grace=timedelta(seconds=settings.grace_s))
+    session.commit()
+    return refs
+
+
+def _resend(session: Session, provider: str, now: datetime, limit: int, *,
+            before: datetime) -> list[MessageRef]:
+    """The oldest queued rows queued before ``before``, stamped queued again now."""
+    ids = (select(Message.id)
+           .where(Message.provider == provider, Message.status == MessageStatus.QUEUED,
+                  Message.queued_at <= before)
+           .order_by(Message.queued_at, Message.id).limit(limit)
+           .with_for_update(skip_locked=True).scalar_subquery())
+    return _mark_queued(session, ids, now)
+
+
+def _take_pending(session: Session, provider: str, now: datetime, limit: int, *,
+                  grace: timedelta) -> list[MessageRef]:
+    """Up to ``limit`` pending rows that are due, oldest due first, marked queued.
+
+    Due: a scheduled retry (``next_attempt_at`` after its last change) when its time comes;
+    a fresh or re-driven row once ``grace`` has passed, which leaves its after-commit
+    dispatch time to send it and mark it queued. An ordered row only as its key's head.
+    The partial index ``ix_outbox_pending_due`` gives them in order, however long the
+    backlog (no sort).
+    """
+    ids = (select(Message.id)
+           .where(Message.provider == provider, Message.status == MessageStatus.PENDING,
+                  Message.next_attempt_at <= now,
+                  or_(Message.next_attempt_at > Message.updated_at,
+                      Message.updated_at <= now - grace),
+                  is_head())
+           .order_by(Message.next_attempt_at, Message.id).limit(limit)
+           .with_for_update(skip_locked=True).scalar_subquery())
+    return _mark_queued(session, ids, now)
+
+
+def _mark_queued(session: Session, ids, now: datetime) -> list[MessageRef]:
     rows = session.execute(
-        update(Message)
-        .where(Message.id.in_(due_ids))
+        update(Message).where(Message.id.in_(ids))
         .values(status=MessageStatus.QUEUED, queued_at=now, updated_at=now)
         .returning(Message.id, Message.provider, Message.operation)
-    ).all()
-    session.commit()
+        .execution_options(synchronize_session=False)).all()
     return [MessageRef(*row) for row in rows]
 
 
 def release(session: Session, refs: list[MessageRef]) -> None:
-    """Put rows we failed to publish back to pending, due now. Commits."""
+    """Put rows we failed to publish back to pending, due at the next pass. Commits."""
     now = utcnow()
     session.execute(
         update(Message)
         .where(Message.id.in_([r.id for r in refs]), Message.status == MessageStatus.QUEUED)
-        .values(status=MessageStatus.PENDING, next_attempt_at=now, updated_at=now,
+        .values(status=MessageStatus.PENDING, next_attempt_at=relay_due(now), updated_at=now,
                 queued_at=None)
     )
     session.commit()
@@ -77,7 +147,7 @@ def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
             log.warning("recovered %d message(s) whose worker lease expired", len(lost))
             _announce_dead(dispatcher, session,
                            [mid for mid, d in lost if d.outcome is AttemptOutcome.DEAD])
-        refs = take_due(session, settings)
+        refs = take_due(session, settings, depth=dispatcher.depth)
         if not refs:
             return 0
         if not dispatcher.publish_now(None, refs):
@@ -111,14 +181,21 @@ class BrokerUnavailable(OutboxError, RuntimeError):
 
 
 def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
-        idempotent: Callable[[str], bool], stop: threading.Event | None = None) -> None:
-    """Relay until ``stop`` is set. Broker or database trouble backs off and is retried."""
+        idempotent: Callable[[str], bool], stop: threading.Event | None = None,
+        prune: PruneSchedule | None = None) -> None:
+    """Relay until ``stop`` is set. Broker or database trouble backs off and is retried.
+
+    Args:
+        prune: retention (``outbox.retention``), run between passes when it is due.
+    """
     stop = stop or threading.Event()
     failures = 0
     while not stop.is_set():
         try:
             published = run_once(engine, dispatcher, settings, idempotent=idempotent)
             failures = 0
+            if prune is not None:
+                prune.maybe_run(engine)
         except Exception as exc:  # keep relaying through broker/database outages
             failures += 1
             log.warning("relay pass failed (%s: %s); retrying", type(exc).__name__, exc)

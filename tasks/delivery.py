@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,6 +26,7 @@ from integrations.registry import get_provider, supports_idempotency
 from outbox import config, decisions, dispatch, lifecycle, logs
 from outbox.clock import iso, utcnow
 from outbox.decisions import Decision, Failure
+from outbox.leases import LeaseKeeper
 from outbox.lifecycle import Claim
 from outbox.models import AttemptOutcome
 
@@ -77,6 +79,7 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
                     idempotent: Callable[[str], bool] = supports_idempotency,
                     worker: str | None = None,
                     on_dead: Callable[[str, str], None] | None = None,
+                    keeper: LeaseKeeper | None = None,
                     clock: Callable[[], datetime] = utcnow,
                     rng: random.Random | None = None) -> Result:
     """Deliver one outbox row (no Celery here, so tests can call it directly).
@@ -84,11 +87,12 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
     Args:
         message_id: the row id carried by the broker message.
         sessions: session factory for the outbox database.
-        lease: how long the claim holds before the relay presumes us dead.
+        lease: how long the claim holds before the relay presumes us dead (unless renewed).
         provider_for: provider name → object with ``deliver(operation, payload, key)``.
         idempotent: provider name → whether it deduplicates retries by idempotency key.
         worker: recorded in the attempt row.
         on_dead: called with (id, label) after a dead-lettering is committed.
+        keeper: renews the lease while the delivery runs (the worker's ``LeaseKeeper``).
         clock, rng: injected time and randomness (jitter), for tests.
     """
     with sessions() as session:
@@ -97,8 +101,9 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
             # A duplicate or stale broker message (redelivered, or the row already moved on).
             log.info("duplicate or stale broker message %s: nothing to do", message_id)
             return Result(None, message_id, "nothing to do (duplicate or stale message)")
-        with logs.bound(provider=claim.provider, message_id=claim.id,
-                        attempt=claim.attempts + 1, correlation_id=claim.correlation_id):
+        with (logs.bound(provider=claim.provider, message_id=claim.id,
+                         attempt=claim.attempts + 1, correlation_id=claim.correlation_id),
+              keeper.hold(claim) if keeper is not None else nullcontext()):
             result = _attempt(session, claim, provider_for, idempotent, worker, clock, rng)
             _log(result)
             if result.outcome is AttemptOutcome.DEAD and on_dead is not None:
@@ -167,7 +172,7 @@ def _log(result: Result) -> None:
 def deliver(self, message_id: str) -> str:
     """Deliver outbox row ``message_id``; the state Flower shows is the delivery's outcome."""
     result = deliver_message(message_id, sessions=runtime.sessions(), lease=runtime.lease(),
-                             worker=runtime.worker_name(),
+                             keeper=runtime.lease_keeper(), worker=runtime.worker_name(),
                              on_dead=dispatch.dispatcher().announce_dead_letter)
     if result.outcome in (AttemptOutcome.RETRY, AttemptOutcome.DEFERRED):
         raise AttemptFailed(f"{result.summary}; next attempt at {iso(result.next_attempt_at)}")

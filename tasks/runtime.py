@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from outbox.config import RelaySettings
 from outbox.db import make_engine, make_sessionmaker
+from outbox.leases import LeaseKeeper
 
 
 @cache
@@ -29,8 +30,18 @@ def sessions() -> sessionmaker[Session]:
 
 
 @cache
+def settings() -> RelaySettings:
+    return RelaySettings.from_env()
+
+
 def lease() -> timedelta:
-    return timedelta(seconds=RelaySettings.from_env().lease_s)
+    """A new claim's lease (renewed by ``lease_keeper()`` while the delivery runs)."""
+    return settings().claim_lease()
+
+
+@cache
+def lease_keeper() -> LeaseKeeper:
+    return LeaseKeeper(sessions(), settings())
 
 
 def worker_name() -> str:
@@ -41,8 +52,9 @@ def reset() -> None:
     """Forget cached resources (tests that change the environment)."""
     if engine.cache_info().currsize:
         engine().dispose()
-    for fn in (engine, sessions, lease):
+    for fn in (engine, sessions, settings, lease_keeper):
         fn.cache_clear()
 
 
-os.register_at_fork(after_in_child=lambda: (engine.cache_clear(), sessions.cache_clear()))
+os.register_at_fork(after_in_child=lambda: (engine.cache_clear(), sessions.cache_clear(),
+                                             lease_keeper.cache_clear()))

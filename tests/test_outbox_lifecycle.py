@@ -15,7 +15,7 @@ from outbox import dispatch, enqueue
 from outbox.clock import utcnow
 from outbox.config import current_retry_policy
 from outbox.decisions import decide, failure_from
-from outbox.lifecycle import claim, mark_delivered, record, recover_expired_leases
+from outbox.lifecycle import claim, mark_delivered, record, recover_expired_leases, relay_due
 from outbox.models import Attempt, AttemptOutcome, Message, MessageStatus
 from outbox.retry import RetryPolicy
 
@@ -163,8 +163,9 @@ def test_expired_lease_is_recovered_and_a_late_success_still_counts(sessions, me
     row = _row(sessions, message_id)
     assert row.status == MessageStatus.PENDING
     assert row.attempts == 1
-    # due again at once: a dead worker says nothing about the provider
-    assert row.next_attempt_at == later
+    # due again at once (for the relay, without its grace for fresh rows): a dead worker
+    # says nothing about the provider
+    assert row.next_attempt_at == relay_due(later)
     assert row.lease_expires_at is None and row.last_error_class == "ambiguous"
     [lost] = _attempts(sessions, message_id)
     assert lost.outcome == AttemptOutcome.LOST and lost.lease_token == 1
@@ -212,7 +213,7 @@ def test_stale_claim_cannot_overwrite_a_newer_claim(sessions, message_id, t0):
     later = t0 + LEASE * 2
     with sessions() as session:
         _recover(session, now=later)
-    new = _claim(sessions, message_id, later)
+    new = _claim(sessions, message_id, relay_due(later))
     assert new.lease_token == 2 and new.attempts == 1
     outcome = _fail(sessions, old, DECLINED, now=later)
     assert outcome.recorded is False

@@ -198,7 +198,7 @@ def test_two_relays_take_every_row_exactly_once(pg_url, publisher):
         session.commit()
     engine.dispose()
 
-    settings = RelaySettings(grace_s=0, batch_size=25)
+    settings = RelaySettings(grace_s=0, batch_size=25, max_queued=len(rows))
     taken: list[list[str]] = [[], []]
     errors = []
     barrier = threading.Barrier(2)

@@ -21,8 +21,8 @@ branch_labels = None
 depends_on = None
 
 PARTIAL = (
-    ("ix_outbox_pending_due", ["provider", "next_attempt_at"], "status = 'pending'"),
-    ("ix_outbox_queued", ["provider", "queued_at"], "status = 'queued'"),
+    ("ix_outbox_pending_due", ["provider", "next_attempt_at", "id"], "status = 'pending'"),
+    ("ix_outbox_queued", ["provider", "queued_at", "id"], "status = 'queued'"),
     ("ix_outbox_in_flight", ["lease_expires_at"], "status = 'in_flight'"),
     ("ix_outbox_dead", ["provider", "dead_at"], "status = 'dead'"),
     ("ix_outbox_delivered_at", ["delivered_at"], "status = 'delivered'"),
