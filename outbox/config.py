@@ -116,8 +116,16 @@ class RelaySettings:
         poll_interval_s: sleep between relay passes when nothing was due.
         batch_size: rows published per pass and query.
         grace_s: a fresh row is left this long for its after-commit dispatch before the relay sends it.
-        requeue_after_s: a queued row not claimed within this is presumed lost by the broker and re-sent.
-        lease_s: how long a claimed row stays in flight before the relay presumes the worker dead.
+        max_queued: per provider, the most messages handed to the broker and not yet claimed;
+            the rest of a backlog waits in the database (``outbox.relay.take_due``).
+        settle_s: a queued row younger than this is never presumed lost (its message may be
+            on its way to the broker, or to a worker).
+        requeue_after_s: only with a broker that cannot report its queue depth: a queued row
+            not claimed within this is presumed lost and re-sent.
+        lease_s: the longest one delivery may hold its row.
+        lease_ttl_s: a claim lasts this long unless its worker renews it (every third of
+            it, while the delivery runs, up to ``lease_s``): a killed worker's rows are
+            recovered this soon.
     """
 
     poll_interval_s: float = 0.5
@@ -126,8 +134,11 @@ class RelaySettings:
     # for SQLite's write lock behind the application's transactions; it delays only a
     # dispatch that was lost (crash, broker down).
     grace_s: float = 10.0
+    max_queued: int = 100
+    settle_s: float = 5.0
     requeue_after_s: float = 300.0
     lease_s: float = 120.0
+    lease_ttl_s: float = 15.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RelaySettings:
@@ -136,6 +147,12 @@ class RelaySettings:
             poll_interval_s=env_float("OUTBOX_RELAY_POLL_INTERVAL", d.poll_interval_s, environ),
             batch_size=env_int("OUTBOX_RELAY_BATCH_SIZE", d.batch_size, environ),
             grace_s=env_float("OUTBOX_RELAY_GRACE", d.grace_s, environ),
+            max_queued=env_int("OUTBOX_RELAY_MAX_QUEUED", d.max_queued, environ),
             requeue_after_s=env_float("OUTBOX_RELAY_REQUEUE_AFTER", d.requeue_after_s, environ),
             lease_s=env_float("OUTBOX_LEASE", d.lease_s, environ),
+            lease_ttl_s=env_float("OUTBOX_LEASE_TTL", d.lease_ttl_s, environ),
         )
+
+    def claim_lease(self) -> timedelta:
+        """How long a new claim lasts before its first renewal."""
+        return timedelta(seconds=min(self.lease_ttl_s, self.lease_s))
