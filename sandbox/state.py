@@ -84,6 +84,8 @@ class SandboxState:
         self.status_counts: collections.Counter[str] = collections.Counter()
         self.max_in_flight = self._in_flight
         self.request_log: collections.deque[dict] = collections.deque(maxlen=LOG_CAP)
+        # Keys in the order their effects happened (what ordered delivery is judged by).
+        self.effect_log: collections.deque[str] = collections.deque(maxlen=LOG_CAP)
         self.idem: dict[str, StoredResult] = {}
         self.payment_intents: dict[str, dict] = {}
         self.refunds: dict[str, dict] = {}
@@ -193,6 +195,7 @@ class SandboxState:
         with self.lock:
             self.effects_total += 1
             self.effects_by_key[key] += 1
+            self.effect_log.append(key)
 
     def stats(self, include_log: bool = True) -> dict[str, Any]:
         """Snapshot of the accounting, as served by ``GET /_sandbox/stats``."""
@@ -210,6 +213,7 @@ class SandboxState:
             }
             if include_log:
                 out["request_log"] = [dict(e) for e in self.request_log]
+                out["effect_log"] = list(self.effect_log)
             return out
 
     # --- idempotency --------------------------------------------------------

@@ -27,5 +27,5 @@ def queue_depth(app, queue: str) -> int:
     url = app.conf.broker_url
     if url.split("://", 1)[0] in ("redis", "rediss"):
         return int(_redis(url).llen(queue))
-    with app.connection_for_read() as connection:
+    with app.pool.acquire(block=True, timeout=5) as connection:   # the producer pool's
         return connection.default_channel.queue_declare(queue=queue, passive=True).message_count
