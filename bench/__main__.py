@@ -6,7 +6,8 @@ rate-limit benchmark (``bench.ratelimit``) and the payload-validation benchmark
 read ``REDIS_URL`` once, at import, and the first benchmark has imported them on its own
 Redis DB. ``--quick`` and ``--smoke`` (tiny counts: proves they still run; ``make test``
 runs it) are passed on.
-``python -m bench ratelimit|validation [options]`` runs only that benchmark.
+``python -m bench ratelimit|validation|scale|backlog [options]`` runs only that benchmark
+(``scale`` and ``backlog``, on PostgreSQL, are run by ``make bench`` after the others).
 """
 
 import subprocess
@@ -21,6 +22,14 @@ if argv[:1] == ["validation"]:
     from bench.validation import main as validation
 
     raise SystemExit(validation(argv[1:]))
+if argv[:1] == ["backlog"]:
+    from bench.backlog import main as backlog
+
+    raise SystemExit(backlog(argv[1:]))
+if argv[:1] == ["scale"]:
+    from bench.scale import main as scale
+
+    raise SystemExit(scale(argv[1:]))
 
 from bench.run import main  # noqa: E402
 

@@ -93,7 +93,8 @@ def enqueue(session: Session, *, provider: str, operation: str, payload: dict[st
         values["ordering_seq"], follower = ordering.next_seq(session, provider, ordering_key)
         if follower:   # not its key's head: the relay publishes it when it is
             values["next_attempt_at"] = relay_due(now)
-    inserted = session.execute(_insert_statement(session), values).rowcount == 1
+    # RETURNING, not rowcount: psycopg 3 under SQLAlchemy reports -1 for this INSERT.
+    inserted = session.execute(_insert_statement(session), values).first() is not None
     if inserted:
         if not follower:
             dispatch_after_commit(session, MessageRef(message_id, provider, operation))
@@ -111,7 +112,8 @@ def enqueue(session: Session, *, provider: str, operation: str, payload: dict[st
 
 
 def _insert_statement(session: Session) -> Insert:
-    """The dialect's ``INSERT … ON CONFLICT DO NOTHING`` on the table, with bound parameters.
+    """The dialect's ``INSERT … ON CONFLICT DO NOTHING RETURNING id`` on the table, with bound
+    parameters (a row comes back only if one was inserted).
 
     A Core statement built once and compiled once (SQLAlchemy caches the compiled form):
     rebuilding an ORM insert with literal values on every call cost ~6× as much, and an ORM
@@ -123,7 +125,8 @@ def _insert_statement(session: Session) -> Insert:
         dialect = postgresql if name == "postgresql" else sqlite
         statement = _INSERTS[name] = (
             dialect.insert(Message.__table__)
-            .on_conflict_do_nothing(index_elements=["provider", "idempotency_key"]))
+            .on_conflict_do_nothing(index_elements=["provider", "idempotency_key"])
+            .returning(Message.__table__.c.id))
     return statement
 
 
