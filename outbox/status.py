@@ -4,15 +4,29 @@
 limits and breakers in Redis, credentials, settings) is passed in by the caller, which
 knows the providers (the core does not import them); ``outbox.health`` turns both into
 levels and reasons.
+
+What it costs follows what is live, not the table's history (issue 7 §3): each working
+state (pending, queued, in flight) and the dead letters are counted through their partial
+index (``ix_outbox_pending_due``, ``ix_outbox_queued``, ``ix_outbox_in_flight``,
+``ix_outbox_dead``); recent activity (error rate, deliveries over 5 minutes, dead letters
+of the last hour) through time ranges on indexed columns. History — delivered and
+discarded rows, millions of them — is counted exactly up to ``EXACT_HISTORY_UP_TO`` per
+provider and state; beyond that PostgreSQL's planner estimate is reported (its statistics,
+kept by autovacuum), and the state is listed in ``by_status_estimated``. Counting a
+million delivered rows exactly takes a scan of a million index entries on every ``outbox
+status`` and every health probe, for a figure nobody acts on; what an operator acts on —
+backlog, age, dead letters, errors, whether deliveries happen now (``delivered_5m``) —
+stays exact. SQLite, the embedded single-machine database, counts history exactly.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal_column, select, text
 from sqlalchemy.orm import Session
 
 from . import health
@@ -20,7 +34,10 @@ from .clock import utcnow
 from .models import Attempt, AttemptOutcome, Message, MessageStatus
 
 WAITING = (MessageStatus.PENDING, MessageStatus.QUEUED, MessageStatus.IN_FLIGHT)
+HISTORY = (MessageStatus.DELIVERED, MessageStatus.DISCARDED)
 FAILED = (AttemptOutcome.RETRY, AttemptOutcome.DEAD, AttemptOutcome.LOST)
+# Per provider and history state: counted exactly up to this many rows, estimated beyond.
+EXACT_HISTORY_UP_TO = 10_000
 
 
 def report(session: Session, now: datetime | None = None,
@@ -40,47 +57,25 @@ def report(session: Session, now: datetime | None = None,
 
     Returns:
         A JSON-ready dict: ``{"at", "providers": {name: {... "findings", "level"}},
-        "findings": [global findings], "dead_awaiting", "level"}``.
+        "findings": [global findings], "dead_awaiting", "level"}``. A provider's
+        ``by_status`` counts are exact except the states named in its
+        ``by_status_estimated`` (delivered or discarded beyond ``EXACT_HISTORY_UP_TO``
+        rows, on PostgreSQL).
     """
     now = now or utcnow()
     providers: dict[str, dict] = {}
 
     def entry(name: str) -> dict:
         return providers.setdefault(name, {
-            "by_status": {s.value: 0 for s in MessageStatus}, "depth": 0,
-            "retry_scheduled": 0, "oldest_due_age_s": 0.0, "dead_awaiting": 0,
-            "dead_last_hour": 0, "attempts_5m": 0, "failures_5m": 0, "error_rate_5m": 0.0,
-            "failures_by_code_5m": {}})
+            "by_status": {s.value: 0 for s in MessageStatus}, "by_status_estimated": [],
+            "depth": 0, "retry_scheduled": 0, "oldest_due_age_s": 0.0, "dead_awaiting": 0,
+            "dead_last_hour": 0, "delivered_5m": 0, "attempts_5m": 0, "failures_5m": 0,
+            "error_rate_5m": 0.0, "failures_by_code_5m": {}})
 
     for name in facts or ():
         entry(name)
-    for provider, status, count in session.execute(
-            select(Message.provider, Message.status, func.count()).group_by(
-                Message.provider, Message.status)):
-        e = entry(provider)
-        e["by_status"][status] = count
-        if status in WAITING:
-            e["depth"] += count
-        if status == MessageStatus.DEAD:
-            e["dead_awaiting"] = count
-
-    for provider, oldest in session.execute(
-            select(Message.provider, func.min(Message.next_attempt_at))
-            .where(Message.status.in_([MessageStatus.PENDING, MessageStatus.QUEUED]),
-                   Message.next_attempt_at <= now).group_by(Message.provider)):
-        entry(provider)["oldest_due_age_s"] = round((now - oldest).total_seconds(), 3)
-
-    for provider, count in session.execute(
-            select(Message.provider, func.count())
-            .where(Message.status == MessageStatus.PENDING, Message.next_attempt_at > now)
-            .group_by(Message.provider)):
-        entry(provider)["retry_scheduled"] = count
-
-    for provider, count in session.execute(
-            select(Message.provider, func.count())
-            .where(Message.dead_at >= now - timedelta(hours=1)).group_by(Message.provider)):
-        entry(provider)["dead_last_hour"] = count
-
+    oldest_due = _live_states(session, now, entry)
+    # The last 5 minutes' attempts, through the index on started_at: what happens now.
     for provider, outcome, code, error_class, count in session.execute(
             select(Message.provider, Attempt.outcome, Attempt.status_code, Attempt.error_class,
                    func.count())
@@ -91,13 +86,27 @@ def report(session: Session, now: datetime | None = None,
                       Attempt.error_class)):
         e = entry(provider)
         e["attempts_5m"] += count
+        if outcome == AttemptOutcome.DELIVERED:
+            e["delivered_5m"] += count
         if outcome in FAILED:
             e["failures_5m"] += count
             key = str(code or error_class or outcome)
             e["failures_by_code_5m"][key] = e["failures_by_code_5m"].get(key, 0) + count
 
+    # History: exact while small, estimated beyond (PostgreSQL); every provider with rows.
+    for name in _providers_with_rows(session):
+        entry(name)
+    for (provider, state), (count, estimated) in _history_counts(session, providers).items():
+        e = entry(provider)
+        e["by_status"][state.value] = count
+        if estimated:
+            e["by_status_estimated"].append(state.value)
+
     epoch = time.time() if now_epoch_s is None else now_epoch_s
     for name, e in providers.items():
+        e["depth"] = sum(e["by_status"][s] for s in WAITING)
+        if name in oldest_due:
+            e["oldest_due_age_s"] = round((now - oldest_due[name]).total_seconds(), 3)
         if e["attempts_5m"]:
             e["error_rate_5m"] = round(e["failures_5m"] / e["attempts_5m"], 4)
         e["failures_by_code_5m"] = dict(sorted(e["failures_by_code_5m"].items(),
@@ -118,6 +127,127 @@ def report(session: Session, now: datetime | None = None,
     }
 
 
+def _live_states(session: Session, now: datetime, entry) -> dict[str, datetime]:
+    """Fill each provider's counts of the working states and dead letters, its retries
+    scheduled and its dead letters of the last hour, each state from its own partial index
+    (the status is in the SQL text, see ``_is``). Returns provider → oldest due time."""
+    hour_ago = now - timedelta(hours=1)
+    oldest_due: dict[str, datetime] = {}
+
+    def due_since(provider: str, oldest: datetime | None) -> None:
+        if oldest is not None and (provider not in oldest_due or oldest < oldest_due[provider]):
+            oldest_due[provider] = oldest
+
+    for provider, count, scheduled, oldest in session.execute(
+            select(Message.provider, func.count(),
+                   func.count().filter(Message.next_attempt_at > now),
+                   func.min(Message.next_attempt_at).filter(Message.next_attempt_at <= now))
+            .where(_is(MessageStatus.PENDING)).group_by(Message.provider)):
+        e = entry(provider)
+        e["by_status"][MessageStatus.PENDING.value] = count
+        e["retry_scheduled"] = scheduled
+        due_since(provider, oldest)
+    for provider, count, oldest in session.execute(
+            select(Message.provider, func.count(),
+                   func.min(Message.next_attempt_at).filter(Message.next_attempt_at <= now))
+            .where(_is(MessageStatus.QUEUED)).group_by(Message.provider)):
+        entry(provider)["by_status"][MessageStatus.QUEUED.value] = count
+        due_since(provider, oldest)
+    for provider, count in session.execute(
+            select(Message.provider, func.count())
+            .where(_is(MessageStatus.IN_FLIGHT)).group_by(Message.provider)):
+        entry(provider)["by_status"][MessageStatus.IN_FLIGHT.value] = count
+    for provider, count, recent in session.execute(
+            select(Message.provider, func.count(),
+                   func.count().filter(Message.dead_at >= hour_ago))
+            .where(_is(MessageStatus.DEAD)).group_by(Message.provider)):
+        e = entry(provider)
+        e["by_status"][MessageStatus.DEAD.value] = e["dead_awaiting"] = count
+        e["dead_last_hour"] += recent
+    # Dead-lettered in the last hour and discarded since (discarding stamps updated_at).
+    for provider, recent in session.execute(
+            select(Message.provider, func.count())
+            .where(_is(MessageStatus.DISCARDED), Message.updated_at >= hour_ago,
+                   Message.dead_at >= hour_ago).group_by(Message.provider)):
+        entry(provider)["dead_last_hour"] += recent
+
+    return oldest_due
+
+
+def _is(state: MessageStatus):
+    """``status = '<state>'`` with the value written into the SQL, not bound as a parameter:
+    so the planner always sees which partial index covers the rows, also in a prepared
+    statement's generic plan (psycopg prepares a query it has run five times)."""
+    return Message.status == literal_column(f"'{state.value}'")
+
+
+# Every provider that has rows, one index probe each (a loose index scan over the
+# (provider, …) index): a provider left with only history still gets its line.
+_PROVIDERS = text("""
+WITH RECURSIVE p(provider) AS (
+    SELECT min(provider) FROM outbox_messages
+    UNION ALL
+    SELECT (SELECT min(m.provider) FROM outbox_messages m WHERE m.provider > p.provider)
+    FROM p WHERE p.provider IS NOT NULL)
+SELECT provider FROM p WHERE provider IS NOT NULL""")
+
+
+def _providers_with_rows(session: Session) -> list[str]:
+    return list(session.execute(_PROVIDERS).scalars())
+
+
+def _history_counts(session: Session, providers: Iterable[str]
+                    ) -> dict[tuple[str, MessageStatus], tuple[int, bool]]:
+    """(provider, delivered|discarded) → (count, whether it is an estimate).
+
+    PostgreSQL: the planner's estimate first (no rows read); a small one is replaced by an
+    exact count that reads at most ``EXACT_HISTORY_UP_TO`` + 1 index entries, so stale
+    statistics cannot make this slow either. SQLite: exact counts.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return {(provider, MessageStatus(state)): (count, False)
+                for provider, state, count in session.execute(
+                    select(Message.provider, Message.status, func.count())
+                    .where(Message.status.in_(HISTORY))
+                    .group_by(Message.provider, Message.status))}
+    counts = {}
+    for provider in providers:
+        for state in HISTORY:
+            estimate = _planner_rows(session, provider, state)
+            if estimate > EXACT_HISTORY_UP_TO:
+                counts[provider, state] = (estimate, True)
+                continue
+            capped = select(literal_column("1")).where(
+                Message.provider == provider, _is(state)).limit(EXACT_HISTORY_UP_TO + 1)
+            count = session.execute(select(func.count()).select_from(capped.subquery())).scalar()
+            counts[provider, state] = ((count, False) if count <= EXACT_HISTORY_UP_TO
+                                       else (max(count, estimate), True))
+    return counts
+
+
+def _planner_rows(session: Session, provider: str, state: MessageStatus) -> int:
+    """PostgreSQL's estimate of the rows of ``provider`` in ``state`` (EXPLAIN: statistics
+    only, nothing read)."""
+    plan = session.execute(text(
+        "EXPLAIN (FORMAT JSON) SELECT 1 FROM outbox_messages "
+        f"WHERE provider = :provider AND status = '{state.value}'"),
+        {"provider": provider}).scalar()
+    if isinstance(plan, str):   # a driver that does not decode json
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+def count_text(count: int, estimated: bool = False) -> str:
+    """A count for people: ``1234``, or an estimate rounded, ``~1.2M``, ``~48k``."""
+    if not estimated:
+        return str(count)
+    if count >= 999_500:
+        return f"~{count / 1_000_000:.1f}M"
+    if count >= 1000:
+        return f"~{count / 1000:.0f}k"
+    return f"~{count}"
+
+
 def render(data: dict, facts: Mapping[str, Mapping]) -> list[str]:
     """``report``'s dict as the lines ``outbox status`` prints: level and findings, one row
     per provider, then each provider's shared protection state from ``facts``."""
@@ -128,9 +258,11 @@ def render(data: dict, facts: Mapping[str, Mapping]) -> list[str]:
                  f"{'deliv.':>9}{'dead':>6}{'disc.':>6}{'oldest due':>12}{'err 5m':>8}  level")
     for name, e in data["providers"].items():
         s = e["by_status"]
+        rough = set(e.get("by_status_estimated", ()))
+        delivered, discarded = (count_text(s[k], k in rough) for k in ("delivered", "discarded"))
         lines.append(f"{name:<12}{s['pending'] - e['retry_scheduled']:>8}{s['queued']:>8}"
-                     f"{s['in_flight']:>8}{e['retry_scheduled']:>8}{s['delivered']:>9}"
-                     f"{s['dead']:>6}{s['discarded']:>6}{e['oldest_due_age_s']:>11.1f}s"
+                     f"{s['in_flight']:>8}{e['retry_scheduled']:>8}{delivered:>9}"
+                     f"{s['dead']:>6}{discarded:>6}{e['oldest_due_age_s']:>11.1f}s"
                      f"{e['error_rate_5m'] * 100:>7.1f}%  {e['level']}")
         lines += [f"  {f['level'].upper()}: {f['reason']}" for f in e["findings"]]
     lines.append("protection (shared by every worker):")

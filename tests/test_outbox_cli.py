@@ -134,6 +134,18 @@ def test_status_json_counts(capsys, db):
     assert data["level"] == "critical"
 
 
+def test_status_counts_a_discarded_dead_letter_of_the_last_hour(capsys, db):
+    """A dead letter discarded at once still counts among the last hour's dead letters (and
+    as discarded), not as awaiting action; counts are exact (nothing estimated on SQLite)."""
+    message_id = enqueue_charge(capsys, "gone")
+    kill(db, message_id)
+    assert run(capsys, "dead", "discard", message_id, "--reason", "cancelled")[0] == 0
+    payments = run_json(capsys, "status", code=2)["providers"]["payments"]
+    assert payments["dead_last_hour"] == 1 and payments["checks"]["dead_letters"] == "warning"
+    assert payments["by_status"]["discarded"] == 1 and payments["dead_awaiting"] == 0
+    assert payments["by_status_estimated"] == [] and payments["delivered_5m"] == 0
+
+
 def test_status_text_on_an_empty_outbox(capsys, db):
     """With no messages every provider shows zeros, the level is ok and the exit status 0."""
     code, out, _ = run(capsys, "status")
