@@ -25,9 +25,11 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from . import ordering
 from .clock import utcnow
 from .dispatch import MessageRef, dispatch_after_commit
 from .errors import InvalidMessage
+from .lifecycle import relay_due
 from .models import AuditEntry, Message, MessageStatus
 
 
@@ -167,6 +169,9 @@ def _transition(session, target, action, reason, actor, targets, dry_run, now,
         if target is MessageStatus.PENDING:
             dispatch_after_commit(session, MessageRef(message.id, message.provider,
                                                       message.operation))
+        elif message.ordering_key is not None:   # a discarded head unblocks its key
+            ordering.wake_next(session, message.provider, message.ordering_key, now,
+                               relay_due(now))
         results.append(ActionResult(message_id, message.label, True, f"{action} done"))
     if not dry_run:
         session.commit()

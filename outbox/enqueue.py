@@ -24,7 +24,6 @@ from .errors import (
     UnknownProvider,
 )
 from .ids import new_id
-from .lifecycle import relay_due
 from .models import Message, MessageStatus
 from .payload import canonical_json
 
@@ -91,8 +90,8 @@ def enqueue(session: Session, *, provider: str, operation: str, payload: dict[st
     if ordering_key is not None:
         values["ordering_key"] = ordering_key
         values["ordering_seq"], follower = ordering.next_seq(session, provider, ordering_key)
-        if follower:   # not its key's head: the relay publishes it when it is
-            values["next_attempt_at"] = relay_due(now)
+        if follower:   # not its key's head: parked until the head is done
+            values["next_attempt_at"] = ordering.PARKED
     # RETURNING, not rowcount: psycopg 3 under SQLAlchemy reports -1 for this INSERT.
     inserted = session.execute(_insert_statement(session), values).first() is not None
     if inserted:

@@ -21,7 +21,7 @@ from sqlalchemy.orm.util import identity_key
 from .clock import utcnow
 from .decisions import LOST, Decision, Failure, decide
 from .models import Attempt, AttemptOutcome, Message, MessageStatus
-from .ordering import is_head
+from .ordering import PARKED, is_head, wake_next
 from .retry import RetryPolicy
 
 
@@ -40,6 +40,7 @@ class Claim:
     lease_token: int
     budget_started_at: datetime
     claimed_at: datetime
+    ordering_key: str | None = None
 
     @property
     def label(self) -> str:
@@ -59,8 +60,7 @@ def claim(session: Session, message_id: str, lease: timedelta,
     rows = _execute(session, _CLAIM, {"m_id": message_id, "now": now, "expires": now + lease},
                     message_id)
     if not rows:
-        session.execute(_BACK_TO_RELAY, {"m_id": message_id, "now": now,
-                                         "due": relay_due(now)})
+        session.execute(_BACK_TO_RELAY, {"m_id": message_id, "now": now})
     session.commit()
     if not rows:
         return None
@@ -106,7 +106,7 @@ _CLAIM = (
             lease_expires_at=bindparam("expires"), updated_at=bindparam("now"))
     .returning(_M.c.id, _M.c.provider, _M.c.operation, _M.c.payload, _M.c.idempotency_key,
                _M.c.correlation_id, _M.c.attempts, _M.c.rate_limited_count, _M.c.lease_token,
-               _M.c.budget_started_at)
+               _M.c.budget_started_at, _M.c.ordering_key)
 )
 
 # A queued follower of an unfinished ordering-key head (published by after-commit dispatch,
@@ -116,7 +116,7 @@ _BACK_TO_RELAY = (
     .where(_M.c.id == bindparam("m_id"), _M.c.status == MessageStatus.QUEUED,
            _M.c.ordering_key.is_not(None), ~is_head(_M.c))
     .values(status=MessageStatus.PENDING, queued_at=None, updated_at=bindparam("now"),
-            next_attempt_at=bindparam("due"))
+            next_attempt_at=PARKED)
 )
 
 # Outcomes: only under the lease token this worker claimed, and only while still in flight.
@@ -194,6 +194,8 @@ def mark_delivered(session: Session, claim: Claim, *, status_code: int,
                                              "code": status_code}, claim.id)
     _record_attempt(session, claim.id, claim.lease_token, claim.claimed_at,
                     AttemptOutcome.DELIVERED, now, worker, status_code=status_code)
+    if updated and claim.ordering_key is not None:
+        wake_next(session, claim.provider, claim.ordering_key, now, relay_due(now))
     session.commit()
     return updated == 1
 

@@ -15,11 +15,18 @@ provider one at a time, in the order their transactions committed.
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 
-from sqlalchemy import and_, exists, func, or_, select, text
+from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session, aliased
 
 from .models import Message, MessageStatus
+
+# ``next_attempt_at`` of a message waiting behind its key's head: out of the relay's due scan
+# (which reads pending rows in due order and stops at "now"), however many wait. The head's
+# delivery or discard wakes the next one in the same transaction (``wake_next``); the relay
+# sweeps for any it missed (``wake_parked_heads``).
+PARKED = datetime(9999, 12, 31)
 
 # States that hold back the key's later messages.
 BLOCKING = (MessageStatus.PENDING, MessageStatus.QUEUED, MessageStatus.IN_FLIGHT,
@@ -58,6 +65,43 @@ def next_seq(session: Session, provider: str, key: str) -> tuple[int, bool]:
                func.count().filter(Message.status.in_(BLOCKING)))
         .where(Message.provider == provider, Message.ordering_key == key)).one()
     return (last or 0) + 1, bool(blocking)
+
+
+_M = Message.__table__
+_parked = aliased(Message, name="parked")
+
+_WAKE_NEXT = (
+    update(_M)
+    .where(_M.c.id == select(_parked.id)
+           .where(_parked.provider == bindparam("b_provider"),
+                  _parked.ordering_key == bindparam("b_key"),
+                  _parked.status == MessageStatus.PENDING,
+                  _parked.next_attempt_at == PARKED)
+           .order_by(_parked.ordering_seq).limit(1).scalar_subquery())
+    .values(next_attempt_at=bindparam("due"), updated_at=bindparam("now"))
+)
+
+
+def wake_next(session: Session, provider: str, key: str, now: datetime, due: datetime) -> None:
+    """The key's head is done (delivered or discarded): make the next message due at
+    ``due``. Runs in the caller's transaction, so the wake commits with the outcome."""
+    session.execute(_WAKE_NEXT, {"b_provider": provider, "b_key": key, "now": now, "due": due})
+
+
+def wake_parked_heads(session: Session, now: datetime, due: datetime) -> int:
+    """Safety net: parked messages that are their key's head (a wake was missed, e.g. the
+    head finished while the follower's transaction was still open) become due. Reads each
+    blocked key's first parked message only. Does not commit; returns how many woke."""
+    firsts = (select(Message.provider, Message.ordering_key, func.min(Message.ordering_seq))
+              .where(Message.status == MessageStatus.PENDING, Message.next_attempt_at == PARKED)
+              .group_by(Message.provider, Message.ordering_key))
+    return session.execute(
+        update(Message)
+        .where(Message.status == MessageStatus.PENDING, Message.next_attempt_at == PARKED,
+               tuple_(Message.provider, Message.ordering_key, Message.ordering_seq).in_(firsts),
+               is_head())
+        .values(next_attempt_at=due, updated_at=now)
+        .execution_options(synchronize_session=False)).rowcount
 
 
 def blocked_keys(session: Session, provider: str | None = None) -> list[tuple[str, str, int]]:

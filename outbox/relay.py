@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
@@ -19,6 +20,7 @@ import schemas
 
 from integrations.errors import ConfigurationError
 
+from . import ordering
 from .clock import utcnow
 from .config import RelaySettings, current_retry_policy
 from .dispatch import Dispatcher, MessageRef
@@ -30,6 +32,8 @@ from .retention import PruneSchedule
 from .retry import RetryPolicy
 
 log = logging.getLogger("outbox.relay")
+
+PARKED_SWEEP_S = 10.0
 
 
 def take_due(session: Session, settings: RelaySettings, *,
@@ -133,14 +137,21 @@ def release(session: Session, refs: list[MessageRef]) -> None:
 
 
 def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
-             idempotent: Callable[[str], bool]) -> int:
+             idempotent: Callable[[str], bool], sweep_parked: bool = True) -> int:
     """One relay pass: recover expired leases, then publish what is due. Returns rows published.
 
     Args:
         idempotent: provider name → whether it deduplicates retries by idempotency key
             (decides what a lost lease becomes; given by the process that runs the relay).
+        sweep_parked: also wake ordered messages whose wake was missed
+            (``outbox.ordering.wake_parked_heads``; ``run`` does it every 10 s).
     """
     with Session(engine) as session:
+        if sweep_parked:
+            now = utcnow()
+            if woken := ordering.wake_parked_heads(session, now, relay_due(now)):
+                log.info("woke %d ordered message(s) whose key's head was done", woken)
+            session.commit()
         lost = recover_expired_leases(session, limit=settings.batch_size, idempotent=idempotent,
                                       policy_for=_policy)
         if lost:
@@ -190,9 +201,14 @@ def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
     """
     stop = stop or threading.Event()
     failures = 0
+    swept_at = 0.0
     while not stop.is_set():
         try:
-            published = run_once(engine, dispatcher, settings, idempotent=idempotent)
+            sweep = time.monotonic() - swept_at >= PARKED_SWEEP_S
+            published = run_once(engine, dispatcher, settings, idempotent=idempotent,
+                                 sweep_parked=sweep)
+            if sweep:
+                swept_at = time.monotonic()
             failures = 0
             if prune is not None:
                 prune.maybe_run(engine)

@@ -19,7 +19,7 @@ from outbox.db import make_engine, make_sessionmaker
 from outbox.deadletters import discard
 from outbox.lifecycle import claim, mark_delivered
 from outbox.models import Message, MessageStatus
-from outbox.ordering import blocked_keys
+from outbox.ordering import PARKED, blocked_keys
 from outbox.relay import run_once
 from tests.harness import fail_claimed
 
@@ -176,3 +176,25 @@ def test_on_postgresql_numbers_follow_commit_order_not_insert_order(pg_url, publ
     assert _row(sessions, first).ordering_seq == 1
     assert _row(sessions, second[0]).ordering_seq == 2
     engine.dispose()
+
+
+def test_followers_are_parked_out_of_the_due_scan_and_a_missed_wake_is_swept_up(
+        engine, sessions, publisher):
+    """A follower waits with next_attempt_at = PARKED, so however many wait behind a dead
+    head, the relay's due scan never reads them. If its head finished without waking it
+    (here: marked delivered behind the lifecycle's back), the relay's sweep wakes it."""
+    with sessions() as session:
+        head = _charge(session, "w-0", 100, "contact-8")
+        follower = _charge(session, "w-1", 101, "contact-8")
+        session.commit()
+    assert _row(sessions, follower).next_attempt_at == PARKED
+    with sessions() as session:
+        session.execute(update(Message).where(Message.id == head)
+                        .values(status=MessageStatus.DELIVERED))
+        session.commit()
+    dispatch.dispatcher().flush()
+    publisher.published.clear()
+    run_once(engine, dispatch.dispatcher(), SETTINGS, idempotent=supports_idempotency,
+             sweep_parked=False)
+    assert publisher.ids == [], "not woken, not due"
+    assert _pass(engine, publisher) == [follower]
