@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, literal_column, select, text
 from sqlalchemy.orm import Session
 
-from . import health
+from . import health, ordering
 from .clock import utcnow
 from .models import Attempt, AttemptOutcome, Message, MessageStatus
 
@@ -70,7 +70,7 @@ def report(session: Session, now: datetime | None = None,
             "by_status": {s.value: 0 for s in MessageStatus}, "by_status_estimated": [],
             "depth": 0, "retry_scheduled": 0, "oldest_due_age_s": 0.0, "dead_awaiting": 0,
             "dead_last_hour": 0, "delivered_5m": 0, "attempts_5m": 0, "failures_5m": 0,
-            "error_rate_5m": 0.0, "failures_by_code_5m": {}})
+            "error_rate_5m": 0.0, "failures_by_code_5m": {}, "waiting_for_key": 0})
 
     for name in facts or ():
         entry(name)
@@ -121,6 +121,9 @@ def report(session: Session, now: datetime | None = None,
         "at": now.isoformat(timespec="seconds") + "Z",
         "providers": dict(sorted(providers.items())),
         "findings": [f.to_dict() for f in overall],
+        # Ordering keys held back by a dead-lettered head, until it is re-driven or discarded.
+        "blocked_keys": [{"provider": p, "ordering_key": k, "waiting": n}
+                         for p, k, n in ordering.blocked_keys(session)],
         "dead_awaiting": sum(e["dead_awaiting"] for e in providers.values()),
         "level": health.worst([*(e["level"] for e in providers.values()),
                                *(f.level for f in overall)]),
@@ -138,14 +141,17 @@ def _live_states(session: Session, now: datetime, entry) -> dict[str, datetime]:
         if oldest is not None and (provider not in oldest_due or oldest < oldest_due[provider]):
             oldest_due[provider] = oldest
 
-    for provider, count, scheduled, oldest in session.execute(
+    for provider, count, scheduled, parked, oldest in session.execute(
             select(Message.provider, func.count(),
-                   func.count().filter(Message.next_attempt_at > now),
+                   func.count().filter(Message.next_attempt_at > now,
+                                       Message.next_attempt_at < ordering.PARKED),
+                   func.count().filter(Message.next_attempt_at == ordering.PARKED),
                    func.min(Message.next_attempt_at).filter(Message.next_attempt_at <= now))
             .where(_is(MessageStatus.PENDING)).group_by(Message.provider)):
         e = entry(provider)
         e["by_status"][MessageStatus.PENDING.value] = count
         e["retry_scheduled"] = scheduled
+        e["waiting_for_key"] = parked
         due_since(provider, oldest)
     for provider, count, oldest in session.execute(
             select(Message.provider, func.count(),
@@ -265,6 +271,10 @@ def render(data: dict, facts: Mapping[str, Mapping]) -> list[str]:
                      f"{s['dead']:>6}{discarded:>6}{e['oldest_due_age_s']:>11.1f}s"
                      f"{e['error_rate_5m'] * 100:>7.1f}%  {e['level']}")
         lines += [f"  {f['level'].upper()}: {f['reason']}" for f in e["findings"]]
+    for b in data.get("blocked_keys", ()):
+        lines.append(f"blocked: {b['provider']} ordering key {b['ordering_key']!r}: "
+                     f"{b['waiting']} message(s) wait behind a dead letter "
+                     "(re-drive or discard it)")
     lines.append("protection (shared by every worker):")
     lines += ["  " + _protection_line(name, fact) for name, fact in facts.items()]
     return lines

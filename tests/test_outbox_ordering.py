@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 
 from integrations.errors import Transient
 from integrations.registry import supports_idempotency
-from outbox import InvalidMessage, dispatch, enqueue
+from outbox import InvalidMessage, dispatch, enqueue, status
 from outbox.clock import utcnow
 from outbox.config import RelaySettings
 from outbox.db import make_engine, make_sessionmaker
@@ -128,6 +128,13 @@ def test_a_dead_head_blocks_its_key_visibly_until_discarded(engine, sessions, pu
     assert _pass(engine, publisher) == []
     with sessions() as session:
         assert blocked_keys(session) == [("payments", "contact-9", 2)]
+        shown = status.report(session)
+    assert shown["blocked_keys"] == [{"provider": "payments", "ordering_key": "contact-9",
+                                      "waiting": 2}]
+    assert shown["providers"]["payments"]["waiting_for_key"] == 2
+    assert ("blocked: payments ordering key 'contact-9': 2 message(s) wait behind a dead "
+            "letter (re-drive or discard it)") in status.render(shown, {})
+    with sessions() as session:
         discard(session, reason="customer cancelled", actor="test", ids=[head])
         session.commit()
         assert blocked_keys(session) == []
