@@ -252,6 +252,70 @@ def test_real_success_round_trip(server):
     assert delivery.summary == "200 pi_9 processing"
 
 
+
+class KeepAliveServer:
+    """A loopback HTTP/1.1 server that answers every request with a 200 that sets a cookie,
+    keeping connections open; counts connections and requests that carried a cookie."""
+
+    BODY = b'{"id": "pi_9", "object": "payment_intent", "status": "processing"}'
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = self.requests = self.with_cookie = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                self.connections += 1
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        except OSError:
+            pass
+
+    def _serve(self, conn):
+        buffer = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                buffer = buffer[length:]
+                self.requests += 1
+                self.with_cookie += b"\r\ncookie:" in head.lower()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Set-Cookie: session=abc; Path=/\r\nContent-Length: "
+                             + str(len(self.BODY)).encode() + b"\r\n\r\n" + self.BODY)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_real_transport_reuses_its_connection_and_keeps_no_cookies():
+    """The transport reads each body whole (the connection goes back to the pool and is used
+    again) and, as before, never sends a cookie a provider set."""
+    srv = KeepAliveServer()
+    try:
+        transport = RequestsTransport(pool_size=1)
+        provider = build_provider("payments", {"OUTBOX_PAYMENTS_API_KEY": KEY,
+                                               "OUTBOX_PAYMENTS_BASE_URL":
+                                               f"http://127.0.0.1:{srv.port}"},
+                                  transport=transport)
+        for i in range(5):
+            assert provider.deliver("charge", CHARGE, f"k{i}").summary == "200 pi_9 processing"
+        assert (srv.requests, srv.connections, srv.with_cookie) == (5, 1, 0)
+        assert len(transport.session.cookies) == 0
+    finally:
+        srv.close()
+
 # --- TLS handshake: never sent; TLS failures after it: maybe sent (real sockets) -------
 
 def tls_provider(server: LoopbackServer, ca, **env):

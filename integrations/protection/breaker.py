@@ -211,18 +211,32 @@ class CircuitBreaker:
             redis.RedisError: Redis is unreachable.
         """
         token = uuid.uuid4().hex
-        verdict, wait_us, _ = self._run("admit", token)[:3]
+        verdict = self._verdict(token, self._run("admit", token))
+        if isinstance(verdict, Deferred):
+            raise verdict
+        return verdict
+
+    def admit_into(self, batch: Batch) -> None:
+        """``admit``, queued in ``batch``: its result is the ``Ticket``, or the ``Deferred``
+        that ``admit`` would raise (returned, not raised, so the batch's other results —
+        a permit taken in the same round trip — still reach the caller to be given back)."""
+        token = uuid.uuid4().hex
+        batch.script(self._script, self._keys, self._args("admit", token),
+                     lambda reply: self._verdict(token, self._reply(reply)))
+
+    def _verdict(self, token: str, reply: list) -> Ticket | Deferred:
+        verdict, wait_us = reply[0], reply[1]
         if verdict == "allow":
             return Ticket(token, probe=False)
         if verdict == "probe":
             return Ticket(token, probe=True)
         if verdict == "deny":
             wait_s = from_us(wait_us)
-            raise Deferred(f"{self.provider} circuit breaker open; half-open in {wait_s:.1f}s",
-                           code="breaker_open", retry_after_s=wait_s)
-        raise Deferred(f"{self.provider} circuit breaker half-open, probe in progress",
-                       code="breaker_half_open",
-                       retry_after_s=min(BUSY_RETRY_S, self.policy.open_s))
+            return Deferred(f"{self.provider} circuit breaker open; half-open in {wait_s:.1f}s",
+                            code="breaker_open", retry_after_s=wait_s)
+        return Deferred(f"{self.provider} circuit breaker half-open, probe in progress",
+                        code="breaker_half_open",
+                        retry_after_s=min(BUSY_RETRY_S, self.policy.open_s))
 
     def record_into(self, batch: Batch, ticket: Ticket, health: CallHealth) -> None:
         """Report how the call of ``ticket`` went (and return its probe permit, if any),

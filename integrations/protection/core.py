@@ -5,13 +5,21 @@ more scarce, than the next, and only the last one decides *when* the call starts
 
 1. **quota** first: when it is used up the message waits hours for midnight UTC; no
    other guard is consulted or held for it (one ``INCR``, refunded if a later guard defers).
-2. **breaker** next: while open nothing else is taken; a half-open probe permit is
+2. **breaker** next: while open nothing else is kept; a half-open probe permit is
    scarce, so it is only taken by a call that the quota allows.
 3. **concurrency** before the rate limit: the permit is held while sleeping for the
    slot, so the slot is never reserved by a call that then waits for a permit.
 4. **rate limit** last: it reserves the exact moment of the call and the worker sleeps
    until it and calls at once. Anything between reservation and call would add jitter
    (N+1 requests in one window) or waste the slot if it then deferred.
+
+One round trip for the usual call: the breaker, the permit and (when no rate limit applies
+to the operation, so that nothing is reserved) the pause are asked together, in one Redis
+pipeline (``Guard.try_into``), and their answers are then taken in the order above. A
+permit taken in that round trip by a call the breaker refuses is given back at once with
+the other releases (one more round trip, only while the breaker is open). The quota, when
+there is one, is asked alone before them; a slot of a rate limit is reserved alone after
+them, once the permit is held.
 
 Redis down: a guard that cannot reach Redis raises ``Deferred`` (retry in
 ``REDIS_DOWN_RETRY_S``, logged): the message waits in the outbox without using an attempt.
@@ -139,11 +147,9 @@ class Protection:
         guards.append(RateGuard(self.limiter, sleep))
         self.guards: tuple[Guard, ...] = tuple(guards)
         self.client = client
-        # A concurrency guard directly followed by the rate guard: acquired together when
-        # no rate limit applies (see ``admit``).
-        self._rate = guards[-1]
-        self._paired = (guards[-2] if len(guards) > 1 and isinstance(guards[-2], ConcurrencyGuard)
-                        else None)
+        # The guards from this one on are first asked together (see ``admit``); the quota
+        # before them is asked alone.
+        self._together_from = 1 if self.quota else 0
 
     def admit(self, operation: str) -> Permit:
         """Pass every guard in order; may sleep up to ``max_wait_s`` in total.
@@ -157,28 +163,27 @@ class Protection:
         """
         started = self.monotonic()
         permit = Permit(self, operation)
-        slot = None
+        tried: dict[Guard, Any] = {}   # guard → the answer to its try in the shared round trip
         try:
-            for guard in self.guards:
+            for index, guard in enumerate(self.guards):
                 budget = max(self.max_wait_s - (self.monotonic() - started), 0.0)
-                if slot is not None and isinstance(guard, RateGuard):
-                    if isinstance(slot, BaseException):
-                        raise slot
-                    ticket = guard.acquire(operation, budget, first=slot)
-                elif guard is self._paired and self._rate.reserves_nothing(operation):
-                    # The permit and the pause in one round trip (see try_with_slot).
-                    ticket, slot = guard.try_with_slot(self._rate, operation, budget)
-                    if ticket is None:       # no permit free: wait for one as before; the
-                        slot = None          # pause is read again once it is held
-                        ticket = guard.acquire(operation, budget)
+                if index == self._together_from:
+                    tried = self._try_together(self.guards[index:], operation, budget)
+                if guard in tried:
+                    result = tried.pop(guard)
+                    if result is None and isinstance(guard, ConcurrencyGuard):
+                        # No permit was free: it waits for one; the pause read with it is
+                        # stale by then, so the rate guard asks again once the permit is held.
+                        tried.clear()
+                    ticket = guard.acquire_tried(result, operation, budget)
                 else:
                     ticket = guard.acquire(operation, budget)
                 permit.tickets.append((guard, ticket))
         except Deferred:
-            self._release(permit.tickets, CallHealth.NEUTRAL, attempted=False)
+            self._release(permit.tickets + _held(tried), CallHealth.NEUTRAL, attempted=False)
             raise
         except redis.RedisError as exc:
-            self._release(permit.tickets, CallHealth.NEUTRAL, attempted=False)
+            self._release(permit.tickets + _held(tried), CallHealth.NEUTRAL, attempted=False)
             log.warning("%s: protection state unreachable (%s); deferring, not calling "
                         "unprotected", self.provider, type(exc).__name__,
                         extra={"provider": self.provider})
@@ -187,6 +192,18 @@ class Protection:
                            retry_after_s=REDIS_DOWN_RETRY_S) from exc
         permit.waited_s = self.monotonic() - started
         return permit
+
+    def _try_together(self, guards: tuple[Guard, ...], operation: str,
+                      budget_s: float) -> dict[Guard, Any]:
+        """Ask ``guards`` (from the first, as long as each can be asked without waiting) in
+        one round trip; their answers by guard. Raises ``redis.RedisError`` (nothing known)."""
+        batch = Batch(self.client)
+        asked = []
+        for guard in guards:
+            if not guard.try_into(batch, operation, budget_s):
+                break
+            asked.append(guard)
+        return dict(zip(asked, batch.execute(), strict=True))
 
     def pace(self, operation: str) -> None:
         """Wait for one more rate-limit slot (a second request inside one admitted call,
@@ -286,3 +303,11 @@ class Protection:
         except redis.RedisError as exc:
             snap["error"] = f"Redis unreachable ({type(exc).__name__})"
         return snap
+
+
+def _held(tried: dict[Guard, Any]) -> list[tuple[Guard, Any]]:
+    """Of the answers of a shared round trip not yet taken when a guard refused, those that
+    hold something to give back: the breaker's ticket (a probe permit) and a permit."""
+    return [(guard, result) for guard, result in tried.items()
+            if result is not None and not isinstance(result, BaseException)
+            and not isinstance(guard, RateGuard)]

@@ -1,7 +1,9 @@
 """The guards around a provider call: one small hook per concern, run in a fixed order.
 
 A guard's ``acquire`` may sleep (within the time budget it is given) and raises
-``Deferred`` when the call must wait longer. ``release_into(batch, ticket, health,
+``Deferred`` when the call must wait longer. ``try_into(batch, …)`` queues a try that
+never waits, so that several guards are asked in one Redis round trip; its result then
+goes to ``acquire_tried``, which decides (and waits, if it must) as ``acquire`` would. ``release_into(batch, ticket, health,
 attempted)`` queues in a ``Batch`` whatever the guard must give back or record, so that
 the releases of all guards take one Redis round trip; ``attempted=False`` means the call
 was never made (a later guard deferred it): each guard then undoes what it took (the quota
@@ -32,6 +34,14 @@ class Guard(Protocol):
         """Let the call proceed (sleeping at most ``budget_s``); return a ticket for
         ``release_into``. Raises ``Deferred`` (call later) or ``redis.RedisError``."""
 
+    def try_into(self, batch: Batch, operation: str, budget_s: float) -> bool:
+        """Queue in ``batch`` a try at ``acquire`` that never waits; False (nothing queued)
+        when this guard must be asked on its own."""
+
+    def acquire_tried(self, result: Any, operation: str, budget_s: float) -> Any:
+        """``acquire``, given the result of the command ``try_into`` queued (a
+        ``redis.RedisError`` included): returns the ticket or raises as ``acquire`` does."""
+
     def release_into(self, batch: Batch, ticket: Any, health: CallHealth,
                      attempted: bool) -> None:
         """Queue in ``batch`` the accounting for the finished (or never made) call; queue
@@ -49,6 +59,9 @@ class QuotaGuard:
     def acquire(self, operation: str, budget_s: float) -> str:
         return self.quota.take()
 
+    def try_into(self, batch: Batch, operation: str, budget_s: float) -> bool:
+        return False   # first and alone: nothing else is taken for a call the quota refuses
+
     def release_into(self, batch: Batch, ticket: str, health: CallHealth,
                      attempted: bool) -> None:
         if not attempted:
@@ -65,6 +78,15 @@ class BreakerGuard:
 
     def acquire(self, operation: str, budget_s: float):
         return self.breaker.admit()
+
+    def try_into(self, batch: Batch, operation: str, budget_s: float) -> bool:
+        self.breaker.admit_into(batch)
+        return True
+
+    def acquire_tried(self, result, operation: str, budget_s: float):
+        if isinstance(result, BaseException):   # Deferred (open, or every probe taken)
+            raise result
+        return result
 
     def release_into(self, batch: Batch, ticket, health: CallHealth, attempted: bool) -> None:
         self.breaker.record_into(batch, ticket, health if attempted else CallHealth.NEUTRAL)
@@ -88,20 +110,17 @@ class ConcurrencyGuard:
                      attempted: bool) -> None:
         self.semaphore.release_into(batch, ticket)
 
-    def try_with_slot(self, rate: RateGuard, operation: str,
-                      budget_s: float) -> tuple[str | None, Reservation | BaseException]:
-        """One round trip for the common case: try for a permit and, in the same pipeline
-        right after it, read the pause for ``rate`` (only when no rate limit applies to
-        ``operation``, so that reading reserves nothing: a call that then has to wait for
-        a permit has taken no slot). Returns (token or None, the reservation or its error).
-        Raises ``redis.RedisError`` (nothing was taken)."""
-        batch = Batch(self.semaphore.client)
+    def try_into(self, batch: Batch, operation: str, budget_s: float) -> bool:
         self.semaphore.try_acquire_into(batch)
-        rate.limiter.reserve_into(batch, operation, budget_s)
-        token, slot = batch.execute()
-        if isinstance(token, BaseException):
-            raise token
-        return token, slot
+        return True
+
+    def acquire_tried(self, result: str | None | BaseException, operation: str,
+                      budget_s: float) -> str:
+        if isinstance(result, BaseException):
+            raise result
+        if result is None:   # no permit was free: wait for one
+            return self.acquire(operation, budget_s)
+        return result
 
 
 class RateGuard:
@@ -113,11 +132,23 @@ class RateGuard:
         self.limiter = limiter
         self.sleep = sleep
 
-    def acquire(self, operation: str, budget_s: float, first: Reservation | None = None) -> float:
-        return self.limiter.wait_for_slot(operation, budget_s, self.sleep, first)
+    def acquire(self, operation: str, budget_s: float) -> float:
+        return self.limiter.wait_for_slot(operation, budget_s, self.sleep)
 
-    def reserves_nothing(self, operation: str) -> bool:
-        return self.limiter.reserves_nothing(operation)
+    def try_into(self, batch: Batch, operation: str, budget_s: float) -> bool:
+        """Only when no rate limit applies to ``operation``: the reservation then only reads
+        the pause and takes no slot, so a call that is refused by a guard in the same round
+        trip, or then waits for a permit, has wasted nothing."""
+        if not self.limiter.reserves_nothing(operation):
+            return False
+        self.limiter.reserve_into(batch, operation, budget_s)
+        return True
+
+    def acquire_tried(self, result: Reservation | BaseException, operation: str,
+                      budget_s: float) -> float:
+        if isinstance(result, BaseException):
+            raise result
+        return self.limiter.wait_for_slot(operation, budget_s, self.sleep, result)
 
     def release_into(self, batch: Batch, ticket: float, health: CallHealth,
                      attempted: bool) -> None:
