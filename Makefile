@@ -16,7 +16,7 @@ export OUTBOX_EMAIL_BASE_URL ?= http://127.0.0.1:$(SANDBOX_PORT)
 export OUTBOX_EMAIL_API_KEY ?= $(OUTBOX_PAYMENTS_API_KEY)
 export OUTBOX_EMAIL_FROM ?= Demo Shop <shop@example.com>
 
-.PHONY: install system-packages migrate redis run test bench bench-smoke lint clean
+.PHONY: install system-packages migrate redis run test bench bench-smoke chaos chaos-smoke soak lint clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,19 @@ bench-smoke: install redis
 
 bench: install redis
 	$(BIN)/python -m bench
+
+# Fault scenarios against the real stack (PostgreSQL on 127.0.0.1:5432, a private redis-server),
+# one line of figures each; exit 1 if a must-show fails. Full sizes take 20-30 min;
+# `make chaos QUICK=1` (= `make chaos-smoke`) a few minutes. CHAOS_ARGS="--only worker_kill".
+chaos: install
+	$(BIN)/python -m bench.chaos $(if $(QUICK),--quick) $(CHAOS_ARGS)
+
+chaos-smoke: install
+	$(BIN)/python -m bench.chaos --quick $(CHAOS_ARGS)
+
+# 50 deliveries/s for 10 minutes with a fault every minute (QUICK=1: 2 minutes).
+soak: install
+	$(BIN)/python -m bench.soak $(if $(QUICK),--quick) $(SOAK_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
