@@ -16,7 +16,7 @@ export OUTBOX_EMAIL_BASE_URL ?= http://127.0.0.1:$(SANDBOX_PORT)
 export OUTBOX_EMAIL_API_KEY ?= $(OUTBOX_PAYMENTS_API_KEY)
 export OUTBOX_EMAIL_FROM ?= Demo Shop <shop@example.com>
 
-.PHONY: install system-packages migrate redis run test bench bench-smoke chaos chaos-smoke soak lint clean
+.PHONY: install system-packages migrate redis rabbitmq run test bench bench-smoke chaos chaos-smoke soak lint clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ migrate: install
 redis: install
 	$(BIN)/python scripts/ensure_redis.py
 
+# The delivery, crash and dead-letter tests also run on RabbitMQ (OUTBOX_TEST_AMQP_URL,
+# default amqp://guest:guest@127.0.0.1:5672/): started here if installed but stopped.
+rabbitmq: install
+	$(BIN)/python scripts/ensure_rabbitmq.py
+
 run: migrate redis
 	@creds="$$(scripts/flower_credentials.sh)"; \
 	echo "Flower:  http://127.0.0.1:5555  (login $${creds%%:*} / $${creds#*:}; set FLOWER_BASIC_AUTH to choose)"; \
@@ -42,16 +47,20 @@ run: migrate redis
 system-packages:
 	scripts/install_system_packages.sh
 
-test: install system-packages redis
+test: install system-packages redis rabbitmq
 	$(BIN)/pytest
 	$(MAKE) --no-print-directory bench-smoke
 
 # Every benchmark with tiny counts (about a minute): a benchmark that breaks fails `make test`.
 bench-smoke: install redis
 	$(BIN)/python -m bench --smoke
+	$(BIN)/python -m bench scale --smoke
+	$(BIN)/python -m bench backlog --smoke
 
 bench: install redis
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench scale
+	$(BIN)/python -m bench backlog
 
 # Fault scenarios against the real stack (PostgreSQL on 127.0.0.1:5432, a private redis-server),
 # one line of figures each; exit 1 if a must-show fails. Full sizes take 20-30 min;

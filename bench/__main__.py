@@ -6,8 +6,9 @@ rate-limit benchmark (``bench.ratelimit``) and the payload-validation benchmark
 read ``REDIS_URL`` once, at import, and the first benchmark has imported them on its own
 Redis DB. ``--quick`` and ``--smoke`` (tiny counts: proves they still run; ``make test``
 runs it) are passed on.
-``python -m bench ratelimit|validation|scale|backlog [options]`` runs only that benchmark
-(``scale`` and ``backlog``, on PostgreSQL, are run by ``make bench`` after the others).
+``python -m bench ratelimit|validation|scale|backlog|scaleout [options]`` runs only that
+benchmark (``scale``, ``backlog`` and ``scaleout``, on PostgreSQL, are run by ``make bench``
+after the others).
 """
 
 import subprocess
@@ -30,6 +31,10 @@ if argv[:1] == ["scale"]:
     from bench.scale import main as scale
 
     raise SystemExit(scale(argv[1:]))
+if argv[:1] == ["scaleout"]:
+    from bench.scaleout import main as scaleout
+
+    raise SystemExit(scaleout(argv[1:]))
 
 from bench.run import main  # noqa: E402
 

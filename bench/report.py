@@ -25,7 +25,7 @@ def render(r: dict, stack: Stack) -> str:
     out: list[str] = []
     w = out.append
     w(f"integration-outbox benchmark — {cfg['database']}, Redis {cfg['redis_url']}, "
-      f"sandbox {stack.sandbox_url} (own process)")
+      f"broker {cfg.get('broker', cfg['redis_url'])}, sandbox {stack.sandbox_url} (own process)")
     w(f"worker: {cfg['worker']} (events on, acks_late, prefetch 1) — the same for both sides; "
       f"relay running; {cfg['cpus']} CPUs; Python {cfg['python']}; run took {r['elapsed_s']} s")
     w("")

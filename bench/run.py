@@ -24,6 +24,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=8, help="worker threads (-P threads -c N)")
     p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
                    help="a Redis DB the bench may flush (default %(default)s)")
+    p.add_argument("--broker-url", default=os.environ.get("BENCH_BROKER_URL") or None,
+                   help="Celery broker other than that Redis, e.g. amqp://guest:guest@127.0.0.1"
+                        ":5672/ (RabbitMQ: quorum queues, confirms; its payments queue is "
+                        "purged). Default: the Redis DB")
     p.add_argument("--slow-provider-ms", type=float, default=50.0,
                    help="supplementary (a) with this sandbox latency, n/2 per side (0: skip)")
     p.add_argument("--quick", action="store_true", help="small counts, to check the harness")
@@ -41,16 +45,21 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    stack = Stack(args.redis_url, args.concurrency, ROOT / "var" / "bench-logs")
+    if not args.broker_url:   # the Redis DB is the broker, whatever the shell says
+        os.environ.pop("CELERY_BROKER_URL", None)
+    stack = Stack(args.redis_url, args.concurrency, ROOT / "var" / "bench-logs",
+                  broker_url=args.broker_url)
 
     def body() -> int:
         started = time.monotonic()
         print("bench: starting sandbox, scratch database and Redis db "
               f"{args.redis_url.rsplit('/', 1)[-1]} …", flush=True)
         stack.check_redis()
+        stack.check_broker()
         stack.start_sandbox()
         stack.make_database()
-        # Before anything imports ``tasks``: celeryconfig reads REDIS_URL at import time.
+        # Before anything imports ``tasks``: celeryconfig reads REDIS_URL (and
+        # CELERY_BROKER_URL) at import time.
         os.environ.update(stack.env())
         from outbox.db import make_sessionmaker
 
@@ -60,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = measure.Ctx(stack, engine, make_sessionmaker(engine))
         measure.setup_app_table(ctx)
         results: dict = {"config": {
-            "database": stack.db_kind, "redis_url": args.redis_url, "n": args.n,
+            "database": stack.db_kind, "redis_url": args.redis_url,
+            "broker": (args.broker_url or args.redis_url).split("@")[-1], "n": args.n,
             "rounds": args.rounds, "iterations": args.iterations,
             "latency_seconds": args.latency_seconds,
             "worker": f"1 process, -P threads -c {args.concurrency}, celeryconfig settings",

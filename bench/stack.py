@@ -44,8 +44,12 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str 
 class Stack:
     """Owns the scratch resources and subprocesses of one benchmark run."""
 
-    def __init__(self, redis_url: str, concurrency: int, log_dir: Path):
+    def __init__(self, redis_url: str, concurrency: int, log_dir: Path,
+                 broker_url: str | None = None):
         self.redis_url = redis_url
+        # The Celery broker when it is not that Redis (an ``amqp://`` RabbitMQ): the workers
+        # and the bench process get it as CELERY_BROKER_URL; Redis stays the limiter store.
+        self.broker_url = broker_url
         self.concurrency = concurrency
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +78,31 @@ class Stack:
         client.flushdb()
         client.close()
 
+    def check_broker(self) -> None:
+        """A RabbitMQ broker (``broker_url``) answers; its payments queue is emptied."""
+        if not self.broker_url:
+            return
+        from kombu import Connection
+
+        try:
+            with Connection(self.broker_url, connect_timeout=3) as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0)
+        except Exception as exc:
+            raise BenchError(f"the broker does not answer at {self.broker_url.split('@')[-1]} "
+                             f"({type(exc).__name__}); start it (rabbitmq-server -detached)"
+                             ) from None
+        self.purge_queue()
+
     def purge_queue(self) -> None:
+        if self.broker_url:
+            from kombu import Connection
+
+            with Connection(self.broker_url, connect_timeout=3) as conn:
+                try:
+                    conn.default_channel.queue_purge(QUEUE)
+                except conn.channel_errors:   # not declared yet: nothing to purge
+                    pass
+            return
         import redis
 
         client = redis.Redis.from_url(self.redis_url)
@@ -123,6 +151,7 @@ class Stack:
         return {
             "DATABASE_URL": self.db_url,
             "REDIS_URL": self.redis_url,
+            **({"CELERY_BROKER_URL": self.broker_url} if self.broker_url else {}),
             "OUTBOX_PAYMENTS_BASE_URL": self.sandbox_url,
             "OUTBOX_PAYMENTS_API_KEY": API_KEY,
             "SANDBOX_PAYMENTS_API_KEY": API_KEY,

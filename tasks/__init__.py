@@ -33,11 +33,13 @@ def _check_before_start(sender=None, **_):
     """
     import schemas
 
-    from .startup import check_worker
+    from .startup import check_broker, check_worker
 
     schemas.compile_all()   # now, not in the threads racing for their first rate-limit slots
     queues = list(sender.app.amqp.queues.consume_from) if sender is not None else []
     found = check_worker(queues)
+    if sender is not None:
+        found.problems += check_broker(sender.app, queues).problems
     for warning in found.warnings:
         print(f"worker: WARNING: {warning}", file=sys.stderr, flush=True)
     if found.problems:

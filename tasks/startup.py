@@ -6,6 +6,10 @@
   file that is missing, unreadable, empty or not UTF-8 would defer every message until
   someone looks: ``integrations.credentials``);
 
+* on RabbitMQ, each queue it consumes can be declared as configured (a durable quorum
+  queue): a queue left from an older set-up as a classic queue would otherwise stop the
+  worker with Celery's traceback (``check_broker``);
+
 and warns (starts anyway) when:
 
 * ``OUTBOX_LEASE`` is not longer than a provider's longest call (timeouts + max wait): the
@@ -67,4 +71,38 @@ def check_worker(queues: Iterable[str]) -> Findings:
         check_migrated(runtime.engine())
     except (ConfigurationError, DatabaseNotReady) as exc:
         found.problems.append(str(exc))
+    return found
+
+
+def check_broker(app, queues: Iterable[str]) -> Findings:
+    """On RabbitMQ, declare each queue the worker consumes as ``celeryconfig`` says (a durable
+    quorum queue) and report a queue that exists with other arguments (a classic queue from
+    an older set-up) as a problem naming it. An unreachable broker is not a problem here:
+    Celery retries the connection at start-up and says so."""
+    from kombu.exceptions import OperationalError
+
+    from outbox.broker_url import AMQP, broker_kind
+
+    found = Findings()
+    names = [q for q in queues if q in app.amqp.queues]
+    if broker_kind(app.conf.broker_url) != AMQP or not names:
+        return found
+    connection = app.connection_for_write()
+    try:
+        connection.ensure_connection(max_retries=1, interval_start=0)
+        for name in names:
+            channel = connection.channel()
+            try:
+                app.amqp.queues[name].bind(channel).declare()
+            except connection.channel_errors as exc:   # the broker closed the channel
+                found.problems.append(
+                    f"RabbitMQ queue {name!r} exists with other arguments than a durable "
+                    f"quorum queue ({getattr(exc, 'reply_text', exc)}); drain and delete it, "
+                    "or use a new vhost (README: RabbitMQ)")
+            else:
+                channel.close()
+    except (OperationalError, *connection.connection_errors):
+        pass   # Celery's own start-up retries the connection and logs it
+    finally:
+        connection.release()
     return found

@@ -1,14 +1,22 @@
-"""Shared fixtures: real PostgreSQL, SQLite, Redis and the sandbox provider.
+"""Shared fixtures: real PostgreSQL, SQLite, Redis, RabbitMQ and the sandbox provider.
 
 A service that cannot be reached fails the test with what to start; nothing
 is skipped silently.
+
+The Celery broker is Redis unless a test asks for more with ``tests.harness.both_brokers``
+(the ``broker`` fixture, parametrised indirectly): then it also runs with RabbitMQ (quorum
+queues, publisher confirms) in a vhost of this test run's own.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import shutil
+import subprocess
 import uuid
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
 
 import pytest
 import redis
@@ -38,10 +46,15 @@ def _claim_redis_db() -> str:
 REDIS_TEST_URL = _claim_redis_db()
 # celeryconfig reads REDIS_URL when ``tasks`` is first imported: point it at the test database.
 os.environ["REDIS_URL"] = REDIS_TEST_URL
+# The test process's ``tasks.app`` publishes to that Redis; a test that runs on RabbitMQ gets
+# an app of its own (the ``broker`` fixture), never a broker inherited from the shell.
+os.environ.pop("CELERY_BROKER_URL", None)
+AMQP_TEST_URL = os.environ.get("OUTBOX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 START_PG = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 START_REDIS = ("redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' "
                "--appendonly no")
+START_RABBITMQ = "rabbitmq-server -detached (or: make rabbitmq)"
 
 
 def _pg_admin_engine():
@@ -111,6 +124,115 @@ def redis_url():
     client.close()
 
 
+# ---- the Celery broker: Redis, or RabbitMQ for tests marked with harness.both_brokers -------
+
+def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess | None:
+    """Run ``rabbitmqctl -q ARGS``; None when there is no usable rabbitmqctl (not installed,
+    not root, or a broker on another machine)."""
+    if shutil.which("rabbitmqctl") is None:
+        return None
+    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                          timeout=60)
+    return done if done.returncode == 0 else None
+
+
+def _drop_stale_vhosts() -> None:
+    """Remove ``outbox-test-<pid>`` vhosts of earlier runs on this machine that died."""
+    listed = _rabbitmqctl("list_vhosts", "name")
+    for name in (listed.stdout.split() if listed else []):
+        pid = name.removeprefix("outbox-test-")
+        if name.startswith("outbox-test-") and pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                _rabbitmqctl("delete_vhost", name)
+            except PermissionError:
+                pass
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url():
+    """A RabbitMQ vhost of this test run's own (``outbox-test-<pid>``, made with rabbitmqctl
+    and deleted at the end), so parallel runs never share a queue. Without a usable
+    rabbitmqctl (a remote broker, not root), the vhost of ``OUTBOX_TEST_AMQP_URL`` itself;
+    the ``broker`` fixture purges the queues before and after every test either way."""
+    from kombu import Connection
+
+    try:
+        with Connection(AMQP_TEST_URL, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0)
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ is not reachable at {AMQP_TEST_URL.split('@')[-1]} "
+                    f"({type(exc).__name__}: {exc}). Start it: {START_RABBITMQ}", pytrace=False)
+    parts = urlsplit(AMQP_TEST_URL)
+    vhost = f"outbox-test-{os.getpid()}"
+    local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if local:
+        _drop_stale_vhosts()
+    if not (local and _rabbitmqctl("add_vhost", vhost) and _rabbitmqctl(
+            "set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")):
+        yield AMQP_TEST_URL
+        return
+    yield parts._replace(path="/" + quote(vhost, safe="")).geturl()
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@dataclass
+class BrokerUnderTest:
+    """The Celery broker of one test: ``kind`` is "redis" or "rabbitmq"."""
+
+    kind: str
+    url: str
+    app: object   # the Celery app that publishes to it from the test process
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What the processes of the test need to use this broker."""
+        return {"CELERY_BROKER_URL": self.url} if self.kind == "rabbitmq" else {}
+
+    def waiting(self, queue: str) -> int:
+        """Messages in ``queue`` not yet handed to a worker."""
+        if self.kind == "redis":
+            client = redis.Redis.from_url(self.url)
+            try:
+                return client.llen(queue)
+            finally:
+                client.close()
+        with self.app.connection_for_write() as conn:
+            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+
+    def purge(self) -> None:
+        """Declare every queue of ours (RabbitMQ: as quorum queues) and empty it."""
+        with self.app.connection_for_write() as conn:
+            channel = conn.default_channel
+            for queue in self.app.amqp.queues.values():
+                bound = queue.bind(channel)
+                bound.declare()
+                bound.purge()
+
+
+@pytest.fixture
+def broker(request, redis_url):
+    """Redis (this run's database, flushed), or with ``indirect`` parametrisation
+    "rabbitmq": this run's vhost with every queue of ours purged before and after."""
+    kind = getattr(request, "param", "redis")
+    if kind == "redis":
+        from tasks import app
+
+        yield BrokerUnderTest("redis", redis_url, app)
+        return
+    assert kind == "rabbitmq", kind
+    from tests.harness import celery_app_for
+
+    url = request.getfixturevalue("rabbitmq_url")
+    app = celery_app_for(url)
+    under_test = BrokerUnderTest("rabbitmq", url, app)
+    under_test.purge()
+    yield under_test
+    under_test.purge()
+    app.close()
+
+
 @pytest.fixture
 def client(redis_url):
     """A Redis client on this test's flushed database (``redis_url``); closed afterwards."""
@@ -167,9 +289,11 @@ def publisher():
 # ---- end-to-end: real workers, relay and sandbox -------------------------------------------
 
 @pytest.fixture
-def stack_env(db_url, redis_url, sandbox):
-    """Environment that points every process at this test's database, Redis and sandbox."""
+def stack_env(db_url, redis_url, broker, sandbox):
+    """Environment that points every process at this test's database, Redis, broker and
+    sandbox."""
     return {
+        **broker.env,
         "DATABASE_URL": db_url,
         "REDIS_URL": redis_url,
         "OUTBOX_PAYMENTS_BASE_URL": sandbox.url,
@@ -194,20 +318,21 @@ def procs(stack_env, tmp_path):
 
 
 @pytest.fixture
-def celery_publisher(stack_env, monkeypatch):
-    """The real Celery publisher, installed for this process, publishing to the test's Redis."""
+def celery_publisher(stack_env, broker, monkeypatch):
+    """The real Celery publisher, installed for this process, publishing to the test's broker."""
     from outbox import dispatch
-    from tasks import app
     from tasks.publisher import CeleryPublisher
 
     for name, value in stack_env.items():
-        monkeypatch.setenv(name, value)
-    assert app.conf.broker_url == stack_env["REDIS_URL"]
-    publisher = CeleryPublisher(app)
+        if name != "CELERY_BROKER_URL":   # the broker's own app has it; tasks.app stays on Redis
+            monkeypatch.setenv(name, value)
+    assert broker.app.conf.broker_url == broker.url
+    publisher = CeleryPublisher(broker.app)
     dispatch.use_publisher(publisher)
     yield publisher
     dispatch.dispatcher().flush()
     dispatch.use_publisher(None)
+    publisher.close()
 
 
 # ---- the CLI, in-process --------------------------------------------------------------------

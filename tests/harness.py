@@ -14,8 +14,41 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+# Runs a test with the Redis broker on SQLite and PostgreSQL, and with RabbitMQ (quorum
+# queues, publisher confirms) on PostgreSQL: the broker does not depend on the database.
+# conftest's ``db_url`` and ``broker`` fixtures take these parameters.
+both_brokers = pytest.mark.parametrize(
+    ("db_url", "broker"),
+    [("sqlite", "redis"), ("postgresql", "redis"), ("postgresql", "rabbitmq")],
+    indirect=True, ids=["sqlite-redis", "postgresql-redis", "postgresql-rabbitmq"])
+
+
+def celery_app_for(broker_url: str):
+    """A Celery app configured from ``celeryconfig`` as a process whose broker is
+    ``broker_url`` is configured (celeryconfig reads the environment when it is loaded)."""
+    import importlib.util
+
+    from celery import Celery
+
+    spec = importlib.util.find_spec("celeryconfig")
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.get("CELERY_BROKER_URL")
+    os.environ["CELERY_BROKER_URL"] = broker_url
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del os.environ["CELERY_BROKER_URL"]
+        else:
+            os.environ["CELERY_BROKER_URL"] = saved
+    app = Celery("tasks", set_as_current=False)
+    app.config_from_object(module)
+    return app
 
 
 def free_port() -> int:

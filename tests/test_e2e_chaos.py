@@ -7,7 +7,7 @@ import requests
 from sqlalchemy import select
 
 from outbox import Attempt, Message, MessageStatus, enqueue
-from tests.harness import wait_until
+from tests.harness import both_brokers, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -17,6 +17,7 @@ def _row(sessions, message_id):
         return s.get(Message, message_id)
 
 
+@both_brokers
 def test_worker_killed_after_the_effect_redelivers_with_the_same_key(
         sessions, procs, sandbox, celery_publisher):
     """Given the provider applied the charge but the worker dies before recording it (SIGKILL),

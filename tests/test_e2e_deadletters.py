@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from outbox import AuditEntry, Message, MessageStatus, deadletters, enqueue
 from outbox import cli as outbox_cli
 from outbox.dispatch import dispatcher
-from tests.harness import wait_until
+from tests.harness import both_brokers, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +44,7 @@ def _cli(capsys, *argv):
     return code, capsys.readouterr().out
 
 
+@both_brokers
 def test_dead_letters_are_listed_fixed_and_redriven_once(sessions, procs, sandbox,
                                                          celery_publisher, capsys):
     """3 declines → 3 dead (+ 3 dead_letter tasks); after the card fix, redrive one by id and the
