@@ -24,8 +24,7 @@ import sqlalchemy as sa
 
 from outbox.db import make_engine, make_sessionmaker
 from outbox.migrations import upgrade
-
-PG_ADMIN_URL = os.environ.get("OUTBOX_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+from tests.harness import PG_ADMIN_URL, RecordingPublisher, _pg_admin_engine
 
 
 def _claim_redis_db() -> str:
@@ -51,21 +50,9 @@ os.environ["REDIS_URL"] = REDIS_TEST_URL
 os.environ.pop("CELERY_BROKER_URL", None)
 AMQP_TEST_URL = os.environ.get("OUTBOX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
-START_PG = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 START_REDIS = ("redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' "
                "--appendonly no")
 START_RABBITMQ = "rabbitmq-server -detached (or: make rabbitmq)"
-
-
-def _pg_admin_engine():
-    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql("select 1")
-    except Exception as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({type(exc).__name__}). "
-                    f"Start it: {START_PG}", pytrace=False)
-    return engine
 
 
 @pytest.fixture
@@ -250,29 +237,6 @@ def sandbox():
     server.start()
     yield server
     server.stop()
-
-
-class RecordingPublisher:
-    """A Publisher that records what it was asked to publish (core tests without a broker)."""
-
-    def __init__(self):
-        self.published = []
-        self.dead_letters = []
-        self.fail = False
-
-    def publish(self, refs):
-        if self.fail:
-            raise ConnectionError("broker down")
-        self.published.extend(refs)
-
-    def publish_dead_letter(self, message_id, label):
-        if self.fail:
-            raise ConnectionError("broker down")
-        self.dead_letters.append((message_id, label))
-
-    @property
-    def ids(self):
-        return [r.id for r in self.published]
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -199,3 +200,43 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# ---- shared by conftest and test modules (importing conftest itself would run it twice) ----
+
+PG_ADMIN_URL = os.environ.get("OUTBOX_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+START_PG = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+
+
+def _pg_admin_engine():
+    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({type(exc).__name__}). "
+                    f"Start it: {START_PG}", pytrace=False)
+    return engine
+
+
+class RecordingPublisher:
+    """A Publisher that records what it was asked to publish (core tests without a broker)."""
+
+    def __init__(self):
+        self.published = []
+        self.dead_letters = []
+        self.fail = False
+
+    def publish(self, refs):
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.published.extend(refs)
+
+    def publish_dead_letter(self, message_id, label):
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.dead_letters.append((message_id, label))
+
+    @property
+    def ids(self):
+        return [r.id for r in self.published]

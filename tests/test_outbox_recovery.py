@@ -17,7 +17,7 @@ from outbox.leases import LeaseKeeper
 from outbox.lifecycle import claim
 from outbox.models import Message, MessageStatus
 from outbox.relay import run_once, take_due
-from tests.conftest import RecordingPublisher
+from tests.harness import RecordingPublisher
 
 SETTINGS = RelaySettings(grace_s=0, max_queued=10, settle_s=5, requeue_after_s=300)
 

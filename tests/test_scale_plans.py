@@ -21,7 +21,7 @@ from outbox.clock import utcnow
 from outbox.config import RelaySettings
 from outbox.db import make_engine
 from outbox.migrations import upgrade
-from tests.conftest import PG_ADMIN_URL, _pg_admin_engine
+from tests.harness import PG_ADMIN_URL, _pg_admin_engine
 
 DUE = 2_000
 HISTORY = 50_000
