@@ -156,7 +156,7 @@ def cmd_relay(args, sessions):
 
     engine = sessions.kw["bind"]   # the sessionmaker's engine
     settings = config.RelaySettings.from_env()
-    from .retention import PruneSchedule   # its settings are checked at start too
+    from .retention import PruneSchedule  # its settings are checked at start too
 
     schedule = PruneSchedule.from_env()
     for provider in schemas.operations():   # refuse to start on a provider's bad settings

@@ -17,7 +17,6 @@ from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.orm import Session
 
 import schemas
-
 from integrations.errors import ConfigurationError
 
 from . import ordering
@@ -34,6 +33,7 @@ from .retry import RetryPolicy
 log = logging.getLogger("outbox.relay")
 
 PARKED_SWEEP_S = 10.0
+BACKLOG_POLL_S = 0.05
 
 
 def take_due(session: Session, settings: RelaySettings, *,
@@ -217,5 +217,9 @@ def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
             log.warning("relay pass failed (%s: %s); retrying", type(exc).__name__, exc)
             stop.wait(min(0.5 * 2 ** min(failures, 6), 30.0))
             continue
-        if published < settings.batch_size:
+        if not published:
             stop.wait(settings.poll_interval_s)
+        elif published < settings.batch_size:
+            # A backlog drains through the broker's bounded room: come back soon to top it up
+            # (a pass costs a few indexed queries), or the queue runs dry between passes.
+            stop.wait(min(settings.poll_interval_s, BACKLOG_POLL_S))
