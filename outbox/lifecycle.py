@@ -9,12 +9,12 @@ message was re-claimed) cannot overwrite the newer attempt.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -67,6 +67,21 @@ def claim(session: Session, message_id: str, lease: timedelta,
     return Claim(**rows[0]._mapping, claimed_at=now)
 
 
+def claim_many(session: Session | Connection, message_ids: Sequence[str], lease: timedelta,
+               now: datetime) -> list[Claim | None]:
+    """``claim`` for several ids in one statement (the group writer's batch): the claim of
+    each id in order, None where ``claim`` would return None — and for every copy of an id
+    after its first, so two broker messages for one row never both deliver. Does not
+    commit."""
+    ids = list(dict.fromkeys(message_ids))
+    rows = session.execute(_CLAIM_MANY, {"ids": ids, "now": now, "expires": now + lease}).all()
+    claimed = {row.id: Claim(**row._mapping, claimed_at=now) for row in rows}
+    if len(claimed) < len(ids):
+        session.execute(_BACK_TO_RELAY_MANY,
+                        {"ids": [i for i in ids if i not in claimed], "now": now})
+    return [claimed.pop(i, None) for i in message_ids]
+
+
 def relay_due(now: datetime) -> datetime:
     """``next_attempt_at`` for a pending row the relay should publish at once, for a row no
     after-commit dispatch will send (the relay gives fresh rows, ``next_attempt_at ==
@@ -93,31 +108,45 @@ def renew(session: Session, held: list[tuple[str, int, datetime]]) -> None:
 _M = Message.__table__
 _A = Attempt.__table__
 
-_CLAIM = (
-    update(_M)
-    .where(_M.c.id == bindparam("m_id"),
-           # A queued row was published because it was due (relay, after-commit dispatch);
-           # checking it against this worker's clock again would drop it on clock skew.
-           or_(_M.c.status == MessageStatus.QUEUED,
-               and_(_M.c.status == MessageStatus.PENDING,
-                    _M.c.next_attempt_at <= bindparam("now"))),
-           is_head(_M.c))
-    .values(status=MessageStatus.IN_FLIGHT, lease_token=_M.c.lease_token + 1,
-            lease_expires_at=bindparam("expires"), updated_at=bindparam("now"))
-    .returning(_M.c.id, _M.c.provider, _M.c.operation, _M.c.payload, _M.c.idempotency_key,
-               _M.c.correlation_id, _M.c.attempts, _M.c.rate_limited_count, _M.c.lease_token,
-               _M.c.budget_started_at, _M.c.ordering_key)
-)
+def _claim_statement(which):
+    """pending/queued-and-due → in_flight for the rows ``which`` selects (one id, or many)."""
+    return (
+        update(_M)
+        .where(which,
+               # A queued row was published because it was due (relay, after-commit
+               # dispatch); checking it against this worker's clock again would drop it on
+               # clock skew.
+               or_(_M.c.status == MessageStatus.QUEUED,
+                   and_(_M.c.status == MessageStatus.PENDING,
+                        _M.c.next_attempt_at <= bindparam("now"))),
+               is_head(_M.c))
+        .values(status=MessageStatus.IN_FLIGHT, lease_token=_M.c.lease_token + 1,
+                lease_expires_at=bindparam("expires"), updated_at=bindparam("now"))
+        .returning(_M.c.id, _M.c.provider, _M.c.operation, _M.c.payload, _M.c.idempotency_key,
+                   _M.c.correlation_id, _M.c.attempts, _M.c.rate_limited_count,
+                   _M.c.lease_token, _M.c.budget_started_at, _M.c.ordering_key)
+    )
+
+
+_ONE = _M.c.id == bindparam("m_id")
+_MANY = _M.c.id.in_(bindparam("ids", expanding=True))
+_CLAIM = _claim_statement(_ONE)
+_CLAIM_MANY = _claim_statement(_MANY)
 
 # A queued follower of an unfinished ordering-key head (published by after-commit dispatch,
 # or a head that lost its place): pending again, for the relay to publish when it is head.
-_BACK_TO_RELAY = (
-    update(_M)
-    .where(_M.c.id == bindparam("m_id"), _M.c.status == MessageStatus.QUEUED,
-           _M.c.ordering_key.is_not(None), ~is_head(_M.c))
-    .values(status=MessageStatus.PENDING, queued_at=None, updated_at=bindparam("now"),
-            next_attempt_at=PARKED)
-)
+def _back_to_relay_statement(which):
+    return (
+        update(_M)
+        .where(which, _M.c.status == MessageStatus.QUEUED, _M.c.ordering_key.is_not(None),
+               ~is_head(_M.c))
+        .values(status=MessageStatus.PENDING, queued_at=None, updated_at=bindparam("now"),
+                next_attempt_at=PARKED)
+    )
+
+
+_BACK_TO_RELAY = _back_to_relay_statement(_ONE)
+_BACK_TO_RELAY_MANY = _back_to_relay_statement(_MANY)
 
 # Outcomes: only under the lease token this worker claimed, and only while still in flight.
 _FENCED = update(_M).where(_M.c.id == bindparam("m_id"), _M.c.lease_token == bindparam("token"),
@@ -130,8 +159,11 @@ _RENEW = _FENCED.values(lease_expires_at=bindparam("expires"))
 # a dead letter it made (needs review, or its budget spent) did happen after all.
 _DELIVERED = update(_M).where(
     _M.c.id == bindparam("m_id"), _M.c.lease_token == bindparam("token"),
-    _M.c.status.in_([MessageStatus.IN_FLIGHT, MessageStatus.PENDING, MessageStatus.QUEUED,
-                     MessageStatus.DEAD]),
+    # Spelled out, not IN (…): an IN list is an "expanding" parameter, which executemany
+    # (``apply_delivered_many``) refuses.
+    or_(*(_M.c.status == status for status in (
+        MessageStatus.IN_FLIGHT, MessageStatus.PENDING, MessageStatus.QUEUED,
+        MessageStatus.DEAD))),
 ).values(
     status=MessageStatus.DELIVERED, delivered_at=bindparam("now"), updated_at=bindparam("now"),
     lease_expires_at=None, provider_ref=bindparam("ref"), last_status_code=bindparam("code"),
@@ -174,13 +206,22 @@ def _record_attempt(session: Session, message_id: str, token: int, started_at: d
                     outcome: AttemptOutcome, now: datetime, worker: str | None,
                     failure: Failure | None = None, status_code: int | None = None,
                     next_attempt_at: datetime | None = None) -> None:
-    session.execute(_INSERT_ATTEMPT, {
+    session.execute(_INSERT_ATTEMPT, _attempt_params(
+        message_id, token, started_at, outcome, now, worker, failure, status_code,
+        next_attempt_at))
+
+
+def _attempt_params(message_id: str, token: int, started_at: datetime, outcome: AttemptOutcome,
+                    now: datetime, worker: str | None, failure: Failure | None = None,
+                    status_code: int | None = None,
+                    next_attempt_at: datetime | None = None) -> dict[str, Any]:
+    return {
         "message_id": message_id, "lease_token": token, "started_at": started_at,
         "duration_ms": (now - started_at).total_seconds() * 1000, "outcome": outcome,
         "status_code": failure.status_code if failure else status_code,
         "error_class": failure.error_class if failure else None,
         "error": failure.detail if failure else None,
-        "next_attempt_at": next_attempt_at, "worker": worker})
+        "next_attempt_at": next_attempt_at, "worker": worker}
 
 
 def mark_delivered(session: Session, claim: Claim, *, status_code: int,
@@ -188,16 +229,68 @@ def mark_delivered(session: Session, claim: Claim, *, status_code: int,
                    worker: str | None = None) -> bool:
     """Record a successful delivery. Commits. Returns False when a newer claim owns the row
     (the success is then history only)."""
-    now = now or utcnow()
-    updated = _execute(session, _DELIVERED, {"m_id": claim.id, "token": claim.lease_token,
-                                             "now": now, "ref": provider_ref,
-                                             "code": status_code}, claim.id)
+    updated = apply_delivered(session, claim, status_code=status_code,
+                              provider_ref=provider_ref, now=now or utcnow(), worker=worker)
+    session.commit()
+    return updated
+
+
+def apply_delivered(session: Session, claim: Claim, *, status_code: int,
+                    provider_ref: str | None, now: datetime, worker: str | None) -> bool:
+    """``mark_delivered`` without the commit, in the caller's transaction."""
+    updated = _execute(session, _DELIVERED, _delivered_params(claim, status_code, provider_ref,
+                                                              now), claim.id)
     _record_attempt(session, claim.id, claim.lease_token, claim.claimed_at,
                     AttemptOutcome.DELIVERED, now, worker, status_code=status_code)
     if updated and claim.ordering_key is not None:
         wake_next(session, claim.provider, claim.ordering_key, now, relay_due(now))
-    session.commit()
     return updated == 1
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """One success for ``apply_delivered_many``."""
+
+    claim: Claim
+    status_code: int
+    provider_ref: str | None
+    now: datetime
+    worker: str | None
+
+
+def apply_delivered_many(session: Session | Connection,
+                         items: Sequence[Delivered]) -> list[bool]:
+    """``apply_delivered`` for many claims without an ordering key, as two executemany
+    statements (the group writer's batch). Does not commit.
+
+    Returns, per item, whether it was recorded under its lease token. The UPDATE's row
+    count tells when all were; only when it falls short are the rows read back.
+    """
+    assert all(item.claim.ordering_key is None for item in items), "ordered: apply_delivered"
+    if not items:
+        return []
+    updated = session.execute(_DELIVERED, [
+        _delivered_params(i.claim, i.status_code, i.provider_ref, i.now) for i in items]).rowcount
+    session.execute(_INSERT_ATTEMPT, [
+        _attempt_params(i.claim.id, i.claim.lease_token, i.claim.claimed_at,
+                        AttemptOutcome.DELIVERED, i.now, i.worker, status_code=i.status_code)
+        for i in items])
+    dialect = (session.dialect if isinstance(session, Connection)
+               else session.get_bind().dialect)
+    if updated == len(items) and dialect.supports_sane_multi_rowcount:
+        return [True] * len(items)
+    # Some lease was lost: a row is ours if it is delivered under our token now.
+    states = dict(session.execute(
+        select(_M.c.id, _M.c.lease_token).where(
+            _M.c.id.in_([i.claim.id for i in items]),
+            _M.c.status == MessageStatus.DELIVERED)).all())
+    return [states.get(i.claim.id) == i.claim.lease_token for i in items]
+
+
+def _delivered_params(claim: Claim, status_code: int, provider_ref: str | None,
+                      now: datetime) -> dict[str, Any]:
+    return {"m_id": claim.id, "token": claim.lease_token, "now": now, "ref": provider_ref,
+            "code": status_code}
 
 
 def record(session: Session, claim: Claim, failure: Failure, decision: Decision, *,
@@ -209,11 +302,18 @@ def record(session: Session, claim: Claim, failure: Failure, decision: Decision,
         False when our lease was lost (a newer claim owns the row): only the attempt row
         is written.
     """
-    now = now or utcnow()
+    recorded = apply_record(session, claim, failure, decision, now=now or utcnow(),
+                            worker=worker)
+    session.commit()
+    return recorded
+
+
+def apply_record(session: Session, claim: Claim, failure: Failure, decision: Decision, *,
+                 now: datetime, worker: str | None) -> bool:
+    """``record`` without the commit, in the caller's transaction."""
     recorded = _apply(session, claim.id, claim.lease_token, failure, decision, now)
     _record_attempt(session, claim.id, claim.lease_token, claim.claimed_at, decision.outcome,
                     now, worker, failure, next_attempt_at=_next_at(decision, now))
-    session.commit()
     return recorded
 
 

@@ -23,12 +23,13 @@ from celery.exceptions import Retry
 from sqlalchemy.orm import Session, sessionmaker
 
 from integrations.registry import get_provider, supports_idempotency
-from outbox import config, decisions, dispatch, lifecycle, logs
+from outbox import config, decisions, dispatch, logs
 from outbox.clock import iso, utcnow
 from outbox.decisions import Decision, Failure
 from outbox.leases import LeaseKeeper
 from outbox.lifecycle import Claim
 from outbox.models import AttemptOutcome
+from outbox.writer import Direct, GroupWriter
 
 from . import app, runtime
 
@@ -37,6 +38,7 @@ log = logging.getLogger("outbox.delivery")
 # A provider whose settings cannot be loaded: nothing is sent, the message waits this long
 # (``outbox status`` names the problem; workers refuse to start with it).
 PROVIDER_UNAVAILABLE_RETRY_S = 30.0
+Writer = Direct | GroupWriter
 LEASE_LOST = "not recorded: the lease was lost to a newer claim, which owns the message"
 
 
@@ -74,7 +76,8 @@ class Result:
     next_attempt_at: datetime | None = None
 
 
-def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: timedelta,
+def deliver_message(message_id: str, *, sessions: sessionmaker[Session] | None = None,
+                    lease: timedelta, writer: Writer | None = None,
                     provider_for: Callable = get_provider,
                     idempotent: Callable[[str], bool] = supports_idempotency,
                     worker: str | None = None,
@@ -86,7 +89,10 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
 
     Args:
         message_id: the row id carried by the broker message.
-        sessions: session factory for the outbox database.
+        sessions: session factory for the outbox database (each write in its own
+            transaction, in this thread), unless ``writer`` is given.
+        writer: writes the claim and the outcome (the worker's ``GroupWriter``, which
+            batches them with its other threads').
         lease: how long the claim holds before the relay presumes us dead (unless renewed).
         provider_for: provider name → object with ``deliver(operation, payload, key)``.
         idempotent: provider name → whether it deduplicates retries by idempotency key.
@@ -95,23 +101,26 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session], lease: 
         keeper: renews the lease while the delivery runs (the worker's ``LeaseKeeper``).
         clock, rng: injected time and randomness (jitter), for tests.
     """
-    with sessions() as session:
-        claim = lifecycle.claim(session, message_id, lease, now=clock())
-        if claim is None:
-            # A duplicate or stale broker message (redelivered, or the row already moved on).
-            log.info("duplicate or stale broker message %s: nothing to do", message_id)
-            return Result(None, message_id, "nothing to do (duplicate or stale message)")
-        with (logs.bound(provider=claim.provider, message_id=claim.id,
-                         attempt=claim.attempts + 1, correlation_id=claim.correlation_id),
-              keeper.hold(claim) if keeper is not None else nullcontext()):
-            result = _attempt(session, claim, provider_for, idempotent, worker, clock, rng)
-            _log(result)
-            if result.outcome is AttemptOutcome.DEAD and on_dead is not None:
-                on_dead(claim.id, f"{claim.label} {result.summary}")
-            return result
+    if writer is None:
+        if sessions is None:
+            raise TypeError("deliver_message needs sessions or a writer")
+        writer = Direct(sessions)
+    claim = writer.claim(message_id, lease, clock())
+    if claim is None:
+        # A duplicate or stale broker message (redelivered, or the row already moved on).
+        log.info("duplicate or stale broker message %s: nothing to do", message_id)
+        return Result(None, message_id, "nothing to do (duplicate or stale message)")
+    with (logs.bound(provider=claim.provider, message_id=claim.id,
+                     attempt=claim.attempts + 1, correlation_id=claim.correlation_id),
+          keeper.hold(claim) if keeper is not None else nullcontext()):
+        result = _attempt(writer, claim, provider_for, idempotent, worker, clock, rng)
+        _log(result)
+        if result.outcome is AttemptOutcome.DEAD and on_dead is not None:
+            on_dead(claim.id, f"{claim.label} {result.summary}")
+        return result
 
 
-def _attempt(session: Session, claim: Claim, provider_for, idempotent, worker, clock,
+def _attempt(writer: Writer, claim: Claim, provider_for, idempotent, worker, clock,
              rng) -> Result:
     """Dead-letter a spent message, or call the provider once and record the outcome."""
     policy = config.current_retry_policy(claim.provider)
@@ -120,7 +129,7 @@ def _attempt(session: Session, claim: Claim, provider_for, idempotent, worker, c
                                      budget_started_at=claim.budget_started_at, policy=policy,
                                      now=claim.claimed_at)
     if spent is not None:
-        return _record(session, claim, decisions.EXHAUSTED, spent, worker, clock)
+        return _record(writer, claim, decisions.EXHAUSTED, spent, worker, clock)
     try:
         provider = provider_for(claim.provider)
     except Exception as exc:   # bad settings: nothing was sent
@@ -132,25 +141,25 @@ def _attempt(session: Session, claim: Claim, provider_for, idempotent, worker, c
         except Exception as exc:
             failure = decisions.failure_from(exc)
         else:
-            if not lifecycle.mark_delivered(session, claim, status_code=delivery.status_code,
-                                            provider_ref=delivery.provider_ref, worker=worker,
-                                            now=clock()):
+            if not writer.mark_delivered(claim, status_code=delivery.status_code,
+                                         provider_ref=delivery.provider_ref, worker=worker,
+                                         now=clock()):
                 return Result(None, claim.label, f"{delivery.summary}; {LEASE_LOST}")
             return Result(AttemptOutcome.DELIVERED, claim.label, delivery.summary)
     decision = decisions.decide(failure, attempts=claim.attempts,
                                 rate_limited=claim.rate_limited_count,
                                 budget_started_at=claim.budget_started_at, policy=policy,
                                 idempotent=idempotent(claim.provider), now=clock(), rng=rng)
-    return _record(session, claim, failure, decision, worker, clock)
+    return _record(writer, claim, failure, decision, worker, clock)
 
 
-def _record(session: Session, claim: Claim, failure: Failure, decision: Decision, worker,
+def _record(writer: Writer, claim: Claim, failure: Failure, decision: Decision, worker,
             clock) -> Result:
     summary = (failure.label if failure.label == failure.error_class
                else f"{failure.error_class} {failure.label}")
     if decision.reason:
         summary += f": {decision.reason}"
-    if not lifecycle.record(session, claim, failure, decision, worker=worker, now=clock()):
+    if not writer.record(claim, failure, decision, worker=worker, now=clock()):
         return Result(None, claim.label, f"{summary}; {LEASE_LOST}")
     return Result(decision.outcome, claim.label, summary, decision.next_attempt_at)
 
@@ -171,7 +180,7 @@ def _log(result: Result) -> None:
 @app.task(name="outbox.deliver", bind=True, throws=(DeadLettered,))
 def deliver(self, message_id: str) -> str:
     """Deliver outbox row ``message_id``; the state Flower shows is the delivery's outcome."""
-    result = deliver_message(message_id, sessions=runtime.sessions(), lease=runtime.lease(),
+    result = deliver_message(message_id, writer=runtime.writer(), lease=runtime.lease(),
                              keeper=runtime.lease_keeper(), worker=runtime.worker_name(),
                              on_dead=dispatch.dispatcher().announce_dead_letter)
     if result.outcome in (AttemptOutcome.RETRY, AttemptOutcome.DEFERRED):

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from outbox.config import RelaySettings
 from outbox.db import make_engine, make_sessionmaker
 from outbox.leases import LeaseKeeper
+from outbox.writer import GroupWriter
 
 
 @cache
@@ -44,6 +45,12 @@ def lease_keeper() -> LeaseKeeper:
     return LeaseKeeper(sessions(), settings())
 
 
+@cache
+def writer() -> GroupWriter:
+    """Writes the claims and outcomes of this process's delivery threads, in batches."""
+    return GroupWriter(sessions())
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -52,9 +59,9 @@ def reset() -> None:
     """Forget cached resources (tests that change the environment)."""
     if engine.cache_info().currsize:
         engine().dispose()
-    for fn in (engine, sessions, settings, lease_keeper):
+    for fn in (engine, sessions, settings, lease_keeper, writer):
         fn.cache_clear()
 
 
 os.register_at_fork(after_in_child=lambda: (engine.cache_clear(), sessions.cache_clear(),
-                                             lease_keeper.cache_clear()))
+                                             lease_keeper.cache_clear(), writer.cache_clear()))
