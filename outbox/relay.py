@@ -146,6 +146,10 @@ def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
         sweep_parked: also wake ordered messages whose wake was missed
             (``outbox.ordering.wake_parked_heads``; ``run`` does it every 10 s).
     """
+    # The broker's queue depths first, outside any transaction: on SQLite a transaction
+    # holds the database's write lock, which the workers' claims wait for, and should not
+    # wait on broker round trips. (Read before the rows are counted, as take_due needs.)
+    depths = {provider: dispatcher.depth(provider) for provider in sorted(schemas.operations())}
     with Session(engine) as session:
         if sweep_parked:
             now = utcnow()
@@ -158,7 +162,7 @@ def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
             log.warning("recovered %d message(s) whose worker lease expired", len(lost))
             _announce_dead(dispatcher, session,
                            [mid for mid, d in lost if d.outcome is AttemptOutcome.DEAD])
-        refs = take_due(session, settings, depth=dispatcher.depth)
+        refs = take_due(session, settings, depth=depths.get, providers=list(depths))
         if not refs:
             return 0
         if not dispatcher.publish_now(None, refs):

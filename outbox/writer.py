@@ -161,6 +161,10 @@ class GroupWriter:
             write.future.set_result(result)
 
 
+# What ``tasks.delivery.deliver_message`` writes through.
+Writer = Direct | GroupWriter
+
+
 def _apply(connection: Connection, batch: list[_Write]) -> list[Any]:
     """Run the batch's statements in ``connection``'s transaction; the result of each
     write."""

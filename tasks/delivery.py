@@ -29,7 +29,7 @@ from outbox.decisions import Decision, Failure
 from outbox.leases import LeaseKeeper
 from outbox.lifecycle import Claim
 from outbox.models import AttemptOutcome
-from outbox.writer import Direct, GroupWriter
+from outbox.writer import Direct, Writer
 
 from . import app, runtime
 
@@ -38,7 +38,6 @@ log = logging.getLogger("outbox.delivery")
 # A provider whose settings cannot be loaded: nothing is sent, the message waits this long
 # (``outbox status`` names the problem; workers refuse to start with it).
 PROVIDER_UNAVAILABLE_RETRY_S = 30.0
-Writer = Direct | GroupWriter
 LEASE_LOST = "not recorded: the lease was lost to a newer claim, which owns the message"
 
 
