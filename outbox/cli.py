@@ -144,11 +144,16 @@ def cmd_db_prune(args, sessions):
     result = retention.prune(sessions.kw["bind"], delivered_older_than=args.delivered_older_than,
                              discarded_older_than=args.discarded_older_than,
                              batch_size=args.batch_size, dry_run=args.dry_run)
+    lines = [result.summary(args.delivered_older_than, args.discarded_older_than),
+             "dead letters and unfinished messages are never pruned"]
+    if result.messages and not args.dry_run:
+        took = retention.vacuum(sessions.kw["bind"])
+        if took is not None:
+            lines.append(f"vacuumed the outbox tables in {took:.1f} s")
     data = result.as_dict() | {
         "delivered_older_than_s": int(args.delivered_older_than.total_seconds()),
         "discarded_older_than_s": int(args.discarded_older_than.total_seconds())}
-    _emit(args, data, [result.summary(args.delivered_older_than, args.discarded_older_than),
-                       "dead letters and unfinished messages are never pruned"])
+    _emit(args, data, lines)
 
 
 def cmd_relay(args, sessions):

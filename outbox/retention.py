@@ -23,7 +23,13 @@ one writer at a time). A batch's ids are read through the partial indexes of mig
 on PostgreSQL ``FOR UPDATE SKIP LOCKED``: rows another transaction holds are left for the
 next run instead of waited for, and several relays pruning at once share the work.
 
-``PruneSchedule`` runs this from the relay, at most once per ``OUTBOX_PRUNE_INTERVAL``
+Space: deleted rows leave dead tuples, which only a ``VACUUM`` makes reusable. Left to
+autovacuum (which waits for 20 % of a table to be dead, and may be switched off), a table
+with this churn keeps growing; so on PostgreSQL every run that deleted something is
+followed by ``VACUUM (ANALYZE)`` of the two tables (``vacuum``): it takes no lock that
+reads or writes wait for. SQLite reuses freed pages by itself.
+
+``PruneSchedule`` runs this from the relay (its vacuum in a thread of its own), at most once per ``OUTBOX_PRUNE_INTERVAL``
 and within a time budget per call, so pruning a large backlog never stalls relaying; see
 ``PruneSettings`` for the variables and ``OUTBOX_PRUNE=off``.
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -211,6 +218,19 @@ def prune(engine: Engine, *, delivered_older_than: timedelta = DEFAULT_WINDOW,
     return result
 
 
+def vacuum(engine: Engine) -> float | None:
+    """``VACUUM (ANALYZE)`` the pruned tables on PostgreSQL, so the space of deleted rows is
+    reused and the tables stay flat; the seconds it took, or None (SQLite: nothing to do).
+    Raises ``sqlalchemy.exc.SQLAlchemyError``."""
+    if engine.dialect.name != "postgresql":
+        return None
+    started = time.monotonic()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.exec_driver_sql(f"VACUUM (ANALYZE) {Message.__tablename__}, "
+                                   f"{Attempt.__tablename__}")
+    return time.monotonic() - started
+
+
 def _one_batch(engine, cutoffs, left, batch_size, now, result) -> list[MessageStatus]:
     """Delete one batch in its own transaction; return the statuses that may have more."""
     still = []
@@ -351,10 +371,12 @@ class PruneSchedule:
 
     settings: PruneSettings = field(default_factory=PruneSettings)
     time_budget_s: float = 1.0
+    vacuum: bool = True   # after a run that deleted something (PostgreSQL; ``vacuum``)
     pause_s: float = 0.01
     retry_after: timedelta = timedelta(minutes=1)
     next_run_at: datetime | None = None
     _run: PruneResult | None = field(default=None, init=False, repr=False)   # being continued
+    _vacuuming: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs) -> PruneSchedule:
@@ -388,7 +410,27 @@ class PruneSchedule:
         self.next_run_at = now + s.interval
         log.info("%s; next run at %s", total.summary(s.delivered_after, s.discarded_after),
                  iso(self.next_run_at))
+        if self.vacuum and total.messages:
+            self._vacuum_in_background(engine)
         return result
+
+    def _vacuum_in_background(self, engine: Engine) -> None:
+        """``vacuum`` in a thread, so relaying goes on meanwhile; one at a time."""
+        if self._vacuuming is not None and self._vacuuming.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                took = vacuum(engine)
+            except sa_exc.SQLAlchemyError as exc:
+                log.warning("vacuum after pruning failed (%s: %s)", type(exc).__name__,
+                            _first_line(exc))
+            else:
+                if took is not None:
+                    log.info("vacuumed the outbox tables in %.1f s", took)
+
+        self._vacuuming = threading.Thread(target=run, name="outbox-vacuum", daemon=True)
+        self._vacuuming.start()
 
     def _accumulate(self, result: PruneResult) -> PruneResult:
         run = self._run

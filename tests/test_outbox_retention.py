@@ -292,6 +292,55 @@ def test_batch_select_uses_the_partial_indexes_on_postgresql(pg_url):
         engine.dispose()
 
 
+def _total_bytes(conn) -> int:
+    return conn.exec_driver_sql(
+        "SELECT pg_total_relation_size('outbox_messages') + "
+        "pg_total_relation_size('outbox_attempts')").scalar()
+
+
+def test_pruning_on_schedule_keeps_the_tables_flat_on_postgresql(pg_url, caplog):
+    """Five rounds of 3,000 delivered messages (two attempts each), each pruned by the
+    relay's schedule: the vacuum that follows each run makes the freed space reusable, so
+    from the second round on (an emptied index page is recycled by the vacuum after the one
+    that emptied it) the tables' size on disk stays within 10 %. Without it they grow by a
+    round's worth each time: this server runs with autovacuum off."""
+    caplog.set_level(logging.INFO, logger="outbox.retention")
+    engine = make_engine(pg_url)
+    schedule = PruneSchedule.from_env({"OUTBOX_PRUNE_INTERVAL": "1s"}, time_budget_s=None,
+                                      pause_s=0)
+    sizes = []
+    try:
+        for round_ in range(5):
+            seed(engine, [message_row(f"r{round_}-{n:05}", S.DELIVERED, OLD)
+                          for n in range(3000)])
+            assert schedule.maybe_run(engine, NOW + timedelta(minutes=round_)).delivered == 3000
+            schedule._vacuuming.join(60)
+            with engine.connect() as conn:
+                sizes.append(_total_bytes(conn))
+        assert count(engine, Message.__table__) == 0
+        assert max(sizes[1:]) <= sizes[1] * 1.10, sizes
+        assert sum("vacuumed the outbox tables in" in line for line in _lines(caplog)) == 5
+    finally:
+        engine.dispose()
+
+
+def test_the_prune_command_vacuums_after_deleting(pg_url, capsys, monkeypatch):
+    """``outbox db prune`` says it vacuumed, and PostgreSQL's statistics show the vacuum."""
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    engine = make_engine(pg_url)
+    try:
+        seed(engine, [message_row(f"c{n:04}", S.DELIVERED, OLD) for n in range(200)])
+        code, out, err = run_cli(capsys, "db", "prune")
+        assert code == 0, err
+        assert "pruned 200 delivered" in out and "vacuumed the outbox tables in" in out
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(
+                "SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables "
+                "WHERE relname = 'outbox_messages'").scalar()
+    finally:
+        engine.dispose()
+
+
 def test_batch_select_uses_the_partial_indexes_on_sqlite(sqlite_url):
     engine = make_engine(sqlite_url)
     try:
