@@ -9,6 +9,8 @@ process commits ``rate`` business transactions per second (an order and its char
     redis_flush (FLUSHALL) · pg_outage (connections killed, refused for ``pg_down_s``) ·
     provider_503 (every request 503 for ``provider_down_s``)
 
+(``--set faults=…`` picks some of them.)
+
 worker1 is never killed: it is the witness for memory growth.
 
 Pruning: on code that has retention (``outbox db prune``), the relay prunes on its own
@@ -42,10 +44,12 @@ from .stack import run_guarded
 
 FULL = dict(rate=50, minutes=10.0, fault_every=60.0, rate_limit=100, workers=2, threads=4,
             warm_s=60.0, drain=60, pg_down_s=3.0, provider_down_s=5.0,
-            prune="auto", prune_after="120s", prune_interval="60s")
+            prune="auto", prune_after="120s", prune_interval="60s",
+            faults="worker_kill,relay_kill,redis_flush,pg_outage,provider_503")
 QUICK = dict(minutes=2.0, fault_every=20.0, warm_s=40.0, drain=45, prune_after="30s",
              prune_interval="15s")
 FAULTS = ("worker_kill", "relay_kill", "redis_flush", "pg_outage", "provider_503")
+# ``--set faults=worker_kill,relay_kill`` soaks with only some of them, in that order.
 PRUNE_ENV = {"OUTBOX_PRUNE": "on", "OUTBOX_PRUNE_INTERVAL": "{prune_interval}",
              "OUTBOX_PRUNE_DELIVERED_AFTER": "{prune_after}"}
 
@@ -62,6 +66,10 @@ def soak(p: dict) -> int:
         prune = "relay" if _has_retention() else "unavailable"
     env = ({k: v.format(**p) for k, v in PRUNE_ENV.items()} if prune == "relay"
            else {"OUTBOX_PRUNE": "off"} if prune == "off" and _has_retention() else {})
+    faults = [f.strip() for f in p["faults"].split(",") if f.strip()]
+    if not faults or set(faults) - set(FAULTS):
+        print(f"soak: faults must be some of {','.join(FAULTS)}", file=sys.stderr)
+        return 2
     run = _setup("soak", p, env)
     stack = run.stack
 
@@ -85,7 +93,7 @@ def soak(p: dict) -> int:
                 if rss_base is None and now - t0 >= p["warm_s"]:
                     rss_base = (stack.pid("worker1"), rss_bytes(stack.pid("worker1")))
             if now >= next_fault and now - t0 < seconds - 5:
-                kind = FAULTS[i % len(FAULTS)]
+                kind = faults[i % len(faults)]
                 _inject(stack, kind, p)
                 note(f"soak: {now - t0:.0f} s: {kind}")
                 i += 1
@@ -166,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         if key not in p:
             ap.error(f"unknown setting {key} (known: {sorted(p)})")
         p[key] = type(p[key])(value)
-    print(f"soak: {p['rate']}/s for {p['minutes']:g} min, a fault every {p['fault_every']:g} s, "
-          f"on {code_version()}", flush=True)
+    print(f"soak: {p['rate']}/s for {p['minutes']:g} min, a fault every {p['fault_every']:g} s "
+          f"({p['faults']}), on {code_version()}", flush=True)
     return soak(p)
 
 
