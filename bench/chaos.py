@@ -111,7 +111,7 @@ SCENARIOS: dict[str, tuple[dict, dict]] = {
                   dict(n=400, down_s=3.0, drain=45, max_s=240)),
     "provider_503": (dict(fault_s=60, before_s=5, after_s=5, rate=10, rate_limit=50,
                           open_s=15.0, workers=2, threads=4, drain=120, max_s=600),
-                     dict(fault_s=32, drain=60, max_s=300)),
+                     dict(fault_s=16, open_s=6.0, drain=60, max_s=300)),
     "redrive": (dict(n=100, rate_limit=100, workers=2, threads=4, drain=120, max_s=400),
                 dict(n=30, drain=60, max_s=200)),
 }
@@ -156,6 +156,8 @@ def _setup(name: str, p: dict, extra_env: dict[str, str] | None = None) -> Run:
     log_dir = OUT_DIR / name
     shutil.rmtree(log_dir, ignore_errors=True)
     env = {"OUTBOX_PAYMENTS_RATE_LIMIT": f"{p['rate_limit']}/s", **(extra_env or {})}
+    if "open_s" in p:   # the breaker's open interval (15 s, its default, in the full run)
+        env["OUTBOX_PAYMENTS_BREAKER_OPEN"] = f"{p['open_s']:g}"
     stack = ChaosStack(name, p["workers"], p["threads"], log_dir, env)
     return Run(name, p, stack)
 

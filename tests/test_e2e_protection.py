@@ -56,6 +56,13 @@ def _cpu_seconds(pids):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.fixture
+def db_url(pg_url):
+    """PostgreSQL only: what these tests prove lives in Redis and the workers, and each runs
+    real workers for up to half a minute; the delivery tests run on both databases."""
+    return pg_url
+
+
 def test_four_workers_share_one_global_rate_limit(sessions, procs, celery_publisher):
     """4 worker processes, limit 20/s, 400 messages: never more than 20 requests in any
     1-second window at the sandbox, done within 10 % of the ideal 20 s, and the throttled
