@@ -30,9 +30,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import lifecycle
+from .db import describe
 from .decisions import Decision, Failure
 from .lifecycle import Claim, Delivered
 
@@ -148,8 +150,8 @@ class GroupWriter:
                 results = _apply(connection, batch)
         except BaseException as exc:  # noqa: BLE001  (answered to the waiting threads)
             if len(batch) > 1:   # each alone: a bad write fails only its own delivery
-                log.warning("a batch of %d writes failed (%r); writing them one by one",
-                            len(batch), exc)
+                log.warning("a batch of %d writes failed (%s); writing them one by one",
+                            len(batch), _described(exc))
                 for write in batch:
                     self._write([write])
             else:
@@ -159,6 +161,14 @@ class GroupWriter:
         self.writes += len(batch)
         for write, result in zip(batch, results, strict=True):
             write.future.set_result(result)
+
+
+def _described(exc: BaseException) -> str:
+    """The error's type and, for a database error, the driver's first line: never the SQL
+    or its parameters (an attempt's error text, a provider reference)."""
+    if isinstance(exc, DBAPIError):
+        return f"{type(exc).__name__}: {describe(exc)}"
+    return type(exc).__name__
 
 
 # What ``tasks.delivery.deliver_message`` writes through.
