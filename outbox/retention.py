@@ -29,8 +29,8 @@ with this churn keeps growing; so on PostgreSQL every run that deleted something
 followed by ``VACUUM (ANALYZE)`` of the two tables (``vacuum``): it takes no lock that
 reads or writes wait for. SQLite reuses freed pages by itself.
 
-``PruneSchedule`` runs this from the relay (its vacuum in a thread of its own), at most once per ``OUTBOX_PRUNE_INTERVAL``
-and within a time budget per call, so pruning a large backlog never stalls relaying; see
+``PruneSchedule`` runs this from the relay (its vacuum in a thread of its own), at most
+once per ``OUTBOX_PRUNE_INTERVAL`` and within a time budget per call, so pruning a large backlog never stalls relaying; see
 ``PruneSettings`` for the variables and ``OUTBOX_PRUNE=off``.
 """
 
@@ -371,7 +371,7 @@ class PruneSchedule:
 
     settings: PruneSettings = field(default_factory=PruneSettings)
     time_budget_s: float = 1.0
-    vacuum: bool = True   # after a run that deleted something (PostgreSQL; ``vacuum``)
+    vacuum_after: bool = True   # ``vacuum`` after a run that deleted something
     pause_s: float = 0.01
     retry_after: timedelta = timedelta(minutes=1)
     next_run_at: datetime | None = None
@@ -410,7 +410,7 @@ class PruneSchedule:
         self.next_run_at = now + s.interval
         log.info("%s; next run at %s", total.summary(s.delivered_after, s.discarded_after),
                  iso(self.next_run_at))
-        if self.vacuum and total.messages:
+        if self.vacuum_after and total.messages:
             self._vacuum_in_background(engine)
         return result
 
