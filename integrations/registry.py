@@ -35,7 +35,7 @@ from integrations.http import HttpClient
 from integrations.payments import PaymentsAdapter
 from integrations.protection import DEFAULT_429_PAUSE_S, Protection, ProtectionSettings
 from integrations.protection import store as protection_store
-from integrations.settings import ProviderSettings
+from integrations.settings import ProviderSettings, get_float
 
 _ADAPTERS: dict[str, type[Adapter]] = {
     "payments": PaymentsAdapter,
@@ -203,6 +203,32 @@ def check_provider(name: str) -> ProviderCheck:
         return ProviderCheck(provider, warnings=tuple(provider.client.credentials.check()))
     except IntegrationError as exc:
         return ProviderCheck(provider, credential_error=exc.detail)
+
+
+DEFAULT_LATENCY_BASELINE_MS = 1000.0
+
+
+def provider_facts(environ: Mapping[str, str] | None = None) -> dict[str, dict]:
+    """Each provider's live state, for health (``outbox.health.provider_findings``): its
+    shared limiter/quota/breaker state (Redis), whether its credential can be read,
+    whether its settings load, and its p99 latency baseline
+    (``OUTBOX_<NAME>_LATENCY_BASELINE_MS``, default 1,000 ms)."""
+    env = os.environ if environ is None else environ
+    facts = {}
+    for name in known_providers():
+        check = check_provider(name)
+        try:
+            baseline = get_float(env, f"OUTBOX_{name.upper()}_LATENCY_BASELINE_MS",
+                                 DEFAULT_LATENCY_BASELINE_MS)
+        except ConfigurationError as exc:
+            baseline = None
+            check = ProviderCheck(check.provider, settings_error=str(exc),
+                                  credential_error=check.credential_error)
+        facts[name] = {
+            "protection": check.provider.protection.snapshot() if check.provider else None,
+            "credential": check.credential_error, "settings_error": check.settings_error,
+            "latency_baseline_ms": baseline}
+    return facts
 
 
 def build_provider(name: str, environ: Mapping[str, str] | None = None, *,

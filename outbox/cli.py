@@ -12,6 +12,7 @@
                         --reason TEXT [--accept-duplicate-risk] [--dry-run]
     outbox dead discard ID... --reason TEXT
     outbox sandbox [--host H] [--port N]
+    outbox web [--host H] [--port N]
 
 Exit status: 0 done (``status``: ok), 1 some messages could not be acted on (``status``:
 warning), 2 bad input, configuration, database not ready (``status``: critical). Errors
@@ -31,21 +32,20 @@ import socket
 import sys
 import threading
 import traceback
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
 
 import schemas
 from integrations.errors import ConfigurationError
 from integrations.sanitize import sanitize
 
-from . import config, deadletters, dispatch, health, logs, relay, retention, status
-from .clock import iso, utcnow
+from . import config, deadletters, dispatch, health, logs, messages, relay, retention, status
+from .clock import iso, parse_since
 from .db import check_migrated, describe, make_engine, make_sessionmaker
 from .enqueue import enqueue
-from .errors import MessageNotFound, OutboxError
-from .models import Attempt, AuditEntry, Message
+from .errors import OutboxError
+from .models import Message
 
 log = logging.getLogger("outbox.cli")
 
@@ -59,19 +59,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _parse_since(text: str) -> datetime:
     """``30s``, ``30m``, ``2h``, ``7d`` (ago) or an ISO timestamp (UTC if no zone)."""
-    example = "use e.g. 30m, 2h, 7d or 2026-11-21T10:00:00Z"
-    match = re.fullmatch(r"(\d{1,9})\s*([smhd])", text.strip())
     try:
-        if match:
-            unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
-            return utcnow() - timedelta(**{unit: int(match[1])})
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-        if moment.tzinfo is not None:
-            moment = moment.astimezone(UTC).replace(tzinfo=None)
-        return moment
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"--since {text[:40]!r}: {example}, within years "
-                                         "1-9999") from None
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--{exc}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -116,19 +107,6 @@ def _emit(args, data, lines) -> None:
     else:
         for line in lines:
             print(line)
-
-
-def _message_dict(m: Message) -> dict:
-    return {
-        "id": m.id, "provider": m.provider, "operation": m.operation, "status": m.status,
-        "idempotency_key": m.idempotency_key, "correlation_id": m.correlation_id,
-        "attempts": m.attempts, "rate_limited": m.rate_limited_count,
-        "next_attempt_at": iso(m.next_attempt_at), "created_at": iso(m.created_at),
-        "delivered_at": iso(m.delivered_at), "dead_at": iso(m.dead_at),
-        "last_error_class": m.last_error_class, "last_status_code": m.last_status_code,
-        "last_error": m.last_error, "provider_ref": m.provider_ref,
-        "needs_review": m.needs_review,
-    }
 
 
 # ---- commands ---------------------------------------------------------------
@@ -181,17 +159,9 @@ def cmd_relay(args, sessions):
 
 
 def _provider_facts() -> dict[str, dict]:
-    """Each provider's live state, for health: its shared limiter/quota/breaker state (Redis),
-    whether its credential can be read, whether its settings load."""
-    from integrations.registry import check_provider, known_providers
+    from integrations.registry import provider_facts
 
-    facts = {}
-    for name in known_providers():
-        check = check_provider(name)
-        facts[name] = {
-            "protection": check.provider.protection.snapshot() if check.provider else None,
-            "credential": check.credential_error, "settings_error": check.settings_error}
-    return facts
+    return provider_facts()
 
 
 def cmd_status(args, sessions):
@@ -205,22 +175,8 @@ def cmd_status(args, sessions):
 
 def cmd_show(args, sessions):
     with sessions() as session:
+        data = messages.detail(session, args.id)
         message = session.get(Message, args.id)
-        if message is None:
-            raise MessageNotFound(f"no message {args.id[:40]!r}")
-        attempts = session.scalars(select(Attempt).where(Attempt.message_id == args.id)
-                                   .order_by(Attempt.id)).all()
-        audit = session.scalars(select(AuditEntry).where(AuditEntry.message_id == args.id)
-                                .order_by(AuditEntry.id)).all()
-    data = _message_dict(message) | {
-        "attempts_timeline": [{
-            "started_at": iso(a.started_at), "duration_ms": round(a.duration_ms, 1),
-            "outcome": a.outcome, "status_code": a.status_code, "error_class": a.error_class,
-            "error": a.error, "next_attempt_at": iso(a.next_attempt_at), "worker": a.worker,
-            "lease_token": a.lease_token} for a in attempts],
-        "audit": [{"at": iso(e.at), "actor": e.actor, "action": e.action, "reason": e.reason}
-                  for e in audit],
-    }
     lines = [f"{message.label}  [{message.status}{', needs review' if message.needs_review else ''}]",
              f"  key {message.idempotency_key}   attempts {message.attempts}   "
              f"created {iso(message.created_at)}   next {iso(message.next_attempt_at)}"]
@@ -252,7 +208,7 @@ def cmd_enqueue(args, sessions):
                           payload=payload, idempotency_key=args.key,
                           correlation_id=args.correlation_id)
         session.commit()
-        data = _message_dict(message)
+        data = messages.as_dict(message)
     dispatch.dispatcher().flush()
     _emit(args, data, [f"{message.label} {message.status}"])
 
@@ -269,7 +225,7 @@ def _has_filters(args) -> bool:
 def cmd_dead_list(args, sessions):
     with sessions() as session:
         rows = deadletters.list_dead(session, _filters(args), limit=args.limit)
-    data = [_message_dict(m) for m in rows]
+    data = [messages.as_dict(m) for m in rows]
     lines = [f"{iso(m.dead_at)}  {m.label}  {m.last_status_code or '---'} "
              f"{m.last_error_class}{' [needs review]' if m.needs_review else ''}: {m.last_error}"
              for m in rows]
@@ -312,6 +268,20 @@ def cmd_sandbox(args, sessions):
     from sandbox.server import main as sandbox_main
 
     return sandbox_main(["--host", args.host, "--port", str(args.port)])
+
+
+def cmd_web(args, sessions):
+    import uvicorn
+
+    from integrations.registry import provider_facts
+    from web.admin import create_app, default_flower_url
+    from web.auth import WebAuth
+
+    app = create_app(sessions, WebAuth.from_env(), facts=provider_facts,
+                     operations=schemas.operations(), flower_url=default_flower_url())
+    log.info("admin app on http://%s:%d", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                server_header=False)
 
 
 def _safe_url(url: str) -> str:
@@ -401,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=os.environ.get("SANDBOX_PORT", "8100"),
                    help="0 picks a free one")
     p.set_defaults(func=cmd_sandbox, opens_database=False)
+    p = sub.add_parser("web", help="the admin app: dashboard, dead letters, API, /metrics, "
+                                   "/health (needs OUTBOX_WEB_AUTH)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=os.environ.get("OUTBOX_WEB_PORT", "8300"))
+    p.set_defaults(func=cmd_web)
     return parser
 
 

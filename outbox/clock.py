@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
 
 
 def utcnow() -> datetime:
@@ -15,3 +16,20 @@ def iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
     return moment.isoformat(timespec="milliseconds") + "Z"
+
+
+def parse_since(text: str) -> datetime:
+    """``30s``, ``30m``, ``2h``, ``7d`` (ago) or an ISO timestamp (UTC if no zone), as naive
+    UTC. Raises ValueError with a message for people."""
+    example = "use e.g. 30m, 2h, 7d or 2026-11-21T10:00:00Z"
+    match = re.fullmatch(r"(\d{1,9})\s*([smhd])", text.strip())
+    try:
+        if match:
+            unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
+            return utcnow() - timedelta(**{unit: int(match[1])})
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(UTC).replace(tzinfo=None)
+        return moment
+    except (ValueError, OverflowError):
+        raise ValueError(f"since {text[:40]!r}: {example}, within years 1-9999") from None

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import ordering
@@ -41,15 +41,22 @@ class DeadFilter:
     provider: str | None = None
     error_class: str | None = None
     since: datetime | None = None
+    operation: str | None = None
+    text: str | None = None   # a message id, idempotency key or correlation id, exactly
 
     def where(self):
         clauses = [Message.status == MessageStatus.DEAD]
         if self.provider:
             clauses.append(Message.provider == self.provider)
+        if self.operation:
+            clauses.append(Message.operation == self.operation)
         if self.error_class:
             clauses.append(Message.last_error_class == self.error_class)
         if self.since:
             clauses.append(Message.dead_at >= self.since)
+        if self.text:
+            clauses.append(or_(Message.id == self.text, Message.idempotency_key == self.text,
+                               Message.correlation_id == self.text))
         return clauses
 
 
@@ -63,10 +70,18 @@ class ActionResult:
     note: str
 
 
-def list_dead(session: Session, where: DeadFilter = DeadFilter(), limit: int = 1000) -> list[Message]:
+def list_dead(session: Session, where: DeadFilter = DeadFilter(), limit: int = 1000,
+              offset: int = 0) -> list[Message]:
     """Dead letters matching ``where``, oldest first."""
     return list(session.scalars(
-        select(Message).where(*where.where()).order_by(Message.dead_at, Message.id).limit(limit)))
+        select(Message).where(*where.where()).order_by(Message.dead_at, Message.id)
+        .limit(limit).offset(offset)))
+
+
+def count_dead(session: Session, where: DeadFilter = DeadFilter()) -> int:
+    """How many dead letters match ``where``."""
+    return session.execute(select(func.count()).select_from(Message)
+                           .where(*where.where())).scalar_one()
 
 
 def _require_reason(reason: str) -> str:
@@ -114,13 +129,19 @@ def redrive(session: Session, *, reason: str, actor: str, ids: Sequence[str] | N
                        accept_duplicate_risk)
 
 
-def discard(session: Session, *, reason: str, actor: str, ids: Sequence[str],
-            now: datetime | None = None) -> list[ActionResult]:
-    """Give up on dead letters for good: dead → discarded. Commits."""
-    if not ids:
+def discard(session: Session, *, reason: str, actor: str, ids: Sequence[str] | None = None,
+            where: DeadFilter | None = None, all_providers: bool = False,
+            dry_run: bool = False, now: datetime | None = None) -> list[ActionResult]:
+    """Give up on dead letters for good: dead → discarded. Commits unless ``dry_run``.
+
+    Args:
+        ids: the messages, or
+        where: a filter (the same rules as ``redrive``'s).
+    """
+    if not ids and where is None:
         raise InvalidMessage("name the message ids to discard")
     return _transition(session, MessageStatus.DISCARDED, "discard", reason, actor,
-                       list(dict.fromkeys(ids)), False, now, True)
+                       _targets(session, ids, where, all_providers), dry_run, now, True)
 
 
 def _transition(session, target, action, reason, actor, targets, dry_run, now,

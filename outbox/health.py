@@ -12,6 +12,7 @@ Thresholds (``Thresholds``; the README's "Health" table):
     queue depth (waiting)       100                     1,000
     dead letters, last hour     any                     10
     circuit breaker             open or half-open       open for more than 5 minutes
+    p99 latency, 5 minutes      2 × baseline            5 × baseline
     credential                  —                       cannot be read
     provider settings           —                       invalid
     Redis (limits, breakers)    —                       unreachable: state unknown
@@ -34,6 +35,8 @@ class Thresholds:
     dead_per_hour: tuple[int, int] = (1, 10)
     error_rate: tuple[float, float] = (0.01, 0.05)
     breaker_open_s: float = 300.0
+    latency: tuple[float, float] = (2.0, 5.0)   # × the provider's p99 baseline
+    latency_min_attempts: int = 10   # fewer attempts in 5 minutes: no p99 judged
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -76,10 +79,11 @@ def provider_findings(stats: Mapping, facts: Mapping | None, now_epoch_s: float,
 
     Args:
         stats: the provider's figures from ``outbox.status`` (``depth``, ``dead_last_hour``,
-            ``attempts_5m``, ``failures_5m``, ``failures_by_code_5m``).
+            ``attempts_5m``, ``failures_5m``, ``failures_by_code_5m``, ``p99_ms_5m``).
         facts: its live state, gathered by the process that asks (``protection``: the
             shared limiter/breaker snapshot, ``credential``: None or why it cannot be read,
-            ``settings_error``: None or why its settings are invalid); None: unknown.
+            ``settings_error``: None or why its settings are invalid,
+            ``latency_baseline_ms``: its p99 baseline); None: unknown.
         now_epoch_s: the current time, to age an open breaker.
     """
     found: list[Finding] = []
@@ -100,6 +104,13 @@ def provider_findings(stats: Mapping, facts: Mapping | None, now_epoch_s: float,
                              + (f" ≥ {t.dead_per_hour[1]}" if level == CRITICAL else "")))
     if facts is None:
         return found
+    baseline = facts.get("latency_baseline_ms")
+    p99 = stats.get("p99_ms_5m")
+    if baseline and p99 is not None and stats["attempts_5m"] >= t.latency_min_attempts:
+        level, factor = _level(p99 / baseline, t.latency)
+        if level != OK:
+            found.append(Finding("latency", level, f"p99 latency {p99:,.0f} ms over 5 min ≥ "
+                                                   f"{factor:g} × baseline {baseline:,.0f} ms"))
     if facts.get("settings_error"):
         found.append(Finding("settings", CRITICAL, f"settings invalid: {facts['settings_error']}"))
     if facts.get("credential"):

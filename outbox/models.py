@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -151,3 +152,36 @@ class AuditEntry(Base):
     message_id: Mapped[str | None] = mapped_column(ForeignKey("outbox_messages.id"), index=True)
     reason: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class AttemptTotal(Base):
+    """Attempts counted once and for all (``outbox.totals``): the counters behind
+    ``/metrics``, which stay monotonic when retention deletes the attempts themselves.
+
+    One row per provider, operation, outcome, error class ('' for none), status code (0 for
+    none) and duration bucket (index into ``outbox.totals.BUCKETS_S``)."""
+
+    __tablename__ = "outbox_attempt_totals"
+
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    operation: Mapped[str] = mapped_column(String(64), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    error_class: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status_code: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    count: Mapped[int] = mapped_column(BigInteger)
+    duration_s_sum: Mapped[float] = mapped_column(Float)
+
+
+class Rollup(Base):
+    """How far ``outbox.totals`` has counted: attempts with ``id <= last_id`` are in
+    ``outbox_attempt_totals``; ``candidate_id`` is the highest id seen at ``candidate_at``,
+    counted at the next roll-up at least a minute later (see ``outbox.totals``)."""
+
+    __tablename__ = "outbox_rollups"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger)
+    candidate_id: Mapped[int] = mapped_column(BigInteger)
+    candidate_at: Mapped[datetime] = mapped_column(DateTime)
+

@@ -70,7 +70,9 @@ def report(session: Session, now: datetime | None = None,
             "by_status": {s.value: 0 for s in MessageStatus}, "by_status_estimated": [],
             "depth": 0, "retry_scheduled": 0, "oldest_due_age_s": 0.0, "dead_awaiting": 0,
             "dead_last_hour": 0, "delivered_5m": 0, "attempts_5m": 0, "failures_5m": 0,
-            "error_rate_5m": 0.0, "failures_by_code_5m": {}, "waiting_for_key": 0})
+            "error_rate_5m": 0.0, "failures_by_code_5m": {}, "waiting_for_key": 0,
+            "p50_ms_5m": None, "p95_ms_5m": None, "p99_ms_5m": None,
+            "oldest_pending_due_age_s": 0.0})
 
     for name in facts or ():
         entry(name)
@@ -92,6 +94,9 @@ def report(session: Session, now: datetime | None = None,
             e["failures_5m"] += count
             key = str(code or error_class or outcome)
             e["failures_by_code_5m"][key] = e["failures_by_code_5m"].get(key, 0) + count
+
+    for provider, quantiles in _latency_5m(session, now).items():
+        entry(provider).update(quantiles)
 
     # History: exact while small, estimated beyond (PostgreSQL); every provider with rows.
     for name in _providers_with_rows(session):
@@ -130,6 +135,40 @@ def report(session: Session, now: datetime | None = None,
     }
 
 
+QUANTILES = (("p50_ms_5m", 0.50), ("p95_ms_5m", 0.95), ("p99_ms_5m", 0.99))
+
+
+def _latency_5m(session: Session, now: datetime) -> dict[str, dict[str, float]]:
+    """Each provider's attempt durations over the last 5 minutes, as p50/p95/p99 in ms
+    (calls made only: deferrals took no time at the provider)."""
+    recent = [Attempt.started_at >= now - timedelta(minutes=5),
+              Attempt.outcome != AttemptOutcome.DEFERRED]
+    if session.get_bind().dialect.name == "postgresql":
+        rows = session.execute(
+            select(Message.provider,
+                   *(func.percentile_cont(q).within_group(Attempt.duration_ms)
+                     for _, q in QUANTILES))
+            .join(Message, Message.id == Attempt.message_id).where(*recent)
+            .group_by(Message.provider))
+        return {p: {name: round(v, 1) for (name, _), v in zip(QUANTILES, values, strict=True)}
+                for p, *values in rows}
+    durations: dict[str, list[float]] = {}
+    for provider, ms in session.execute(
+            select(Message.provider, Attempt.duration_ms)
+            .join(Message, Message.id == Attempt.message_id).where(*recent)):
+        durations.setdefault(provider, []).append(ms)
+    return {p: {name: round(_quantile(sorted(v), q), 1) for name, q in QUANTILES}
+            for p, v in durations.items()}
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (PostgreSQL's ``percentile_cont``)."""
+    pos = (len(ordered) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
 def _live_states(session: Session, now: datetime, entry) -> dict[str, datetime]:
     """Fill each provider's counts of the working states and dead letters, its retries
     scheduled and its dead letters of the last hour, each state from its own partial index
@@ -152,6 +191,8 @@ def _live_states(session: Session, now: datetime, entry) -> dict[str, datetime]:
         e["by_status"][MessageStatus.PENDING.value] = count
         e["retry_scheduled"] = scheduled
         e["waiting_for_key"] = parked
+        if oldest is not None:   # due and not handed to the broker yet: the relay's lag
+            e["oldest_pending_due_age_s"] = round((now - oldest).total_seconds(), 3)
         due_since(provider, oldest)
     for provider, count, oldest in session.execute(
             select(Message.provider, func.count(),
@@ -216,31 +257,66 @@ def _history_counts(session: Session, providers: Iterable[str]
                     select(Message.provider, Message.status, func.count())
                     .where(Message.status.in_(HISTORY))
                     .group_by(Message.provider, Message.status))}
-    counts = {}
-    for provider in providers:
-        for state in HISTORY:
-            estimate = _planner_rows(session, provider, state)
-            if estimate > EXACT_HISTORY_UP_TO:
-                counts[provider, state] = (estimate, True)
-                continue
-            capped = select(literal_column("1")).where(
-                Message.provider == provider, _is(state)).limit(EXACT_HISTORY_UP_TO + 1)
-            count = session.execute(select(func.count()).select_from(capped.subquery())).scalar()
-            counts[provider, state] = ((count, False) if count <= EXACT_HISTORY_UP_TO
-                                       else (max(count, estimate), True))
-    return counts
+    return {(provider, state): _history_count(session, state, provider)
+            for provider in providers for state in HISTORY}
 
 
-def _planner_rows(session: Session, provider: str, state: MessageStatus) -> int:
-    """PostgreSQL's estimate of the rows of ``provider`` in ``state`` (EXPLAIN: statistics
-    only, nothing read)."""
+def _history_count(session: Session, state: MessageStatus, provider: str,
+                   operation: str | None = None) -> tuple[int, bool]:
+    """PostgreSQL: (count, whether it is an estimate) of one history state, see
+    ``_history_counts``."""
+    estimate = _planner_rows(session, provider, state, operation)
+    if estimate > EXACT_HISTORY_UP_TO:
+        return estimate, True
+    where = [Message.provider == provider, _is(state)]
+    if operation is not None:
+        where.append(Message.operation == operation)
+    capped = select(literal_column("1")).where(*where).limit(EXACT_HISTORY_UP_TO + 1)
+    count = session.execute(select(func.count()).select_from(capped.subquery())).scalar()
+    return (count, False) if count <= EXACT_HISTORY_UP_TO else (max(count, estimate), True)
+
+
+def _planner_rows(session: Session, provider: str, state: MessageStatus,
+                  operation: str | None = None) -> int:
+    """PostgreSQL's estimate of the rows of ``provider`` (and ``operation``) in ``state``
+    (EXPLAIN: statistics only, nothing read)."""
+    also = " AND operation = :operation" if operation is not None else ""
     plan = session.execute(text(
         "EXPLAIN (FORMAT JSON) SELECT 1 FROM outbox_messages "
-        f"WHERE provider = :provider AND status = '{state.value}'"),
-        {"provider": provider}).scalar()
+        f"WHERE provider = :provider AND status = '{state.value}'{also}"),
+        {"provider": provider, "operation": operation}).scalar()
     if isinstance(plan, str):   # a driver that does not decode json
         plan = json.loads(plan)
     return int(plan[0]["Plan"]["Plan Rows"])
+
+
+def message_counts(session: Session, operations: Mapping[str, Iterable[str]]
+                   ) -> dict[tuple[str, str, str], tuple[int, bool]]:
+    """(provider, operation, status) → (count, whether it is an estimate), for ``/metrics``.
+
+    The working states and dead letters are counted exactly through their partial
+    indexes; delivered and discarded as in ``report`` (exact up to ``EXACT_HISTORY_UP_TO``,
+    then PostgreSQL's estimate), for each of ``operations`` (provider → its operations).
+    """
+    counts: dict[tuple[str, str, str], tuple[int, bool]] = {}
+    for state in (*WAITING, MessageStatus.DEAD):
+        for provider, operation, count in session.execute(
+                select(Message.provider, Message.operation, func.count())
+                .where(_is(state)).group_by(Message.provider, Message.operation)):
+            counts[provider, operation, state.value] = (count, False)
+    if session.get_bind().dialect.name != "postgresql":
+        for provider, operation, state, count in session.execute(
+                select(Message.provider, Message.operation, Message.status, func.count())
+                .where(Message.status.in_(HISTORY))
+                .group_by(Message.provider, Message.operation, Message.status)):
+            counts[provider, operation, state] = (count, False)
+        return counts
+    for provider, names in operations.items():
+        for operation in sorted(names):
+            for state in HISTORY:
+                counts[provider, operation, state.value] = _history_count(
+                    session, state, provider, operation)
+    return counts
 
 
 def count_text(count: int, estimated: bool = False) -> str:
@@ -276,11 +352,11 @@ def render(data: dict, facts: Mapping[str, Mapping]) -> list[str]:
                      f"{b['waiting']} message(s) wait behind a dead letter "
                      "(re-drive or discard it)")
     lines.append("protection (shared by every worker):")
-    lines += ["  " + _protection_line(name, fact) for name, fact in facts.items()]
+    lines += ["  " + protection_line(name, fact) for name, fact in facts.items()]
     return lines
 
 
-def _protection_line(name: str, fact: dict) -> str:
+def protection_line(name: str, fact: dict) -> str:
     p = fact.get("protection")
     if p is None:
         return f"{name:<12}protection unavailable: {fact.get('settings_error')}"

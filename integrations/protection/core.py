@@ -277,7 +277,8 @@ class Protection:
         """Limits and live state for ``outbox status``.
 
         Returns:
-            ``provider``, ``rate_limit``, ``operation_rate_limits``, ``max_wait_s``,
+            ``provider``, ``rate_limit`` (and ``rate_limit_per_s``), ``operation_rate_limits``,
+            ``max_wait_s``,
             ``paused_for_s``, ``max_concurrency``, ``permits_in_use``, ``daily_quota``,
             ``quota_used``, ``quota_remaining``, ``quota_resets_in_s``, ``breaker`` (see
             ``CircuitBreaker.state``); ``error`` instead of live values when Redis is
@@ -287,6 +288,7 @@ class Protection:
         snap: dict[str, Any] = {
             "provider": self.provider,
             "rate_limit": str(s.rate_limit) if s.rate_limit else None,
+            "rate_limit_per_s": round(1 / s.rate_limit.interval_s, 6) if s.rate_limit else None,
             "operation_rate_limits": {op: str(spec) for op, spec in s.operation_rate_limits},
             "max_wait_s": s.max_wait_s,
             "max_concurrency": s.max_concurrency,
