@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 import schemas
 from integrations.errors import ConfigurationError
 
-from . import ordering
+from . import ordering, totals
 from .clock import utcnow
 from .config import RelaySettings, current_retry_policy
 from .dispatch import Dispatcher, MessageRef
@@ -205,7 +205,7 @@ def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
     """
     stop = stop or threading.Event()
     failures = 0
-    swept_at = 0.0
+    swept_at = rolled_at = 0.0
     while not stop.is_set():
         try:
             sweep = time.monotonic() - swept_at >= PARKED_SWEEP_S
@@ -216,6 +216,9 @@ def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
             failures = 0
             if prune is not None:
                 prune.maybe_run(engine)
+            if time.monotonic() - rolled_at >= totals.ROLLUP_EVERY_S:
+                totals.roll_up(engine)   # the attempt counters of /metrics
+                rolled_at = time.monotonic()
         except Exception as exc:  # keep relaying through broker/database outages
             failures += 1
             log.warning("relay pass failed (%s: %s); retrying", type(exc).__name__, exc)

@@ -43,8 +43,56 @@ PAGE_SIZE = 50
 MAX_PAGE = 100_000
 MAX_TEXT = 255
 API_MAX_LIMIT = 1000
+MAX_BODY = 1024 * 1024
 TEMPLATES = Jinja2Templates(directory=str(FilePath(__file__).parent / "templates"))
 TEMPLATES.env.filters["iso"] = iso
+
+
+class BodyLimit:
+    """Refuses request bodies over ``max_bytes`` with 413, by their Content-Length before
+    reading, or while reading a body sent without one (pure ASGI middleware)."""
+
+    class _TooLarge(Exception):
+        pass
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await self._refuse(send)
+        seen = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise self._TooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except self._TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = b'{"error": "request body too large (at most 1 MB)"}'
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class NotLoggedIn(Exception):
@@ -74,6 +122,7 @@ def create_app(sessions: sessionmaker[Session], auth: WebAuth, *,
     app.add_middleware(SessionMiddleware, secret_key=auth.secret_key,
                        session_cookie="outbox_session", same_site="strict",
                        https_only=False, max_age=12 * 3600)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
     registry = prom.registry(prom.OutboxCollector(sessions, facts, operations))
 
     def db():
@@ -207,6 +256,7 @@ def create_app(sessions: sessionmaker[Session], auth: WebAuth, *,
     def dead_letters(request: Request, user: User, session: DB,
                      q: Annotated[DeadQuery, Depends()],
                      page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1):
+        _only_known(request, {"page"})
         where = q.filter()
         total = deadletters.count_dead(session, where)
         rows = deadletters.list_dead(session, where, limit=PAGE_SIZE,
@@ -283,11 +333,13 @@ def create_app(sessions: sessionmaker[Session], auth: WebAuth, *,
         return messages.detail(session, message_id)
 
     @app.get("/api/dead-letters", tags=["dead letters"])
-    def api_dead_letters(actor: API, session: DB, q: Annotated[DeadQuery, Depends()],
+    def api_dead_letters(request: Request, actor: API, session: DB,
+                         q: Annotated[DeadQuery, Depends()],
                          limit: Annotated[int, Query(ge=1, le=API_MAX_LIMIT)] = 100,
                          offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0
                          ) -> dict[str, Any]:
         """Dead letters matching the filters, oldest first (`outbox dead list --json`)."""
+        _only_known(request, {"limit", "offset"})
         where = q.filter()
         rows = deadletters.list_dead(session, where, limit=limit, offset=offset)
         return {"total": deadletters.count_dead(session, where),
@@ -402,6 +454,15 @@ def parse_since(text: str) -> datetime:
         return clock.parse_since(text)
     except ValueError as exc:
         raise OutboxError(str(exc)) from None
+
+
+def _only_known(request: Request, others: set[str]) -> None:
+    """An unknown filter is refused, not ignored: ignoring it would list, or re-drive,
+    more than the operator meant."""
+    unknown = set(request.query_params) - set(DeadQuery.model_fields) - others
+    if unknown:
+        raise OutboxError(f"unknown filter {sorted(unknown)[0][:40]!r}; the filters are "
+                          + ", ".join(DeadQuery.model_fields))
 
 
 def _local(target: str) -> str:
