@@ -129,6 +129,26 @@ class Processes:
         wait_until(receiving_events, 30, 0.2, message="Flower to receive the worker's events")
         return url
 
+    def web(self, user: str, password: str, **env) -> str:
+        """``outbox web`` on a free loopback port with these credentials; returns its URL
+        once ``/health/live`` answers."""
+        import requests
+
+        port = free_port()
+        proc = self.start("web", [str(BIN / "outbox"), "web", "--port", str(port)],
+                          OUTBOX_WEB_AUTH=f"{user}:{password}", **env)
+        url = f"http://127.0.0.1:{port}"
+
+        def live():
+            assert proc.poll() is None, f"web exited:\n{self.log('web')[-3000:]}"
+            try:
+                return requests.get(url + "/health/live", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(live, 30, 0.1, message="outbox web /health/live")
+        return url
+
     def sandbox(self, name: str = "sandbox") -> str:
         """The sandbox providers in a process of their own; returns the URL once it listens.
 
