@@ -38,11 +38,12 @@ rabbitmq: install
 	$(BIN)/python scripts/ensure_rabbitmq.py
 
 run: migrate redis
-	@creds="$$(scripts/flower_credentials.sh)"; \
+	@creds="$$(scripts/flower_credentials.sh)"; web="$$(scripts/web_credentials.sh)"; \
+	echo "Admin:   http://127.0.0.1:8300  (login $${web%%:*} / $${web#*:}; set OUTBOX_WEB_AUTH to choose)"; \
 	echo "Flower:  http://127.0.0.1:5555  (login $${creds%%:*} / $${creds#*:}; set FLOWER_BASIC_AUTH to choose)"; \
 	echo "Shop:    POST http://127.0.0.1:8000/orders    Sandbox: $(OUTBOX_PAYMENTS_BASE_URL)/_sandbox/stats"; \
 	echo "Status:  $(BIN)/outbox status   (or: source $(BIN)/activate; outbox status)"; \
-	FLOWER_BASIC_AUTH="$$creds" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+	FLOWER_BASIC_AUTH="$$creds" OUTBOX_WEB_AUTH="$$web" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 system-packages:
 	scripts/install_system_packages.sh

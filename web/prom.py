@@ -103,6 +103,10 @@ def _providers(report: dict, facts: Mapping[str, dict]) -> Iterable[Metric]:
         "rate_limit": GaugeMetricFamily("outbox_rate_limit_per_second",
                                         "The provider's global rate limit (calls per second).",
                                         labels=["provider"]),
+        "baseline": GaugeMetricFamily("outbox_latency_baseline_seconds",
+                                      "The p99 latency baseline health compares with "
+                                      "(OUTBOX_<NAME>_LATENCY_BASELINE_MS).",
+                                      labels=["provider"]),
         "redis": GaugeMetricFamily("outbox_protection_state_known",
                                    "1 when the shared limiter/breaker state could be read "
                                    "from Redis.", labels=["provider"]),
@@ -114,6 +118,8 @@ def _providers(report: dict, facts: Mapping[str, dict]) -> Iterable[Metric]:
         fams["dead_hour"].add_metric([name], e["dead_last_hour"])
         fams["level"].add_metric([name], LEVELS[e["level"]])
     for name, fact in sorted(facts.items()):
+        if fact.get("latency_baseline_ms"):
+            fams["baseline"].add_metric([name], fact["latency_baseline_ms"] / 1000)
         p = fact.get("protection") or {}
         fams["redis"].add_metric([name], 0 if p.get("error") or not p else 1)
         breaker = p.get("breaker") or {}
