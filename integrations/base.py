@@ -57,6 +57,15 @@ class Adapter(ABC):
     rate_limit: str | None = None
     operation_rate_limits: Mapping[str, str] | None = None
 
+    def check_request(self) -> Request | None:
+        """A cheap, side-effect-free request that proves the credential works (the
+        synthetic health check, ``integrations.checks``); None: this provider has none."""
+        return None
+
+    def check_problem(self, response: Response) -> str | None:
+        """What is wrong with a 2xx answer to ``check_request`` (None: nothing)."""
+        return None
+
     @abstractmethod
     def build_request(self, operation: str, payload: Mapping[str, Any],
                       idempotency_key: str) -> Request:

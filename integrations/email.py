@@ -94,6 +94,16 @@ class EmailAdapter(Adapter):
             default_from = env.get(FROM_VARIABLE, "").strip() or None
         self.default_from = parse_sender(default_from) if default_from else None
 
+    def check_request(self) -> Request:
+        """``GET /v3/scopes``: the key's permissions, without sending anything."""
+        return Request("GET", "/v3/scopes")
+
+    def check_problem(self, response: Response) -> str | None:
+        scopes = response.body.get("scopes") if isinstance(response.body, dict) else None
+        if not isinstance(scopes, list) or "mail.send" not in scopes:
+            return "credentials rejected: the API key lacks the mail.send scope"
+        return None
+
     def build_request(self, operation: str, payload: Mapping[str, Any],
                       idempotency_key: str) -> Request:
         """Return the JSON POST for ``send``.

@@ -48,6 +48,10 @@ class PaymentsAdapter(Adapter):
     supports_idempotency = True
     auth = "bearer"
 
+    def check_request(self) -> Request:
+        """``GET /v1/balance``: read-only, and refused with 401 for a bad or revoked key."""
+        return Request("GET", "/v1/balance", headers={"Stripe-Version": STRIPE_VERSION})
+
     def build_request(self, operation: str, payload: Mapping[str, Any],
                       idempotency_key: str) -> Request:
         """Return the form-encoded POST for ``operation``.

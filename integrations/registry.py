@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import schemas
+from integrations import checks
 from integrations.base import Adapter, Delivery
 from integrations.email import EmailAdapter
 from integrations.errors import (
@@ -211,8 +212,9 @@ DEFAULT_LATENCY_BASELINE_MS = 1000.0
 def provider_facts(environ: Mapping[str, str] | None = None) -> dict[str, dict]:
     """Each provider's live state, for health (``outbox.health.provider_findings``): its
     shared limiter/quota/breaker state (Redis), whether its credential can be read,
-    whether its settings load, and its p99 latency baseline
-    (``OUTBOX_<NAME>_LATENCY_BASELINE_MS``, default 1,000 ms)."""
+    whether its settings load, its p99 latency baseline
+    (``OUTBOX_<NAME>_LATENCY_BASELINE_MS``, default 1,000 ms) and its last synthetic health
+    check (``integrations.checks``)."""
     env = os.environ if environ is None else environ
     facts = {}
     for name in known_providers():
@@ -224,10 +226,12 @@ def provider_facts(environ: Mapping[str, str] | None = None) -> dict[str, dict]:
             baseline = None
             check = ProviderCheck(check.provider, settings_error=str(exc),
                                   credential_error=check.credential_error)
+        protection = check.provider.protection if check.provider else None
         facts[name] = {
-            "protection": check.provider.protection.snapshot() if check.provider else None,
+            "protection": protection.snapshot() if protection else None,
             "credential": check.credential_error, "settings_error": check.settings_error,
-            "latency_baseline_ms": baseline}
+            "latency_baseline_ms": baseline,
+            "check": checks.load(protection.client, name) if protection else None}
     return facts
 
 

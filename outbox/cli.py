@@ -40,7 +40,18 @@ import schemas
 from integrations.errors import ConfigurationError
 from integrations.sanitize import sanitize
 
-from . import config, deadletters, dispatch, health, logs, messages, relay, retention, status
+from . import (
+    config,
+    deadletters,
+    dispatch,
+    health,
+    logs,
+    messages,
+    relay,
+    retention,
+    status,
+    totals,
+)
 from .clock import iso, parse_since
 from .db import check_migrated, describe, make_engine, make_sessionmaker
 from .enqueue import enqueue
@@ -119,6 +130,8 @@ def cmd_db_upgrade(args, sessions):
 
 
 def cmd_db_prune(args, sessions):
+    if not args.dry_run:   # count settled attempts into /metrics' totals before any goes
+        totals.roll_up(sessions.kw["bind"])
     result = retention.prune(sessions.kw["bind"], delivered_older_than=args.delivered_older_than,
                              discarded_older_than=args.discarded_older_than,
                              batch_size=args.batch_size, dry_run=args.dry_run)
@@ -153,6 +166,7 @@ def cmd_relay(args, sessions):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    _start_health_checks(stop)
     log.info("relay started on %s", _safe_url(config.database_url()))
     relay.run(engine, disp, settings, idempotent=supports_idempotency, stop=stop,
               prune=schedule)
@@ -268,6 +282,22 @@ def cmd_sandbox(args, sessions):
     from sandbox.server import main as sandbox_main
 
     return sandbox_main(["--host", args.host, "--port", str(args.port)])
+
+
+def _start_health_checks(stop: threading.Event) -> None:
+    """The providers' synthetic health checks, in a thread of the relay (see
+    ``integrations.checks``)."""
+    from integrations import checks
+    from integrations.protection import store
+    from integrations.registry import get_provider, known_providers
+
+    interval = checks.interval_s()
+    if interval is None:
+        log.info("synthetic health checks are off (OUTBOX_CHECKS)")
+        return
+    runner = checks.CheckRunner(lambda: {n: get_provider(n) for n in known_providers()},
+                                store.shared_redis(), interval)
+    runner.start(stop)
 
 
 def cmd_web(args, sessions):

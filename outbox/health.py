@@ -14,6 +14,7 @@ Thresholds (``Thresholds``; the README's "Health" table):
     circuit breaker             open or half-open       open for more than 5 minutes
     p99 latency, 5 minutes      2 × baseline            5 × baseline
     credential                  —                       cannot be read
+    synthetic health check      fails                   credentials rejected
     provider settings           —                       invalid
     Redis (limits, breakers)    —                       unreachable: state unknown
 """
@@ -83,7 +84,8 @@ def provider_findings(stats: Mapping, facts: Mapping | None, now_epoch_s: float,
         facts: its live state, gathered by the process that asks (``protection``: the
             shared limiter/breaker snapshot, ``credential``: None or why it cannot be read,
             ``settings_error``: None or why its settings are invalid,
-            ``latency_baseline_ms``: its p99 baseline); None: unknown.
+            ``latency_baseline_ms``: its p99 baseline, ``check``: its last synthetic
+            health check, see ``integrations.checks``); None: unknown.
         now_epoch_s: the current time, to age an open breaker.
     """
     found: list[Finding] = []
@@ -104,6 +106,10 @@ def provider_findings(stats: Mapping, facts: Mapping | None, now_epoch_s: float,
                              + (f" ≥ {t.dead_per_hour[1]}" if level == CRITICAL else "")))
     if facts is None:
         return found
+    check = facts.get("check")
+    if check is not None and not check.get("ok"):
+        found.append(Finding("check", CRITICAL if check.get("rejected") else WARNING,
+                             f"health check: {check['reason']}"))
     baseline = facts.get("latency_baseline_ms")
     p99 = stats.get("p99_ms_5m")
     if baseline and p99 is not None and stats["attempts_5m"] >= t.latency_min_attempts:

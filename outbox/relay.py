@@ -214,11 +214,11 @@ def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
             if sweep:
                 swept_at = time.monotonic()
             failures = 0
+            if time.monotonic() - rolled_at >= totals.ROLLUP_EVERY_S:
+                totals.roll_up(engine)   # /metrics' attempt counters, before pruning
+                rolled_at = time.monotonic()
             if prune is not None:
                 prune.maybe_run(engine)
-            if time.monotonic() - rolled_at >= totals.ROLLUP_EVERY_S:
-                totals.roll_up(engine)   # the attempt counters of /metrics
-                rolled_at = time.monotonic()
         except Exception as exc:  # keep relaying through broker/database outages
             failures += 1
             log.warning("relay pass failed (%s: %s); retrying", type(exc).__name__, exc)

@@ -49,7 +49,6 @@ from sqlalchemy import exc as sa_exc
 
 from integrations.errors import ConfigurationError
 
-from . import totals
 from .clock import iso, utcnow
 from .config import env_str
 from .models import Attempt, AuditEntry, Message, MessageStatus
@@ -196,8 +195,6 @@ def prune(engine: Engine, *, delivered_older_than: timedelta = DEFAULT_WINDOW,
     """
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"batch_size must be from 1 to {MAX_BATCH_SIZE}")
-    if not dry_run:   # count settled attempts into /metrics' totals before any goes
-        totals.roll_up(engine)
     now = now or utcnow()
     cutoffs = {MessageStatus.DELIVERED: now - delivered_older_than,
                MessageStatus.DISCARDED: now - discarded_older_than}

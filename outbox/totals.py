@@ -12,8 +12,9 @@ Rolling up must not skip an attempt whose transaction commits after a higher id 
 committed (ids are handed out at insert, not at commit). So each roll-up counts only up
 to the highest id the *previous* roll-up saw, at least ``SETTLE`` ago: a transaction
 that had its id then has long committed (or rolled back) by now. The relay rolls up
-every ``ROLLUP_EVERY_S``; several relays at once are safe (the progress row is updated
-with a guard, so only one of them counts a range). Retention rolls up first, too.
+every ``ROLLUP_EVERY_S``, before its scheduled prune, and ``outbox db prune`` rolls up
+first too; several relays at once are safe (the progress row is updated with a guard, so
+only one of them counts a range).
 """
 
 from __future__ import annotations

@@ -343,6 +343,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
         auth = mail.check_auth(self.headers.get("Authorization", ""), self.state)
         if auth is not None:
             return self._respond(auth)
+        if path == mail.SCOPES_PATH and self.command == "GET":   # the health check
+            return self._respond(mail.scopes(self.state))
         if path != mail.SEND_PATH:
             return self._respond(mail.error(404, "resource not found"))
         if self.command != "POST":
@@ -357,6 +359,10 @@ class SandboxHandler(BaseHTTPRequestHandler):
 
     def _route(self, path: str):
         """Return (endpoint, None) for a POST, (None, args) for a GET, or (Result, None)."""
+        if path == "/v1/balance":   # the outbox's synthetic health check
+            if self.command != "GET":
+                return _method_not_allowed(), None
+            return payments.balance(self.state), None
         if path in _POSTS:
             if self.command != "POST":
                 return _method_not_allowed(), None

@@ -25,6 +25,7 @@ from sandbox.state import SandboxState
 
 PREFIX = "/v3/"
 SEND_PATH = "/v3/mail/send"
+SCOPES_PATH = "/v3/scopes"
 KEY_ARG = "outbox_key"
 KEY_HEADER = "X-Message-Key"
 MAX_RECIPIENTS = 1000
@@ -40,6 +41,11 @@ TOP_LEVEL = {
 _EMAIL = re.compile(r'^[^@\s<>()\[\],;:"]+@[^@\s<>()\[\],;:".]+(?:\.[^@\s<>()\[\],;:".]+)+$')
 
 Problem = tuple[str | None, str]   # (field, message)
+
+
+def scopes(state: SandboxState) -> Result:
+    """``GET /v3/scopes``: what the (accepted) API key may do."""
+    return Result(200, {"scopes": ["mail.send", "scopes.read"]})
 
 
 def error(status: int, message: str, field: str | None = None) -> Result:

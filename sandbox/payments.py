@@ -224,6 +224,16 @@ def create_refund(state: SandboxState, params: dict, key: str) -> Result:
     return Result(200, refund, effect=True)
 
 
+def balance(state: SandboxState) -> Result:
+    """``GET /v1/balance``: what the charges so far add up to (read-only, no effect)."""
+    with state.lock:
+        total = sum(pi.get("amount", 0) for pi in state.payment_intents.values()
+                    if pi.get("status") == "succeeded")
+    return Result(200, {"object": "balance", "livemode": False,
+                        "available": [{"amount": total, "currency": "usd"}],
+                        "pending": [{"amount": 0, "currency": "usd"}]})
+
+
 def retrieve(state: SandboxState, kind: str, obj_id: str) -> Result:
     """``GET /v1/payment_intents/ID`` or ``/v1/refunds/ID`` (lets a client verify state)."""
     with state.lock:

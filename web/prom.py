@@ -107,6 +107,15 @@ def _providers(report: dict, facts: Mapping[str, dict]) -> Iterable[Metric]:
                                       "The p99 latency baseline health compares with "
                                       "(OUTBOX_<NAME>_LATENCY_BASELINE_MS).",
                                       labels=["provider"]),
+        "check_up": GaugeMetricFamily("outbox_check_up",
+                                      "The last synthetic health check passed (1) or not (0).",
+                                      labels=["provider", "reason"]),
+        "check_s": GaugeMetricFamily("outbox_check_duration_seconds",
+                                     "How long the last synthetic health check took.",
+                                     labels=["provider"]),
+        "check_at": GaugeMetricFamily("outbox_check_timestamp_seconds",
+                                      "When the last synthetic health check ran (epoch).",
+                                      labels=["provider"]),
         "redis": GaugeMetricFamily("outbox_protection_state_known",
                                    "1 when the shared limiter/breaker state could be read "
                                    "from Redis.", labels=["provider"]),
@@ -120,6 +129,12 @@ def _providers(report: dict, facts: Mapping[str, dict]) -> Iterable[Metric]:
     for name, fact in sorted(facts.items()):
         if fact.get("latency_baseline_ms"):
             fams["baseline"].add_metric([name], fact["latency_baseline_ms"] / 1000)
+        check = fact.get("check")
+        if check is not None:
+            fams["check_up"].add_metric([name, "ok" if check["ok"] else check["reason"]],
+                                        1 if check["ok"] else 0)
+            fams["check_s"].add_metric([name], check["duration_ms"] / 1000)
+            fams["check_at"].add_metric([name], check["at"])
         p = fact.get("protection") or {}
         fams["redis"].add_metric([name], 0 if p.get("error") or not p else 1)
         breaker = p.get("breaker") or {}
