@@ -167,6 +167,7 @@ def cmd_relay(args, sessions):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     _start_health_checks(stop)
+    _start_alerts(sessions, stop)
     log.info("relay started on %s", _safe_url(config.database_url()))
     relay.run(engine, disp, settings, idempotent=supports_idempotency, stop=stop,
               prune=schedule)
@@ -298,6 +299,30 @@ def _start_health_checks(stop: threading.Event) -> None:
     runner = checks.CheckRunner(lambda: {n: get_provider(n) for n in known_providers()},
                                 store.shared_redis(), interval)
     runner.start(stop)
+
+
+def _start_alerts(sessions, stop: threading.Event) -> None:
+    """``OUTBOX_ALERT_WEBHOOK_URL``: health evaluated every 30 s in a thread of the relay,
+    one POST per change of level (see ``integrations.alerts``)."""
+    from integrations import alerts
+    from integrations.protection import store
+    from integrations.registry import provider_facts
+
+    target = alerts.webhook_client()
+    if target is None:
+        return
+    notifier = alerts.AlertNotifier(*target, store.shared_redis())
+
+    def loop():
+        while not stop.wait(alerts.EVERY_S):
+            try:
+                with sessions() as session:
+                    report = status.report(session, facts=provider_facts())
+                notifier.notify(report)
+            except Exception as exc:  # noqa: BLE001  (database or Redis away: next round)
+                log.warning("health alert not evaluated (%s)", type(exc).__name__)
+
+    threading.Thread(target=loop, name="outbox-alerts", daemon=True).start()
 
 
 def cmd_web(args, sessions):
