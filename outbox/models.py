@@ -100,7 +100,8 @@ class Message(Base):
 
     __table_args__ = (
         UniqueConstraint("provider", "idempotency_key", name="uq_outbox_messages_provider_key"),
-        Index("ix_outbox_messages_provider_status", "provider", "status"),
+        # With the operation last, /metrics counts each operation's history through it.
+        Index("ix_outbox_messages_provider_status_op", "provider", "status", "operation"),
         # Partial indexes: each covers only the rows in one working state, so the relay's,
         # the lease recovery's and the status queries cost what is live, not what is history.
         *(Index(name, *columns, **_where(condition)) for name, columns, condition in (

@@ -5,8 +5,7 @@ that only ever rise. Counting the attempts table on each scrape would read milli
 rows and would go *down* when retention deletes old attempts. So attempts are rolled up
 into ``outbox_attempt_totals`` (one row per provider, operation, outcome, error class,
 status code and duration bucket), and a scrape reads the totals plus the few attempts
-not yet rolled up, in one statement (one snapshot: an attempt is counted in exactly one
-of the two).
+not yet rolled up, in one snapshot (an attempt is counted in exactly one of the two).
 
 Rolling up must not skip an attempt whose transaction commits after a higher id has
 committed (ids are handed out at insert, not at commit). So each roll-up counts only up
@@ -22,7 +21,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, case, func, insert, literal, select, union_all, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    case,
+    func,
+    insert,
+    literal,
+    literal_column,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from .clock import utcnow
@@ -70,18 +80,27 @@ def _attempts_after(after_id, upto_id: int | None = None):
     return query.group_by(*_KEYS, bucket)
 
 
-def read(connection: Connection) -> list[Total]:
-    """Every attempt ever recorded (the totals, plus those not rolled up yet)."""
-    last_id = func.coalesce(select(Rollup.last_id).where(Rollup.name == NAME)
-                            .scalar_subquery(), 0)
-    both = union_all(
-        select(AttemptTotal.provider, AttemptTotal.operation, AttemptTotal.outcome,
-               AttemptTotal.error_class, AttemptTotal.status_code, AttemptTotal.bucket,
-               AttemptTotal.count, AttemptTotal.duration_s_sum),
-        _attempts_after(last_id)).subquery()
-    cols = list(both.c)
-    rows = connection.execute(
-        select(*cols[:6], func.sum(cols[6]), func.sum(cols[7])).group_by(*cols[:6]))
+def read(engine: Engine) -> list[Total]:
+    """Every attempt ever recorded: the totals, plus those not rolled up yet.
+
+    Both are read in one snapshot (a repeatable-read transaction on PostgreSQL; SQLite's
+    read transactions are snapshots), so a roll-up committing meanwhile cannot count an
+    attempt twice or not at all. The progress is read first and written into the second
+    statement as a number, so the planner sees how few attempts the tail holds.
+    """
+    options = ({"isolation_level": "REPEATABLE READ"}
+               if engine.dialect.name == "postgresql" else {})
+    with engine.connect().execution_options(**options) as conn, conn.begin():
+        last_id = int(conn.execute(select(Rollup.last_id).where(Rollup.name == NAME))
+                      .scalar() or 0)
+        both = union_all(
+            select(AttemptTotal.provider, AttemptTotal.operation, AttemptTotal.outcome,
+                   AttemptTotal.error_class, AttemptTotal.status_code, AttemptTotal.bucket,
+                   AttemptTotal.count, AttemptTotal.duration_s_sum),
+            _attempts_after(literal_column(str(last_id)))).subquery()
+        cols = list(both.c)
+        rows = conn.execute(
+            select(*cols[:6], func.sum(cols[6]), func.sum(cols[7])).group_by(*cols[:6])).all()
     return [Total(p, o, out, ec or "", int(code or 0), int(b), int(n), float(s or 0.0))
             for p, o, out, ec, code, b, n, s in rows]
 

@@ -43,7 +43,7 @@ class OutboxCollector(Collector):
         with self._sessions() as session:
             report = status.report(session, facts=facts)
             counts = status.message_counts(session, self._operations)
-            attempts = totals.read(session.connection())
+        attempts = totals.read(self._sessions.kw["bind"])
         yield from _messages(counts)
         yield from _providers(report, facts)
         yield from _attempts(attempts)

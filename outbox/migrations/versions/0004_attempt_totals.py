@@ -1,4 +1,4 @@
-"""Attempt totals: the counters behind ``/metrics``.
+"""Attempt totals: the counters behind ``/metrics``; the operation in the status index.
 
 Revision ID: 0004
 Revises: 0003
@@ -9,6 +9,11 @@ Create Date: 2026-12-02
 that a scrape reads a few hundred rows instead of millions of attempts, and the counters
 stay monotonic when retention deletes old attempts. ``outbox_rollups`` says how far the
 counting has got.
+
+``ix_outbox_messages_provider_status`` becomes ``(provider, status, operation)``: the
+metrics count each operation's history exactly up to 10,000 rows, and without the
+operation in the index an operation with few rows beside one with a million meant reading
+the million.
 """
 import sqlalchemy as sa
 from alembic import op
@@ -20,6 +25,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.drop_index("ix_outbox_messages_provider_status", table_name="outbox_messages")
+    op.create_index("ix_outbox_messages_provider_status_op", "outbox_messages",
+                    ["provider", "status", "operation"])
     op.create_table(
         "outbox_attempt_totals",
         sa.Column("provider", sa.String(64), primary_key=True),
@@ -43,3 +51,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("outbox_rollups")
     op.drop_table("outbox_attempt_totals")
+    op.drop_index("ix_outbox_messages_provider_status_op", table_name="outbox_messages")
+    op.create_index("ix_outbox_messages_provider_status", "outbox_messages",
+                    ["provider", "status"])
