@@ -28,6 +28,8 @@ from web.auth import WebAuth
 USER, PASSWORD, TOKEN = "admin", "correct-horse-battery", "t0ken-for-scripts-0123456789"
 ENV = {"OUTBOX_WEB_AUTH": f"{USER}:{PASSWORD}", "OUTBOX_WEB_TOKEN": TOKEN}
 LEASE = timedelta(seconds=60)
+# Tests about the app itself, not the database's part: SQLite only.
+app_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 CANARY_KEY = "sk_test_CANARYa1b2c3d4e5"
 CANARY_CUSTOMER = "cus_CANARY7f3a9"
 CANARY_EMAIL = "canary.7f3a9@example.com"
@@ -118,6 +120,7 @@ def status_of(sessions, message_id):
 
 # ---- authentication and CSRF --------------------------------------------------------------
 
+@app_only
 def test_the_api_needs_credentials_on_every_route(web):
     for method, path in API_ROUTES:
         r = getattr(web, method)(path, **({"json": {"reason": "x"}} if method == "post" else {}))
@@ -133,11 +136,13 @@ def test_the_api_needs_credentials_on_every_route(web):
     assert ok.status_code == 200 and ok.json() == {"total": 0, "dead_letters": []}
 
 
+@app_only
 def test_a_logged_in_browser_session_does_not_authenticate_the_api(web):
     login(web)
     assert web.get("/api/dead-letters").status_code == 401
 
 
+@app_only
 def test_pages_send_to_the_login_form_and_wrong_passwords_are_refused(web):
     for path in ("/", "/dead-letters", "/messages/01ABC", "/audit"):
         r = web.get(path, follow_redirects=False)
@@ -151,6 +156,7 @@ def test_pages_send_to_the_login_form_and_wrong_passwords_are_refused(web):
     assert web.get("/").status_code == 200
 
 
+@app_only
 def test_login_never_redirects_off_site(web):
     token = csrf_of(web.get("/login").text)
     r = web.post("/login", data={"username": USER, "password": PASSWORD, "csrf": token,
@@ -158,6 +164,7 @@ def test_login_never_redirects_off_site(web):
     assert r.headers["location"] == "/"
 
 
+@app_only
 def test_state_changing_forms_refuse_a_missing_or_foreign_csrf_token(web, app, sessions,
                                                                      provider, sandbox):
     [dead] = make_dead(sessions, provider, sandbox, 1)
@@ -369,6 +376,7 @@ def test_health_levels_follow_the_thresholds(web, sessions, facts):
     assert r.status_code == 200 and r.json()["level"] == "ok"
 
 
+@app_only
 def test_a_slow_provider_trips_the_latency_check(web, sessions, facts, provider):
     facts["payments"]["latency_baseline_ms"] = 0.001   # any real call is far above it
     for i in range(10):
@@ -380,6 +388,7 @@ def test_a_slow_provider_trips_the_latency_check(web, sessions, facts, provider)
 
 # ---- nothing sensitive anywhere -----------------------------------------------------------
 
+@app_only
 def test_no_secret_or_customer_datum_on_any_page_metric_or_api_answer(
         web, sessions, sandbox, monkeypatch):
     """A canary API key (wrong, so the provider refuses it: a dead letter with an auth
@@ -411,6 +420,7 @@ def test_no_secret_or_customer_datum_on_any_page_metric_or_api_answer(
 
 # ---- bad input ----------------------------------------------------------------------------
 
+@app_only
 @pytest.mark.parametrize(("method", "path", "kwargs"), [
     ("get", "/dead-letters?page=abc", {}),
     ("get", "/dead-letters?page=99999999999999999999", {}),
