@@ -38,7 +38,7 @@ rabbitmq: install
 	$(BIN)/python scripts/ensure_rabbitmq.py
 
 run: migrate redis
-	@creds="$$(scripts/flower_credentials.sh)"; web="$$(scripts/web_credentials.sh)"; \
+	@creds="$$(scripts/credentials.sh FLOWER_BASIC_AUTH flower)"; web="$$(scripts/credentials.sh OUTBOX_WEB_AUTH web)"; \
 	echo "Admin:   http://127.0.0.1:8300  (login $${web%%:*} / $${web#*:}; set OUTBOX_WEB_AUTH to choose)"; \
 	echo "Flower:  http://127.0.0.1:5555  (login $${creds%%:*} / $${creds#*:}; set FLOWER_BASIC_AUTH to choose)"; \
 	echo "Shop:    POST http://127.0.0.1:8000/orders    Sandbox: $(OUTBOX_PAYMENTS_BASE_URL)/_sandbox/stats"; \

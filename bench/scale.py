@@ -492,21 +492,28 @@ def _on_alarm(*_):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _args(argv)
+    return on_scratch("scale", _args(argv), _run)
+
+
+def on_scratch(prog: str, args: argparse.Namespace,
+               run: Callable[[argparse.Namespace, Scratch], int]) -> int:
+    """Run ``run(args, scratch)`` on scratch databases of ``args.database_url``, stopped
+    after ``args.max_seconds``; the databases are dropped afterwards (unless ``--keep``).
+    Exit 2 without PostgreSQL, 3 on the time limit."""
     if not args.database_url.startswith("postgresql"):
-        print("scale: needs PostgreSQL (--database-url or BENCH_SCALE_DATABASE_URL)",
+        print(f"{prog}: needs PostgreSQL (--database-url or BENCH_SCALE_DATABASE_URL)",
               file=sys.stderr)
         return 2
     scratch = Scratch(args.database_url, keep=args.keep)
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(args.max_seconds)
     try:
-        return _run(args, scratch)
+        return run(args, scratch)
     except _Timeout:
-        print(f"scale: stopped after --max-seconds={args.max_seconds}", file=sys.stderr)
+        print(f"{prog}: stopped after --max-seconds={args.max_seconds}", file=sys.stderr)
         return 3
     except sa.exc.OperationalError as exc:
-        print(f"scale: PostgreSQL: {str(exc.orig or exc).splitlines()[0]}", file=sys.stderr)
+        print(f"{prog}: PostgreSQL: {str(exc.orig or exc).splitlines()[0]}", file=sys.stderr)
         return 2
     finally:
         signal.alarm(0)

@@ -23,16 +23,12 @@ import argparse
 import json
 import os
 import re
-import signal
-import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import sqlalchemy as sa
-
-from .scale import DEFAULT_ADMIN_URL, FACTS, ROOT, Scratch, Shape, _on_alarm, _Timeout, build
+from .scale import DEFAULT_ADMIN_URL, FACTS, ROOT, Scratch, Shape, build, on_scratch
 
 RESULTS = ROOT / "var" / "bench-web.json"
 TARGET_SCRAPE_MS, TARGET_DEAD_PAGE_MS = 250.0, 300.0
@@ -99,26 +95,7 @@ def _args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _args(argv)
-    if not args.database_url.startswith("postgresql"):
-        print("web: needs PostgreSQL (--database-url or BENCH_SCALE_DATABASE_URL)",
-              file=sys.stderr)
-        return 2
-    scratch = Scratch(args.database_url, keep=args.keep)
-    previous = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(args.max_seconds)
-    try:
-        return _run(args, scratch)
-    except _Timeout:
-        print(f"web: stopped after --max-seconds={args.max_seconds}", file=sys.stderr)
-        return 3
-    except sa.exc.OperationalError as exc:
-        print(f"web: PostgreSQL: {str(exc.orig or exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-        scratch.close()
+    return on_scratch("web", _args(argv), _run)
 
 
 def _run(args, scratch: Scratch) -> int:

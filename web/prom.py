@@ -71,55 +71,40 @@ def _messages(counts) -> Iterable[Metric]:
     yield messages
 
 
+# The per-provider gauges: key → (family, help). ``outbox_check_up`` also has a reason.
+PROVIDER_GAUGES = {
+    "oldest": ("outbox_oldest_due_age_seconds",
+               "Age of the oldest message due and not yet delivered."),
+    "lag": ("outbox_relay_lag_seconds",
+            "Age of the oldest due message not yet handed to the broker."),
+    "dead": ("outbox_dead_letters", "Dead letters awaiting action."),
+    "dead_hour": ("outbox_dead_letters_last_hour", "Messages dead-lettered in the last hour."),
+    "level": ("outbox_health_level", "Health level: 0 ok, 1 warning, 2 critical."),
+    "breaker": ("outbox_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open."),
+    "pause": ("outbox_pause_remaining_seconds",
+              "Time left of a pause ordered by the provider (429)."),
+    "in_use": ("outbox_concurrency_in_use",
+               "Calls in flight to the provider, across all workers."),
+    "quota_used": ("outbox_quota_used", "Daily quota used."),
+    "quota_limit": ("outbox_quota_limit", "Daily quota."),
+    "rate_limit": ("outbox_rate_limit_per_second",
+                   "The provider's global rate limit (calls per second)."),
+    "baseline": ("outbox_latency_baseline_seconds", "The p99 latency baseline health compares "
+                 "with (OUTBOX_<NAME>_LATENCY_BASELINE_MS)."),
+    "check_up": ("outbox_check_up", "The last synthetic health check passed (1) or not (0)."),
+    "check_s": ("outbox_check_duration_seconds",
+                "How long the last synthetic health check took."),
+    "check_at": ("outbox_check_timestamp_seconds",
+                 "When the last synthetic health check ran (epoch)."),
+    "redis": ("outbox_protection_state_known",
+              "1 when the shared limiter/breaker state could be read from Redis."),
+}
+
+
 def _providers(report: dict, facts: Mapping[str, dict]) -> Iterable[Metric]:
-    fams = {
-        "oldest": GaugeMetricFamily("outbox_oldest_due_age_seconds",
-                                    "Age of the oldest message due and not yet delivered.",
-                                    labels=["provider"]),
-        "lag": GaugeMetricFamily("outbox_relay_lag_seconds",
-                                 "Age of the oldest due message not yet handed to the broker.",
-                                 labels=["provider"]),
-        "dead": GaugeMetricFamily("outbox_dead_letters", "Dead letters awaiting action.",
-                                  labels=["provider"]),
-        "dead_hour": GaugeMetricFamily("outbox_dead_letters_last_hour",
-                                       "Messages dead-lettered in the last hour.",
-                                       labels=["provider"]),
-        "level": GaugeMetricFamily("outbox_health_level",
-                                   "Health level: 0 ok, 1 warning, 2 critical.",
-                                   labels=["provider"]),
-        "breaker": GaugeMetricFamily("outbox_breaker_state",
-                                     "Circuit breaker: 0 closed, 1 half-open, 2 open.",
-                                     labels=["provider"]),
-        "pause": GaugeMetricFamily("outbox_pause_remaining_seconds",
-                                   "Time left of a pause ordered by the provider (429).",
-                                   labels=["provider"]),
-        "in_use": GaugeMetricFamily("outbox_concurrency_in_use",
-                                    "Calls in flight to the provider, across all workers.",
-                                    labels=["provider"]),
-        "quota_used": GaugeMetricFamily("outbox_quota_used", "Daily quota used.",
-                                        labels=["provider"]),
-        "quota_limit": GaugeMetricFamily("outbox_quota_limit", "Daily quota.",
-                                         labels=["provider"]),
-        "rate_limit": GaugeMetricFamily("outbox_rate_limit_per_second",
-                                        "The provider's global rate limit (calls per second).",
-                                        labels=["provider"]),
-        "baseline": GaugeMetricFamily("outbox_latency_baseline_seconds",
-                                      "The p99 latency baseline health compares with "
-                                      "(OUTBOX_<NAME>_LATENCY_BASELINE_MS).",
-                                      labels=["provider"]),
-        "check_up": GaugeMetricFamily("outbox_check_up",
-                                      "The last synthetic health check passed (1) or not (0).",
-                                      labels=["provider", "reason"]),
-        "check_s": GaugeMetricFamily("outbox_check_duration_seconds",
-                                     "How long the last synthetic health check took.",
-                                     labels=["provider"]),
-        "check_at": GaugeMetricFamily("outbox_check_timestamp_seconds",
-                                      "When the last synthetic health check ran (epoch).",
-                                      labels=["provider"]),
-        "redis": GaugeMetricFamily("outbox_protection_state_known",
-                                   "1 when the shared limiter/breaker state could be read "
-                                   "from Redis.", labels=["provider"]),
-    }
+    fams = {key: GaugeMetricFamily(name, text, labels=["provider", "reason"]
+                                   if key == "check_up" else ["provider"])
+            for key, (name, text) in PROVIDER_GAUGES.items()}
     for name, e in report["providers"].items():
         fams["oldest"].add_metric([name], e["oldest_due_age_s"])
         fams["lag"].add_metric([name], e["oldest_pending_due_age_s"])
