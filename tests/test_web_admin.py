@@ -377,6 +377,34 @@ def test_health_levels_follow_the_thresholds(web, sessions, facts):
 
 
 @app_only
+def test_health_follows_the_sandbox_fault_switches(sessions, facts, provider, sandbox):
+    """Warning (declined cards: 2 % errors, 2 dead letters), critical (a 503 outage:
+    11 % errors), ok again once the window has passed (the app's clock moved on)."""
+    clock = {"shift": timedelta(0)}
+    app = create_app(sessions, WebAuth.from_env(ENV), facts=lambda: facts,
+                     operations=schemas.operations(), clock=lambda: utcnow() + clock["shift"])
+    web = TestClient(app)
+
+    def level():
+        r = web.get("/health")
+        body = r.json()
+        assert r.status_code == (503 if body["level"] == "critical" else 200)
+        return body["level"], [f["check"] for f in body["providers"]["payments"]["findings"]]
+
+    for i in range(98):
+        assert deliver(sessions, provider, add(sessions, f"fine-{i}")).outcome == "delivered"
+    assert level() == ("ok", [])
+    make_dead(sessions, provider, sandbox, 2)              # the declines switch
+    assert level() == ("warning", ["error_rate", "dead_letters"])
+    requests.post(sandbox.url + "/_sandbox/faults", json={   # the outage switch
+        "fault": "error_before", "status": 503, "count": 10}, timeout=5).raise_for_status()
+    for i in range(10):
+        assert deliver(sessions, provider, add(sessions, f"outage-{i}")).outcome == "retry"
+    assert level() == ("critical", ["error_rate", "dead_letters"])
+    clock["shift"] = timedelta(hours=2)   # the faults switched off; the window passes
+    assert level() == ("ok", [])
+
+
 def test_a_slow_provider_trips_the_latency_check(web, sessions, facts, provider):
     facts["payments"]["latency_baseline_ms"] = 0.001   # any real call is far above it
     for i in range(10):

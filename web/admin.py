@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from outbox import clock, deadletters, dispatch, health, messages, status
-from outbox.clock import iso
+from outbox.clock import iso, utcnow
 from outbox.db import describe
 from outbox.errors import MessageNotFound, OutboxError
 from outbox.models import AuditEntry, Message
@@ -104,7 +104,8 @@ class NotLoggedIn(Exception):
 def create_app(sessions: sessionmaker[Session], auth: WebAuth, *,
                facts: Callable[[], Mapping[str, dict]],
                operations: Mapping[str, frozenset[str]],
-               flower_url: str = "http://127.0.0.1:5555") -> FastAPI:
+               flower_url: str = "http://127.0.0.1:5555",
+               clock: Callable[[], datetime] = utcnow) -> FastAPI:
     """The admin app on ``sessions``' database.
 
     Args:
@@ -113,6 +114,7 @@ def create_app(sessions: sessionmaker[Session], auth: WebAuth, *,
             (``integrations.registry.provider_facts``).
         operations: provider → its operations (``schemas.operations()``).
         flower_url: linked from the dashboard.
+        clock: the time health is computed at (naive UTC; tests move it on).
     """
     app = FastAPI(title="integration-outbox admin API", version="1",
                   description="Dead letters and messages, as the `outbox` CLI sees them. "
@@ -123,7 +125,7 @@ def create_app(sessions: sessionmaker[Session], auth: WebAuth, *,
                        session_cookie="outbox_session", same_site="strict",
                        https_only=False, max_age=12 * 3600)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
-    registry = prom.registry(prom.OutboxCollector(sessions, facts, operations))
+    registry = prom.registry(prom.OutboxCollector(sessions, facts, operations, clock))
 
     def db():
         with sessions() as session:
@@ -210,7 +212,7 @@ def create_app(sessions: sessionmaker[Session], auth: WebAuth, *,
 
     @app.get("/health", include_in_schema=False)
     def health_(session: DB):
-        data = health_view(status.report(session, facts=facts()))
+        data = health_view(status.report(session, now=clock(), facts=facts()))
         return JSONResponse(data, status_code=503 if data["level"] == health.CRITICAL else 200)
 
     @app.get("/metrics", include_in_schema=False)
@@ -248,7 +250,7 @@ def create_app(sessions: sessionmaker[Session], auth: WebAuth, *,
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard(request: Request, user: User, session: DB):
         live_facts = facts()
-        report = status.report(session, facts=live_facts)
+        report = status.report(session, now=clock(), facts=live_facts)
         return render(request, "dashboard.html", report=report, facts=live_facts,
                       count_text=status.count_text, protection_line=status.protection_line)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -23,6 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import health, status, totals
+from outbox.clock import utcnow
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
@@ -33,15 +35,17 @@ class OutboxCollector(Collector):
     """Collects on every scrape (``facts`` gives the providers' live state)."""
 
     def __init__(self, sessions: sessionmaker[Session], facts: Callable[[], Mapping[str, dict]],
-                 operations: Mapping[str, Iterable[str]]):
+                 operations: Mapping[str, Iterable[str]],
+                 clock: Callable[[], datetime] = utcnow):
         self._sessions = sessions
+        self._clock = clock
         self._facts = facts
         self._operations = operations
 
     def collect(self) -> Iterable[Metric]:
         facts = self._facts()
         with self._sessions() as session:
-            report = status.report(session, facts=facts)
+            report = status.report(session, now=self._clock(), facts=facts)
             counts = status.message_counts(session, self._operations)
         attempts = totals.read(self._sessions.kw["bind"])
         yield from _messages(counts)
