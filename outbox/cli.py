@@ -7,7 +7,8 @@
     outbox status [--json]
     outbox show ID [--json]
     outbox enqueue PROVIDER OPERATION --key K --payload JSON
-    outbox dead list [--provider P] [--error-class C] [--since T] [--limit N] [--json]
+    outbox dead list [--provider P] [--operation O] [--error-class C] [--since T]
+                     [--text ID|KEY|CORRELATION] [--limit N] [--json]
     outbox dead redrive (ID... | --all (--provider P | --any-provider) [filters])
                         --reason TEXT [--accept-duplicate-risk] [--dry-run]
     outbox dead discard ID... --reason TEXT
@@ -230,11 +231,12 @@ def cmd_enqueue(args, sessions):
 
 def _filters(args) -> deadletters.DeadFilter:
     return deadletters.DeadFilter(provider=args.provider, error_class=args.error_class,
-                                  since=args.since)
+                                  since=args.since, operation=args.operation, text=args.text)
 
 
 def _has_filters(args) -> bool:
-    return any((args.provider, args.error_class, args.since, args.any_provider))
+    return any((args.provider, args.error_class, args.since, args.operation, args.text,
+                args.any_provider))
 
 
 def cmd_dead_list(args, sessions):
@@ -391,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def filters(p):
         p.add_argument("--provider")
+        p.add_argument("--operation")
         p.add_argument("--error-class")
+        p.add_argument("--text", help="a message id, idempotency key or correlation id")
         p.add_argument("--since", type=_parse_since, help="30m, 2h, 7d or an ISO time")
         p.add_argument("--json", action="store_true")
 

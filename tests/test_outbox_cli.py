@@ -206,6 +206,18 @@ def test_dead_list_since(capsys, db):
     assert [r["id"] for r in run_json(capsys, "dead", "list", "--since", "3h")] == [old, new]
 
 
+def test_dead_list_by_key_id_or_operation(capsys, db):
+    """`--text` finds a dead letter by its idempotency key or id, exactly; `--operation`
+    narrows to one operation (the admin app's filters, on the CLI)."""
+    a, b = enqueue_charge(capsys, "order-17"), enqueue_charge(capsys, "order-170")
+    kill(db, a)
+    kill(db, b)
+    assert [r["id"] for r in run_json(capsys, "dead", "list", "--text", "order-17")] == [a]
+    assert [r["id"] for r in run_json(capsys, "dead", "list", "--text", b)] == [b]
+    assert len(run_json(capsys, "dead", "list", "--operation", "charge")) == 2
+    assert run_json(capsys, "dead", "list", "--operation", "refund") == []
+
+
 def test_bad_since_is_a_usage_error(capsys, db):
     """An unparseable --since exits 2 with an example of what is accepted, on one line."""
     code, _, err = run(capsys, "dead", "list", "--since", "yesterday")
