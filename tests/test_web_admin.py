@@ -33,7 +33,8 @@ app_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 CANARY_KEY = "sk_test_CANARYa1b2c3d4e5"
 CANARY_CUSTOMER = "cus_CANARY7f3a9"
 CANARY_EMAIL = "canary.7f3a9@example.com"
-API_ROUTES = [("get", "/api/messages/01ABC"), ("get", "/api/dead-letters"),
+API_ROUTES = [("get", "/api/openapi.json"), ("get", "/api/messages/01ABC"),
+              ("get", "/api/dead-letters"),
               ("post", "/api/dead-letters/redrive"), ("post", "/api/dead-letters/discard")]
 
 

@@ -12,6 +12,7 @@ import base64
 
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
 import schemas
@@ -32,7 +33,8 @@ def api_schema(sessions, publisher):
     facts = {"payments": {"protection": {"breaker": {"state": "closed"}}}}
     app = create_app(sessions, WebAuth.from_env({"OUTBOX_WEB_AUTH": "admin:correct-horse-battery"}),
                      facts=lambda: facts, operations=schemas.operations())
-    return schemathesis.openapi.from_asgi("/api/openapi.json", app)
+    assert TestClient(app).get("/api/openapi.json").status_code == 401
+    return schemathesis.openapi.from_asgi("/api/openapi.json", app, headers=AUTH)
 
 
 @pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE,

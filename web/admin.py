@@ -120,7 +120,7 @@ def create_app(sessions: sessionmaker[Session], auth: WebAuth, *,
                   description="Dead letters and messages, as the `outbox` CLI sees them. "
                               "Authenticate with HTTP Basic (OUTBOX_WEB_AUTH) or "
                               "`Authorization: Bearer` (OUTBOX_WEB_TOKEN).",
-                  docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(SessionMiddleware, secret_key=auth.secret_key,
                        session_cookie="outbox_session", same_site="strict",
                        https_only=False, max_age=12 * 3600)
@@ -327,6 +327,11 @@ def create_app(sessions: sessionmaker[Session], auth: WebAuth, *,
                       pages=max(1, math.ceil(total / PAGE_SIZE)))
 
     # ---- JSON API (the CLI's operations) -------------------------------------------------
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    def openapi_document(actor: API) -> dict[str, Any]:
+        """The API's OpenAPI document (authenticated, like every /api route)."""
+        return app.openapi()
 
     @app.get("/api/messages/{message_id}", tags=["messages"])
     def api_message(actor: API, session: DB, message_id: Annotated[str, Path(max_length=64)]
