@@ -12,8 +12,8 @@ queue is a durable quorum queue and every publish waits for the broker's confirm
 
 from kombu import Exchange, Queue
 
-import schemas
 from outbox import broker_url as _broker
+from outbox import config as _config
 
 broker_url = _broker.broker_url()
 _KIND = _broker.broker_kind(broker_url)   # "redis" or "amqp"
@@ -67,7 +67,7 @@ task_track_started = True
 _QUEUE_ARGUMENTS = {"x-queue-type": "quorum"} if _KIND == _broker.AMQP else None
 task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True,
                      queue_arguments=_QUEUE_ARGUMENTS)
-               for name in [*sorted(schemas.operations()), "dead_letter"]]
+               for name in [*_config.queues(), "dead_letter"]]
 task_create_missing_queues = False
 task_default_queue = "dead_letter"
 task_default_exchange = "dead_letter"

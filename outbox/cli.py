@@ -14,6 +14,9 @@
     outbox dead discard ID... --reason TEXT
     outbox sandbox [--host H] [--port N]
     outbox web [--host H] [--port N]
+    outbox inbound [--host H] [--port N]
+    outbox inbound list [--provider P] [--status S] [--limit N] [--json]
+    outbox inbound show ID [--json]
 
 Exit status: 0 done (``status``: ok), 1 some messages could not be acted on (``status``:
 warning), 2 bad input, configuration, database not ready (``status``: critical). Errors
@@ -36,6 +39,7 @@ import traceback
 from datetime import datetime, timedelta
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import select
 
 import schemas
 from integrations.errors import ConfigurationError
@@ -341,6 +345,47 @@ def cmd_web(args, sessions):
                 server_header=False)
 
 
+def cmd_inbound(args, sessions):
+    """Serve the webhook receiver, or list/show inbound events."""
+    if args.inbound_command == "list":
+        return _inbound_list(args, sessions)
+    if args.inbound_command == "show":
+        return cmd_show(args, sessions)
+    import uvicorn
+
+    from web.inbound import create_receiver, max_body, sources_from_env
+
+    sources = sources_from_env()
+    if not sources:
+        log.warning("no provider has a webhook secret (OUTBOX_<NAME>_WEBHOOK_SECRET): every "
+                    "webhook will get 404")
+    app = create_receiver(sessions, sources, body_cap=max_body())
+    log.info("webhook receiver on http://%s:%d for %s", args.host, args.port,
+             ", ".join(sources) or "no provider")
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                server_header=False)
+
+
+def _inbound_list(args, sessions):
+    from .inbound import INBOUND, status_of
+
+    with sessions() as session:
+        query = select(Message).where(Message.provider == INBOUND)
+        if args.provider:
+            query = query.where(Message.operation.startswith(f"{args.provider}."))
+        rows = [m for m in session.scalars(query.order_by(Message.created_at.desc(),
+                                                          Message.id).limit(args.limit))
+                if not args.status or status_of(m) == args.status]
+    data = [messages.as_dict(m) | {"event_status": status_of(m),
+                                   "event_id": m.payload.get("event_id"),
+                                   "type": m.payload.get("type"),
+                                   "source": m.payload.get("source")} for m in rows]
+    lines = [f"{iso(m.created_at)}  {d['source']} {d['type']}  {d['event_id']}  "
+             f"{d['event_status']}  {m.id}" for m, d in zip(rows, data, strict=True)]
+    lines.append(f"{len(rows)} event(s)")
+    _emit(args, data, lines)
+
+
 def _safe_url(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
@@ -430,6 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=os.environ.get("SANDBOX_PORT", "8100"),
                    help="0 picks a free one")
     p.set_defaults(func=cmd_sandbox, opens_database=False)
+    p = sub.add_parser("inbound", help="the webhook receiver (POST /webhooks/{provider}); "
+                                       "or list/show inbound events")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=os.environ.get("OUTBOX_INBOUND_PORT", "8200"))
+    p.set_defaults(func=cmd_inbound, inbound_command=None)
+    events = p.add_subparsers(dest="inbound_command")
+    q = events.add_parser("list", help="inbound events, newest first")
+    q.add_argument("--provider")
+    q.add_argument("--status", choices=["pending", "queued", "in_flight", "processed",
+                                        "ignored", "dead", "discarded"])
+    q.add_argument("--limit", type=_positive_int, default=100)
+    q.add_argument("--json", action="store_true")
+    q = events.add_parser("show", help="one event: its processing timeline and audit")
+    q.add_argument("id")
+    q.add_argument("--json", action="store_true")
+
     p = sub.add_parser("web", help="the admin app: dashboard, dead letters, API, /metrics, "
                                    "/health (needs OUTBOX_WEB_AUTH)")
     p.add_argument("--host", default="127.0.0.1")

@@ -43,6 +43,19 @@ def env_int(name: str, default: int, environ: Mapping[str, str] | None = None) -
     return _read(get_int, name, default, environ)
 
 
+# The pseudo-provider of inbound events (``outbox.inbound``): its queue, rate limit, retry
+# policy and dead letters are configured like a provider's (``OUTBOX_INBOUND_…``).
+INBOUND = "inbound"
+
+
+def queues() -> list[str]:
+    """Every queue the relay serves: one per provider with operation schemas, and the
+    inbound events'."""
+    import schemas
+
+    return [*sorted(schemas.operations()), INBOUND]
+
+
 def default_database_url(environ: Mapping[str, str] | None = None) -> str:
     """The embedded default: a SQLite file in the user's data folder,
     ``$XDG_DATA_HOME/integration-outbox/outbox.db`` (``~/.local/share/…`` when unset), so

@@ -16,10 +16,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.orm import Session
 
-import schemas
 from integrations.errors import ConfigurationError
 
-from . import ordering, totals
+from . import config, ordering, totals
 from .clock import utcnow
 from .config import RelaySettings, current_retry_policy
 from .dispatch import Dispatcher, MessageRef
@@ -57,11 +56,11 @@ def take_due(session: Session, settings: RelaySettings, *,
 
     Args:
         depth: provider → messages waiting in its broker queue, or None.
-        providers: the providers to serve (default: every provider with schemas).
+        providers: the providers to serve (default: every queue, ``config.queues()``).
     """
     now = utcnow()
     refs: list[MessageRef] = []
-    for provider in providers if providers is not None else sorted(schemas.operations()):
+    for provider in providers if providers is not None else config.queues():
         waiting = depth(provider)            # before counting rows: see _lost
         queued, settled = session.execute(
             select(func.count(), func.count().filter(
@@ -149,7 +148,7 @@ def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
     # The broker's queue depths first, outside any transaction: on SQLite a transaction
     # holds the database's write lock, which the workers' claims wait for, and should not
     # wait on broker round trips. (Read before the rows are counted, as take_due needs.)
-    depths = {provider: dispatcher.depth(provider) for provider in sorted(schemas.operations())}
+    depths = {provider: dispatcher.depth(provider) for provider in config.queues()}
     with Session(engine) as session:
         if sweep_parked:
             now = utcnow()

@@ -22,8 +22,9 @@ from datetime import datetime, timedelta
 from celery.exceptions import Retry
 from sqlalchemy.orm import Session, sessionmaker
 
+from integrations.errors import Deferred
 from integrations.registry import get_provider, supports_idempotency
-from outbox import config, decisions, dispatch, logs
+from outbox import config, decisions, dispatch, inbound, logs
 from outbox.clock import iso, utcnow
 from outbox.decisions import Decision, Failure
 from outbox.leases import LeaseKeeper
@@ -112,11 +113,42 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session] | None =
     with (logs.bound(provider=claim.provider, message_id=claim.id,
                      attempt=claim.attempts + 1, correlation_id=claim.correlation_id),
           keeper.hold(claim) if keeper is not None else nullcontext()):
-        result = _attempt(writer, claim, provider_for, idempotent, worker, clock, rng)
+        if claim.provider == inbound.INBOUND:
+            if sessions is None:
+                raise TypeError("an inbound event needs sessions: its handler runs in a "
+                                "transaction of its own")
+            result = _process_inbound(sessions, claim, worker, clock, rng)
+        else:
+            result = _attempt(writer, claim, provider_for, idempotent, worker, clock, rng)
         _log(result)
         if result.outcome is AttemptOutcome.DEAD and on_dead is not None:
             on_dead(claim.id, f"{claim.label} {result.summary}")
         return result
+
+
+def _process_inbound(sessions, claim: Claim, worker, clock, rng) -> Result:
+    """An inbound event: its handler and the processed mark in one transaction
+    (``outbox.inbound``), behind the inbound rate limit."""
+    try:
+        permit = runtime.inbound_protection().admit(claim.operation)
+    except Deferred as exc:
+        failure = decisions.failure_from(exc)
+        decision = decisions.decide(failure, attempts=claim.attempts,
+                                    rate_limited=claim.rate_limited_count,
+                                    budget_started_at=claim.budget_started_at,
+                                    policy=config.current_retry_policy(claim.provider),
+                                    idempotent=True, now=clock(), rng=rng)
+        return _record(Direct(sessions), claim, failure, decision, worker, clock)
+    error = None
+    try:
+        done = inbound.process(sessions, claim, worker=worker, clock=clock, rng=rng)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        permit.release(error)
+    summary = done.summary + ("" if done.outcome is not None else f"; {LEASE_LOST}")
+    return Result(done.outcome, claim.label, summary, done.next_attempt_at)
 
 
 def _attempt(writer: Writer, claim: Claim, provider_for, idempotent, worker, clock,
@@ -179,7 +211,8 @@ def _log(result: Result) -> None:
 @app.task(name="outbox.deliver", bind=True, throws=(DeadLettered,))
 def deliver(self, message_id: str) -> str:
     """Deliver outbox row ``message_id``; the state Flower shows is the delivery's outcome."""
-    result = deliver_message(message_id, writer=runtime.writer(), lease=runtime.lease(),
+    result = deliver_message(message_id, writer=runtime.writer(), sessions=runtime.sessions(),
+                             lease=runtime.lease(),
                              keeper=runtime.lease_keeper(), worker=runtime.worker_name(),
                              on_dead=dispatch.dispatcher().announce_dead_letter)
     if result.outcome in (AttemptOutcome.RETRY, AttemptOutcome.DEFERRED):

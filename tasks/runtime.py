@@ -14,7 +14,8 @@ from functools import cache
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from outbox.config import RelaySettings
+from integrations.protection import Protection, ProtectionSettings, store
+from outbox.config import INBOUND, RelaySettings
 from outbox.db import make_engine, make_sessionmaker
 from outbox.leases import LeaseKeeper
 from outbox.writer import GroupWriter
@@ -51,6 +52,14 @@ def writer() -> GroupWriter:
     return GroupWriter(sessions())
 
 
+@cache
+def inbound_protection() -> Protection:
+    """The inbound events' own rate limit, concurrency cap and breaker, shared through Redis
+    like a provider's (``OUTBOX_INBOUND_RATE_LIMIT`` and the rest)."""
+    settings = ProtectionSettings.from_env(INBOUND)
+    return Protection(settings, store.shared_redis(), lease_s=settings.max_wait_s + 60)
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -59,7 +68,7 @@ def reset() -> None:
     """Forget cached resources (tests that change the environment)."""
     if engine.cache_info().currsize:
         engine().dispose()
-    for fn in (engine, sessions, settings, lease_keeper, writer):
+    for fn in (engine, sessions, settings, lease_keeper, writer, inbound_protection):
         fn.cache_clear()
 
 

@@ -23,10 +23,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from integrations.errors import ConfigurationError
+from integrations.protection import ProtectionSettings
 from integrations.registry import check_provider, known_providers
-from outbox.config import RelaySettings, retry_policy
+from outbox.config import INBOUND, RelaySettings, retry_policy
 from outbox.db import check_migrated
 from outbox.errors import DatabaseNotReady
+from outbox.inbound import load_handlers
 
 from . import runtime
 
@@ -67,6 +69,21 @@ def check_worker(queues: Iterable[str]) -> Findings:
             found.warnings += check.warnings
             if check.credential_error:
                 found.problems.append(f"{name} credential: {check.credential_error}")
+    if INBOUND in consumed:
+        try:
+            names = load_handlers()
+        except Exception as exc:  # noqa: BLE001  (user code: any import failure)
+            found.problems.append(f"OUTBOX_HANDLERS: cannot import the handlers "
+                                  f"({type(exc).__name__}: {exc})")
+        else:
+            if not names:
+                found.warnings.append("no inbound handlers (OUTBOX_HANDLERS is unset and no "
+                                      "outbox.handlers entry point): every event is ignored")
+        try:
+            ProtectionSettings.from_env(INBOUND)
+            retry_policy(INBOUND)
+        except ConfigurationError as exc:
+            found.problems.append(str(exc))
     try:
         check_migrated(runtime.engine())
     except (ConfigurationError, DatabaseNotReady) as exc:
