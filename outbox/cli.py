@@ -15,6 +15,7 @@
     outbox sandbox [--host H] [--port N]
     outbox web [--host H] [--port N]
     outbox inbound [--host H] [--port N]
+    outbox poll [--once]
     outbox inbound list [--provider P] [--status S] [--limit N] [--json]
     outbox inbound show ID [--json]
 
@@ -345,6 +346,28 @@ def cmd_web(args, sessions):
                 server_header=False)
 
 
+def cmd_poll(args, sessions):
+    """Poll the providers' event lists forever (``outbox.polling``)."""
+    from integrations.protection import store
+    from integrations.registry import get_provider, known_providers
+
+    from .polling import Poller
+
+    poller = Poller(sessions, {n: get_provider(n) for n in known_providers()},
+                    store.shared_redis())
+    if not poller.sources:
+        raise OutboxError("no provider to poll (every one is OUTBOX_<NAME>_POLL=off, or has "
+                          "no events list)")
+    if args.once:
+        print(json.dumps(poller.run_due()))
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("polling %s", ", ".join(poller.sources))
+    poller.run(stop)
+
+
 def cmd_inbound(args, sessions):
     """Serve the webhook receiver, or list/show inbound events."""
     if args.inbound_command == "list":
@@ -475,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=os.environ.get("SANDBOX_PORT", "8100"),
                    help="0 picks a free one")
     p.set_defaults(func=cmd_sandbox, opens_database=False)
+    p = sub.add_parser("poll", help="poll the providers' event lists (missed webhooks)")
+    p.add_argument("--once", action="store_true", help="one cycle of every due provider")
+    p.set_defaults(func=cmd_poll)
+
     p = sub.add_parser("inbound", help="the webhook receiver (POST /webhooks/{provider}); "
                                        "or list/show inbound events")
     p.add_argument("--host", default="127.0.0.1")

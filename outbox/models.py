@@ -186,3 +186,16 @@ class Rollup(Base):
     candidate_id: Mapped[int] = mapped_column(BigInteger)
     candidate_at: Mapped[datetime] = mapped_column(DateTime)
 
+
+
+class PollCursor(Base):
+    """Where a provider's poller is (``outbox.polling``): the last event stored, and when to
+    poll next (the interval grows while nothing changes)."""
+
+    __tablename__ = "outbox_poll_cursors"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cursor: Mapped[str | None] = mapped_column(String(255))
+    interval_s: Mapped[float] = mapped_column(Float)
+    next_poll_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)

@@ -100,6 +100,17 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
             return _bad(f"no fault {rule_id}", 404)
         return 200, {"deleted": rule_id}
 
+    if route == "webhooks":
+        if method == "POST":
+            if not isinstance(data, dict):
+                return _bad("body must be a JSON object")
+            problem = state.webhooks.configure(data)
+            if problem:
+                return _bad(problem)
+        elif method != "GET":
+            return _bad("method not allowed", 405)
+        return 200, state.webhooks.describe()
+
     if route == "config":
         if method == "POST":
             if not isinstance(data, dict):

@@ -13,6 +13,7 @@ import re
 import secrets
 import socket
 import sys
+import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -140,6 +141,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         path, _, query = self.path.partition("?")
+        self._query = query
         self._flavor = EMAIL if path.startswith(mail.PREFIX) else PAYMENTS
         try:
             if path.startswith(PREFIX):
@@ -363,6 +365,11 @@ class SandboxHandler(BaseHTTPRequestHandler):
             if self.command != "GET":
                 return _method_not_allowed(), None
             return payments.balance(self.state), None
+        if path == "/v1/events":    # what a poller pages through
+            if self.command != "GET":
+                return _method_not_allowed(), None
+            query = dict(urllib.parse.parse_qsl(getattr(self, "_query", "")))
+            return Result(*self.state.webhooks.list_events(query)), None
         if path in _POSTS:
             if self.command != "POST":
                 return _method_not_allowed(), None

@@ -233,4 +233,9 @@ def send(state: SandboxState, document: dict, key: str) -> Result:
         state.emails[message_id] = {"key": key, "to": recipients,
                                     "subject": document.get("subject"), "t": time.time()}
         state.record_effect(key)
+    bounced = any("bounce" in r for r in recipients)
+    # Event data names the message and the outbox key, never the addresses.
+    state.webhooks.emit("email", "email.bounce" if bounced else "email.delivered",
+                        {"sg_message_id": message_id, "outbox_key": key,
+                         "recipients": len(recipients)})
     return Result(202, None, effect=True, headers={"X-Message-Id": message_id})

@@ -149,9 +149,18 @@ def create_payment_intent(state: SandboxState, params: dict, key: str) -> Result
             continue
         # Deviation from Stripe, which keeps a decline for the key for 24 h: the sandbox does
         # not store it, so re-driving after the card data is fixed (above) goes through.
+        failed = {"id": new_id("pi"), "object": "payment_intent", "amount": amount,
+                  "currency": currency, "status": "requires_payment_method",
+                  "customer": params.get("customer"), "metadata": params.get("metadata") or {},
+                  "last_payment_error": {"code": code, "decline_code": decline_code},
+                  "created": int(time.time()), "livemode": False}
+        with state.lock:
+            state.payment_intents[failed["id"]] = {**failed, "amount_refunded": 0}
+        state.webhooks.emit("payments", "payment_intent.payment_failed", failed)
         return Result(402, {"error": {
             "type": "card_error", "code": code, "decline_code": decline_code,
             "message": message, "param": "" if param == "customer" else param,
+            "payment_intent": {"id": failed["id"], "status": failed["status"]},
         }}, store=False)
     pi = {
         "id": new_id("pi"),
@@ -170,6 +179,7 @@ def create_payment_intent(state: SandboxState, params: dict, key: str) -> Result
     with state.lock:
         state.payment_intents[pi["id"]] = {**pi, "amount_refunded": 0}
         state.record_effect(key)
+    state.webhooks.emit("payments", "payment_intent.succeeded", pi)
     return Result(200, pi, effect=True)
 
 
@@ -221,6 +231,11 @@ def create_refund(state: SandboxState, params: dict, key: str) -> Result:
         pi["amount_refunded"] += amount
         state.refunds[refund["id"]] = refund
         state.record_effect(key)
+        charge = {"id": "ch_" + pi_id[3:], "object": "charge", "payment_intent": pi_id,
+                  "amount": pi["amount"], "amount_refunded": pi["amount_refunded"],
+                  "refunded": pi["amount_refunded"] >= pi["amount"],
+                  "currency": pi["currency"], "metadata": pi.get("metadata") or {}}
+    state.webhooks.emit("payments", "charge.refunded", charge)
     return Result(200, refund, effect=True)
 
 

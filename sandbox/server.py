@@ -153,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"sandbox: {exc}", file=sys.stderr)
         return 2
+    # Webhooks to the outbox's receiver (make run): SANDBOX_<FLAVOR>_WEBHOOK_URL and the
+    # secret the receiver checks (OUTBOX_<NAME>_WEBHOOK_SECRET, its first one).
+    targets = {}
+    for flavor in ("payments", "email"):
+        url = os.environ.get(f"SANDBOX_{flavor.upper()}_WEBHOOK_URL")
+        secret = (os.environ.get(f"OUTBOX_{flavor.upper()}_WEBHOOK_SECRET") or "").split(",")[0]
+        if url and secret:
+            targets[flavor] = {"url": url, "secret": secret.strip()}
+    if targets:
+        srv.state.webhooks.configure(targets)
     stop = threading.Event()
 
     def _on_signal(signum, frame) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox.faults import FaultTable
+from sandbox.webhooks import WebhookSender
 
 LOG_CAP = 100_000
 DEFAULT_DECLINED_CUSTOMERS = ("cus_declined", "cus_insufficient")
@@ -72,6 +73,7 @@ class SandboxState:
         self.faults = FaultTable()
         # Set when the server stops, so sleeping and hanging requests end early.
         self.stopping = threading.Event()
+        self.webhooks = WebhookSender(self.stopping)
         self._in_flight = 0
         self._generation = 0
         self._clear()
@@ -102,6 +104,7 @@ class SandboxState:
             self.rate_limit = None
             self.declined_customers = set(DEFAULT_DECLINED_CUSTOMERS)
             self.faults.clear()
+            self.webhooks.reset()
             self._clear()
 
     def configure(self, api_key: str | None = None, idempotency: bool | None = None,

@@ -184,6 +184,7 @@ def test_fuzzed_requests_never_error_and_never_store(receiver, sessions, body, h
     assert events(sessions) == []
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)   # the concurrent database
 def test_a_thousand_concurrent_deliveries_of_one_event_store_it_once(sessions, publisher):
     """A real server (uvicorn, threads of requests): every answer is 200, one row."""
     import uvicorn
