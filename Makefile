@@ -15,6 +15,14 @@ export SANDBOX_PAYMENTS_API_KEY ?= $(OUTBOX_PAYMENTS_API_KEY)
 export OUTBOX_EMAIL_BASE_URL ?= http://127.0.0.1:$(SANDBOX_PORT)
 export OUTBOX_EMAIL_API_KEY ?= $(OUTBOX_PAYMENTS_API_KEY)
 export OUTBOX_EMAIL_FROM ?= Demo Shop <shop@example.com>
+# Inbound: the sandbox signs its webhooks with these demo secrets and sends them to the
+# receiver (`outbox inbound`, port 8200); the inbound worker runs the shop's handlers.
+export OUTBOX_INBOUND_PORT ?= 8200
+export OUTBOX_PAYMENTS_WEBHOOK_SECRET ?= whsec_demo_payments_0123456789abcdef
+export OUTBOX_EMAIL_WEBHOOK_SECRET ?= whsec_ZGVtby1lbWFpbC13ZWJob29rLXNlY3JldC0wMQ==
+export SANDBOX_PAYMENTS_WEBHOOK_URL ?= http://127.0.0.1:$(OUTBOX_INBOUND_PORT)/webhooks/payments
+export SANDBOX_EMAIL_WEBHOOK_URL ?= http://127.0.0.1:$(OUTBOX_INBOUND_PORT)/webhooks/email
+export OUTBOX_HANDLERS ?= examples.handlers
 
 .PHONY: install system-packages migrate redis rabbitmq run test bench bench-smoke chaos chaos-smoke soak lint clean
 
@@ -41,7 +49,7 @@ run: migrate redis
 	@creds="$$(scripts/credentials.sh FLOWER_BASIC_AUTH flower)"; web="$$(scripts/credentials.sh OUTBOX_WEB_AUTH web)"; \
 	echo "Admin:   http://127.0.0.1:8300  (login $${web%%:*} / $${web#*:}; set OUTBOX_WEB_AUTH to choose)"; \
 	echo "Flower:  http://127.0.0.1:5555  (login $${creds%%:*} / $${creds#*:}; set FLOWER_BASIC_AUTH to choose)"; \
-	echo "Shop:    POST http://127.0.0.1:8000/orders    Sandbox: $(OUTBOX_PAYMENTS_BASE_URL)/_sandbox/stats"; \
+	echo "Shop:    POST http://127.0.0.1:8000/orders, GET /orders/REF (paid once the webhook came)    Sandbox: $(OUTBOX_PAYMENTS_BASE_URL)/_sandbox/stats"; \
 	echo "Status:  $(BIN)/outbox status   (or: source $(BIN)/activate; outbox status)"; \
 	FLOWER_BASIC_AUTH="$$creds" OUTBOX_WEB_AUTH="$$web" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 

@@ -105,6 +105,25 @@ class Order(ShopBase):
     created_at = mapped_column(DateTime, server_default=func.now())
 
 
+class OrderPayment(ShopBase):
+    """Whether an order is paid, as the payment provider said: set by the inbound handlers
+    (``examples/handlers.py``) when ``payment_intent.succeeded`` or ``payment_failed``
+    arrives, by webhook or by poll. An order without a row is still waiting."""
+
+    __tablename__ = "shop_order_payments"
+
+    reference: Mapped[str] = mapped_column(String(100), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))        # paid, failed
+    payment_intent: Mapped[str | None] = mapped_column(String(255))
+    updated_at = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
+
+
+def payment_status(session: Session, reference: str) -> str:
+    """``paid``, ``failed`` or ``awaiting payment``."""
+    row = session.get(OrderPayment, reference)
+    return row.status if row is not None else "awaiting payment"
+
+
 class OrderConflict(Exception):
     """The reference already belongs to an order with a different amount, currency or customer."""
 
@@ -265,6 +284,17 @@ def make_app(sessions: sessionmaker[Session]) -> FastAPI:
         return OrderResponse(order_id=placed.id, reference=placed.reference,
                              amount=placed.amount, currency=placed.currency,
                              customer=placed.customer, charge_message_id=placed.charge_message_id)
+
+    @app.get("/orders/{reference}")
+    def get_order(reference: str) -> dict:
+        """An order and its payment status (``paid`` once the provider's webhook, or a
+        poll, said so)."""
+        with sessions() as session:
+            order = session.scalar(select(Order).where(Order.reference == reference[:100]))
+            if order is None:
+                raise HTTPException(404, "no such order")
+            return {"order_id": order.id, "reference": order.reference, "amount": order.amount,
+                    "currency": order.currency, "payment": payment_status(session, reference)}
 
     return app
 

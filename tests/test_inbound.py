@@ -321,3 +321,36 @@ def test_duplicate_events_count(sessions):
                           body="{}", headers={})
         s.commit()
         assert s.scalar(select(func.count()).select_from(Message)) == 1
+
+
+def test_the_shop_marks_an_order_paid_or_failed_from_its_events(sessions, engine):
+    """The demo's handlers (``examples/handlers.py``): succeeded → paid; a decline → failed,
+    and a later success (the card fixed, the charge re-driven) wins, in either order."""
+    import importlib
+
+    from examples import handlers
+    from examples.shop import ShopBase, payment_status
+
+    importlib.reload(handlers)   # registers the shop's handlers (again, after a clear)
+
+    ShopBase.metadata.create_all(engine)
+    try:
+        def arrive(event_id, event_type, order):
+            with sessions() as s:
+                body = json.dumps({"id": event_id, "type": event_type, "data": {"object": {
+                    "id": f"pi_{event_id}", "metadata": {"order": order}}}})
+                message_id, _ = inbound.store(s, source="payments", event_id=event_id,
+                                              event_type=event_type, body=body, headers={})
+                s.commit()
+            assert process(sessions, message_id).outcome == "delivered"
+
+        arrive("e1", "payment_intent.succeeded", "A-1")
+        arrive("e2", "payment_intent.payment_failed", "A-2")
+        arrive("e3", "payment_intent.succeeded", "A-2")        # re-driven after the decline
+        arrive("e4", "payment_intent.succeeded", "A-3")
+        arrive("e5", "payment_intent.payment_failed", "A-3")   # the decline arrives late
+        with sessions() as s:
+            assert [payment_status(s, r) for r in ("A-1", "A-2", "A-3", "A-4")] == [
+                "paid", "paid", "paid", "awaiting payment"]
+    finally:
+        inbound._handlers.clear()
