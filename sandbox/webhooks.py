@@ -43,6 +43,7 @@ class WebhookSender:
         self.events: list[dict] = []          # payments events, oldest first (GET /v1/events)
         self.sent = 0
         self.failed = 0
+        self.retry_base_s = 0.2   # the first retry's wait; doubled each time
         self._seq = itertools.count(1)
         self._queue: queue.Queue = queue.Queue()
         self._held: list[tuple[str, dict, str]] = []
@@ -217,7 +218,7 @@ class WebhookSender:
                     return
             except requests.RequestException:
                 pass
-            if self._stopping.wait(0.2 * 2 ** attempt):
+            if self._stopping.wait(self.retry_base_s * 2 ** attempt):
                 return
         with self.lock:
             self.failed += 1
