@@ -156,6 +156,11 @@ def cmd_db_prune(args, sessions):
 def cmd_relay(args, sessions):
     from integrations.registry import supports_idempotency
 
+    def idempotent(provider: str) -> bool:
+        # An inbound event's handler commits with its processed mark: running it again
+        # after a lost worker cannot act twice.
+        return provider == config.INBOUND or supports_idempotency(provider)
+
     engine = sessions.kw["bind"]   # the sessionmaker's engine
     settings = config.RelaySettings.from_env()
     from .retention import PruneSchedule  # its settings are checked at start too
@@ -167,7 +172,7 @@ def cmd_relay(args, sessions):
     if disp.publisher is None:
         raise OutboxError("no publisher is installed (is the package installed with `pip install -e .`?)")
     if args.once:
-        print(f"published {relay.run_once(engine, disp, settings, idempotent=supports_idempotency)}")
+        print(f"published {relay.run_once(engine, disp, settings, idempotent=idempotent)}")
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -175,7 +180,7 @@ def cmd_relay(args, sessions):
     _start_health_checks(stop)
     _start_alerts(sessions, stop)
     log.info("relay started on %s", _safe_url(config.database_url()))
-    relay.run(engine, disp, settings, idempotent=supports_idempotency, stop=stop,
+    relay.run(engine, disp, settings, idempotent=idempotent, stop=stop,
               prune=schedule)
 
 
