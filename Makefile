@@ -67,6 +67,7 @@ bench-smoke: install redis
 	$(BIN)/python -m bench backlog --smoke
 	$(BIN)/python -m bench scaleout --smoke
 	$(BIN)/python -m bench web --smoke
+	$(BIN)/python -m bench inbound --smoke
 
 bench: install redis
 	$(BIN)/python -m bench
@@ -74,6 +75,7 @@ bench: install redis
 	$(BIN)/python -m bench backlog
 	$(BIN)/python -m bench scaleout
 	$(BIN)/python -m bench web
+	$(BIN)/python -m bench inbound
 
 # Fault scenarios against the real stack (PostgreSQL on 127.0.0.1:5432, a private redis-server),
 # one line of figures each; exit 1 if a must-show fails. Full sizes take 20-30 min;

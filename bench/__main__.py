@@ -6,8 +6,8 @@ rate-limit benchmark (``bench.ratelimit``) and the payload-validation benchmark
 read ``REDIS_URL`` once, at import, and the first benchmark has imported them on its own
 Redis DB. ``--quick`` and ``--smoke`` (tiny counts: proves they still run; ``make test``
 runs it) are passed on.
-``python -m bench ratelimit|validation|scale|backlog|scaleout|web [options]`` runs only
-that benchmark (``scale``, ``backlog``, ``scaleout`` and ``web``, on PostgreSQL, are run by
+``python -m bench ratelimit|validation|scale|backlog|scaleout|web|inbound [options]`` runs
+only that benchmark (``scale``, ``backlog``, ``scaleout`` and ``web``, on PostgreSQL, are run by
 ``make bench`` after the others).
 """
 
@@ -31,6 +31,10 @@ if argv[:1] == ["scale"]:
     from bench.scale import main as scale
 
     raise SystemExit(scale(argv[1:]))
+if argv[:1] == ["inbound"]:
+    from bench.inbound import main as inbound
+
+    raise SystemExit(inbound(argv[1:]))
 if argv[:1] == ["web"]:
     from bench.web import main as web
 

@@ -207,11 +207,12 @@ class Stack:
         raise BenchError(f"sandbox did not start: {line.decode(errors='replace')}")
 
     def spawn_worker(self, name: str, *, app: str = "tasks", node: str | None = None,
-                     options: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
-        """Start one Celery worker of ``app``, ``-P threads -c N`` on the payments queue, as
-        node ``node`` (default ``<name>@%h``), without waiting for it (see ``wait_ready``)."""
+                     options: tuple[str, ...] = (), queue: str = QUEUE,
+                     **env: str) -> subprocess.Popen:
+        """Start one Celery worker of ``app``, ``-P threads -c N`` on ``queue`` (payments),
+        as node ``node`` (default ``<name>@%h``), without waiting for it (see ``wait_ready``)."""
         return self._start(name, [
-            str(BIN / "celery"), "-A", app, "worker", "-Q", QUEUE, "-n", node or f"{name}@%h",
+            str(BIN / "celery"), "-A", app, "worker", "-Q", queue, "-n", node or f"{name}@%h",
             "-P", "threads", "-c", str(self.concurrency), "--loglevel", "INFO",
             "--without-mingle", "--without-gossip", *options], **env)
 

@@ -14,7 +14,7 @@
     outbox dead discard ID... --reason TEXT
     outbox sandbox [--host H] [--port N]
     outbox web [--host H] [--port N]
-    outbox inbound [--host H] [--port N]
+    outbox inbound [--host H] [--port N] [--workers N]
     outbox poll [--once]
     outbox inbound list [--provider P] [--status S] [--limit N] [--json]
     outbox inbound show ID [--json]
@@ -381,17 +381,17 @@ def cmd_inbound(args, sessions):
         return cmd_show(args, sessions)
     import uvicorn
 
-    from web.inbound import create_receiver, max_body, sources_from_env
+    from web.inbound import max_body, sources_from_env
 
-    sources = sources_from_env()
+    sources = sources_from_env()   # checked here, so a bad setting is one line, exit 2
+    max_body()
     if not sources:
         log.warning("no provider has a webhook secret (OUTBOX_<NAME>_WEBHOOK_SECRET): every "
                     "webhook will get 404")
-    app = create_receiver(sessions, sources, body_cap=max_body())
-    log.info("webhook receiver on http://%s:%d for %s", args.host, args.port,
-             ", ".join(sources) or "no provider")
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                server_header=False)
+    log.info("webhook receiver on http://%s:%d for %s (%d process(es))", args.host, args.port,
+             ", ".join(sources) or "no provider", args.workers)
+    uvicorn.run("web.inbound:receiver_from_env", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_config=None, access_log=False, server_header=False)
 
 
 def _inbound_list(args, sessions):
@@ -511,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "or list/show inbound events")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=os.environ.get("OUTBOX_INBOUND_PORT", "8200"))
+    p.add_argument("--workers", type=_positive_int,
+                   default=os.environ.get("OUTBOX_INBOUND_WORKERS", "1"),
+                   help="server processes sharing the port (default 1; one per core under load)")
     p.set_defaults(func=cmd_inbound, inbound_command=None)
     events = p.add_subparsers(dest="inbound_command")
     q = events.add_parser("list", help="inbound events, newest first")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,7 +39,6 @@ from integrations.sanitize import sanitize
 
 from . import config, decisions, lifecycle
 from .clock import utcnow
-from .dispatch import MessageRef, dispatch_after_commit
 from .ids import new_id
 from .lifecycle import Claim
 from .models import AttemptOutcome, Message, MessageStatus
@@ -95,9 +94,11 @@ def load_handlers(environ: Mapping[str, str] | None = None) -> list[str]:
     return names
 
 
-def store(session: Session, *, source: str, event_id: str, event_type: str, body: str,
-          headers: Mapping[str, str], now: datetime | None = None) -> tuple[str, bool]:
-    """Store a verified event in ``session``'s transaction (dispatched after commit).
+def store(db: Session | Connection, *, source: str, event_id: str, event_type: str,
+          body: str, headers: Mapping[str, str], now: datetime | None = None
+          ) -> tuple[str, bool]:
+    """Store a verified event in the transaction of ``db`` (a Session, or a Core Connection:
+    the receiver's lean path); the relay publishes it.
 
     Returns:
         (its message id, whether it is new): a duplicate (same source and event id) is not
@@ -106,25 +107,34 @@ def store(session: Session, *, source: str, event_id: str, event_type: str, body
     now = now or utcnow()
     key = f"{source}:{event_id}"
     message_id = new_id()
-    values = dict(
-        id=message_id, provider=INBOUND, operation=f"{source}.{event_type}"[:64],
-        idempotency_key=key, correlation_id=event_id[:255],
+    operation = f"{source}.{event_type}"[:64]
+    params = dict(
+        id=message_id, provider=INBOUND, operation=operation, idempotency_key=key,
+        correlation_id=event_id[:255],
         payload={"source": source, "event_id": event_id, "type": event_type, "body": body,
                  "headers": dict(headers), "received_at": now.isoformat() + "Z"},
         payload_sha256=hashlib.sha256(body.encode()).hexdigest(),
-        status=MessageStatus.PENDING, attempts=0, rate_limited_count=0, lease_token=0,
-        needs_review=False, next_attempt_at=now, created_at=now, updated_at=now,
+        # Due just after now: the relay publishes it on its next pass (no grace period, no
+        # after-commit dispatch), so the receiver needs no broker and spends nothing on it.
+        next_attempt_at=lifecycle.relay_due(now), created_at=now, updated_at=now,
         budget_started_at=now)
-    dialect = session.get_bind().dialect.name
-    module = postgresql if dialect == "postgresql" else sqlite
-    stored = session.execute(module.insert(Message).values(**values).on_conflict_do_nothing(
-        index_elements=["provider", "idempotency_key"])).rowcount
-    if stored:
-        dispatch_after_commit(session, MessageRef(message_id, INBOUND, values["operation"]))
+    bind = db.get_bind() if isinstance(db, Session) else db
+    if db.execute(_insert(bind.dialect.name), params).rowcount:
         return message_id, True
-    existing = session.scalar(select(Message.id).where(Message.provider == INBOUND,
-                                                       Message.idempotency_key == key))
+    existing = db.execute(select(Message.id).where(Message.provider == INBOUND,
+                                                   Message.idempotency_key == key)).scalar()
     return existing, False
+
+
+def _insert(dialect: str):
+    """``INSERT … ON CONFLICT (provider, idempotency_key) DO NOTHING`` of a pending row, its
+    values bound at execution (one compiled statement for every event)."""
+    module = postgresql if dialect == "postgresql" else sqlite
+    table = Message.__table__
+    return module.insert(table).values(
+        status=MessageStatus.PENDING.value, attempts=0, rate_limited_count=0, lease_token=0,
+        needs_review=False).on_conflict_do_nothing(
+        index_elements=[table.c.provider, table.c.idempotency_key])
 
 
 def status_of(message: Message) -> str:

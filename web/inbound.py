@@ -9,8 +9,8 @@ It is the internet-facing process, so it does the least it can, in the seed's or
 3. store the raw body, the verified headers and the event id as a pending inbound event
    in one transaction (``outbox.inbound.store``: a duplicate event id stores nothing);
 4. answer 200 (``{"received": true, "duplicate": …}``);
-5. the event is published to the ``inbound`` queue after the commit, where workers run
-   its handler.
+5. the relay publishes the event to the ``inbound`` queue on its next pass (the receiver
+   holds no broker connection), where workers run its handler.
 
 Per provider (``OUTBOX_<NAME>_…``): ``WEBHOOK_SECRET`` or ``WEBHOOK_SECRET_FILE`` (a
 comma-separated list during a rotation: any verifies; a provider without one accepts no
@@ -146,21 +146,34 @@ def create_receiver(sessions: sessionmaker[Session], sources: Mapping[str, Sourc
         event_id, event_type, headers = verify(source, body, request.headers, clock())
         # The database work in a thread, not on the event loop.
         new = await run_in_threadpool(_store, provider, event_id, event_type, body, headers)
-        return {"received": True, "duplicate": not new}   # published after the commit
+        return {"received": True, "duplicate": not new}   # the relay publishes it
+
+    engine = sessions.kw["bind"]
 
     def _store(provider, event_id, event_type, body, headers) -> bool:
         try:
-            with sessions() as session:
-                _, new = inbound.store(session, source=provider, event_id=event_id,
+            with engine.begin() as connection:   # Core: a third of the ORM Session's cost
+                _, new = inbound.store(connection, source=provider, event_id=event_id,
                                        event_type=event_type, body=body.decode(),
                                        headers=headers)
-                session.commit()
                 return new
         except SQLAlchemyError as exc:
             log.warning("webhook %s not stored (%s)", provider, type(exc).__name__)
             raise Refused(503, "could not store the event; send it again") from None
 
     return app
+
+
+def receiver_from_env() -> FastAPI:
+    """The receiver as ``outbox inbound`` runs it, from the environment (a factory, so that
+    each of uvicorn's worker processes builds its own engine and sources)."""
+    from outbox.db import check_migrated, make_engine, make_sessionmaker
+
+    # No pre-ping: a connection lost to a database restart fails one request with 503
+    # (the provider sends it again) instead of every request paying a round trip.
+    engine = make_engine(pool_pre_ping=False)
+    check_migrated(engine)
+    return create_receiver(make_sessionmaker(engine), sources_from_env(), body_cap=max_body())
 
 
 def verify(source: Source, body: bytes, headers: Mapping[str, str],
