@@ -20,7 +20,7 @@ from web.admin import create_app
 from web.auth import WebAuth
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"admin:correct-horse-battery").decode()}
-EXAMPLES = 40
+EXAMPLES = 25
 
 
 @pytest.fixture
