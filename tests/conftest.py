@@ -250,6 +250,18 @@ def publisher():
     dispatch.use_publisher(None)
 
 
+@pytest.fixture
+def inbound_redis(redis_url, monkeypatch):
+    """The inbound rate limit and breaker (``tasks.runtime.inbound_protection``) in this
+    test's Redis database, not in the default one a running ``make run`` uses."""
+    from tasks import runtime
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    runtime.inbound_protection.cache_clear()
+    yield
+    runtime.inbound_protection.cache_clear()
+
+
 # ---- end-to-end: real workers, relay and sandbox -------------------------------------------
 
 @pytest.fixture

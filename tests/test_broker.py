@@ -20,7 +20,7 @@ from outbox.broker_url import broker_kind, broker_url, redis_broker_url
 from outbox.dispatch import MessageRef
 from tests.harness import BIN, ROOT, celery_app_for
 
-QUEUES = sorted([*schemas.operations(), "dead_letter"])
+QUEUES = sorted([*schemas.operations(), "inbound", "dead_letter"])   # config.queues()
 
 
 # ---- which broker ---------------------------------------------------------------------------

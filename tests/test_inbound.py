@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -27,7 +26,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 from outbox import deadletters, inbound
 from outbox.models import Attempt, Message, MessageStatus
 from tasks.delivery import deliver_message
-from tests.harness import free_port, run_cli, wait_until
+from tests.harness import run_cli, served
 from web.inbound import create_receiver, sources_from_env
 
 STRIPE_SECRET = "whsec_test_stripe_0123456789abcdef"
@@ -40,9 +39,8 @@ LEASE = timedelta(seconds=60)
 app_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
-@pytest.fixture(autouse=True)
-def _recorded(publisher):
-    return publisher
+# Publishes recorded, the inbound limits in the test's Redis (conftest).
+pytestmark = pytest.mark.usefixtures("publisher", "inbound_redis")
 
 
 @pytest.fixture
@@ -189,26 +187,14 @@ def test_fuzzed_requests_never_error_and_never_store(receiver, sessions, body, h
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)   # the concurrent database
 def test_a_thousand_concurrent_deliveries_of_one_event_store_it_once(sessions, publisher):
     """A real server (uvicorn, threads of requests): every answer is 200, one row."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_receiver(sessions, sources_from_env(ENV)),
-                                           host="127.0.0.1", port=port, log_config=None,
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 10, message="the receiver to start")
     body = stripe_event("evt_dup")
     headers = stripe_headers(body)
-    url = f"http://127.0.0.1:{port}/webhooks/payments"
-    try:
-        with requests.Session() as http, ThreadPoolExecutor(32) as pool:
-            http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=32))
-            answers = list(pool.map(lambda _: http.post(url, data=body, headers=headers,
-                                                        timeout=30).json(), range(1000)))
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with (served(create_receiver(sessions, sources_from_env(ENV))) as base,
+          requests.Session() as http, ThreadPoolExecutor(32) as pool):
+        http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=32))
+        url = f"{base}/webhooks/payments"
+        answers = list(pool.map(lambda _: http.post(url, data=body, headers=headers,
+                                                    timeout=30).json(), range(1000)))
     assert all(a["received"] for a in answers)
     assert sum(not a["duplicate"] for a in answers) == 1
     assert len(events(sessions)) == 1

@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 from datetime import timedelta
 
 import pytest
@@ -22,16 +21,15 @@ from outbox import inbound, polling
 from outbox.clock import utcnow
 from outbox.models import Message, PollCursor
 from tasks.delivery import deliver_message
-from tests.harness import BIN, ROOT, free_port, wait_until
+from tests.harness import BIN, ROOT, free_port, served, wait_until
 from web.inbound import create_receiver, sources_from_env
 
 SECRET = "whsec_test_poll_0123456789"
 QUIET = polling.PollSettings(interval_s=1.0, max_interval_s=8.0)
 
 
-@pytest.fixture(autouse=True)
-def _recorded(publisher):
-    return publisher
+# Publishes recorded, the inbound limits in the test's Redis (conftest).
+pytestmark = pytest.mark.usefixtures("publisher", "inbound_redis")
 
 
 @pytest.fixture
@@ -185,29 +183,22 @@ def test_an_event_seen_by_webhook_and_by_poll_is_processed_once(sessions, sandbo
                                                                engine):
     """The sandbox's webhook reaches a real receiver, the poller reads the same event: one
     stored event, one handler call."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        create_receiver(sessions, sources_from_env({"OUTBOX_PAYMENTS_WEBHOOK_SECRET": SECRET})),
-        host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     calls = []
 
     @inbound.handler("payments", "payment_intent.succeeded")
     def paid(session, event):
         calls.append(event.id)
 
+    app = create_receiver(sessions, sources_from_env({"OUTBOX_PAYMENTS_WEBHOOK_SECRET": SECRET}))
     try:
-        wait_until(lambda: server.started, 10, message="the receiver")
-        sandbox.state.webhooks.configure({"payments": {
-            "url": f"http://127.0.0.1:{port}/webhooks/payments", "secret": SECRET}})
-        requests.post(sandbox.url + "/v1/payment_intents", timeout=5, data={
-            "amount": 500, "currency": "usd"}, headers={
-            "Authorization": "Bearer sk_test_outbox", "Idempotency-Key": "both-paths"})
-        wait_until(lambda: sandbox.state.webhooks.describe()["sent"] == 1, 10,
-                   message="the webhook")
+        with served(app) as base:
+            sandbox.state.webhooks.configure({"payments": {
+                "url": f"{base}/webhooks/payments", "secret": SECRET}})
+            requests.post(sandbox.url + "/v1/payment_intents", timeout=5, data={
+                "amount": 500, "currency": "usd"}, headers={
+                "Authorization": "Bearer sk_test_outbox", "Idempotency-Key": "both-paths"})
+            wait_until(lambda: sandbox.state.webhooks.describe()["sent"] == 1, 10,
+                       message="the webhook")
         assert polling.poll_once(sessions, "payments", StripeEvents(provider), QUIET)[0] == 0
         [event] = stored_ids(sessions)
         with sessions() as s:
@@ -218,5 +209,3 @@ def test_an_event_seen_by_webhook_and_by_poll_is_processed_once(sessions, sandbo
         assert calls == [event]
     finally:
         inbound._handlers.clear()
-        server.should_exit = True
-        thread.join(10)

@@ -5,7 +5,6 @@ poller then finds them)."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from integrations.polling import StripeEvents
 from integrations.registry import build_provider
 from outbox import inbound, polling
 from outbox.models import Message
-from tests.harness import free_port, wait_until
+from tests.harness import served, wait_until
 from web.inbound import create_receiver, sources_from_env
 
 SECRET = "whsec_test_sandbox_hooks_42"
@@ -35,20 +34,11 @@ def db_url(sqlite_url):
 
 @pytest.fixture
 def receiver_url(sessions, sandbox):
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        create_receiver(sessions, sources_from_env({"OUTBOX_PAYMENTS_WEBHOOK_SECRET": SECRET})),
-        host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 10, message="the receiver")
-    url = f"http://127.0.0.1:{port}/webhooks/payments"
-    sandbox.state.webhooks.configure({"payments": {"url": url, "secret": SECRET}})
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    app = create_receiver(sessions, sources_from_env({"OUTBOX_PAYMENTS_WEBHOOK_SECRET": SECRET}))
+    with served(app) as base:
+        url = f"{base}/webhooks/payments"
+        sandbox.state.webhooks.configure({"payments": {"url": url, "secret": SECRET}})
+        yield url
 
 
 def charge(sandbox, key, customer=None):
