@@ -106,6 +106,7 @@ def test_a_poller_dying_mid_walk_misses_and_repeats_nothing(sessions, sandbox, p
         assert s.scalar(select(func.count()).select_from(Message)) == 460
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)   # a process test: one kind
 def test_a_sigkilled_poller_process_misses_and_repeats_nothing(sessions, db_url, redis_url,
                                                                tmp_path):
