@@ -57,7 +57,7 @@ system-packages:
 	scripts/install_system_packages.sh
 
 test: install system-packages redis rabbitmq
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest
 	$(MAKE) --no-print-directory bench-smoke
 
 # Every benchmark with tiny counts (about a minute): a benchmark that breaks fails `make test`.

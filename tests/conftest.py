@@ -42,16 +42,6 @@ def _claim_redis_db() -> str:
     return "redis://127.0.0.1:6379/15"
 
 
-def pytest_collection_modifyitems(items):
-    """``make test`` runs two pytest workers (pytest-xdist, ``--dist loadgroup``): the tests
-    that spawn real processes (marked ``slow``) all go to one worker, one after another, as
-    before — their timings and their Redis and RabbitMQ use stay as they were — while the
-    in-process tests share both workers."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("processes"))
-
-
 REDIS_TEST_URL = _claim_redis_db()
 # celeryconfig reads REDIS_URL when ``tasks`` is first imported: point it at the test database.
 os.environ["REDIS_URL"] = REDIS_TEST_URL

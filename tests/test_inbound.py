@@ -9,6 +9,7 @@ server for the concurrent duplicates)."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -118,7 +119,10 @@ def _refusals():
     yield "tampered body", body.replace("succeeded", "failed"), good
     yield "wrong secret", body, stripe_headers(body, "whsec_wrong")
     yield "timestamp 301 s old", body, stripe_headers(body, timestamp=now - 301)
-    yield "timestamp 301 s ahead", body, stripe_headers(body, timestamp=now + 301)
+    # Rounded up: a timestamp rounded down would be under 301 s ahead by the time it is
+    # checked.
+    yield "timestamp 301 s ahead", body, stripe_headers(body, timestamp=math.ceil(time.time())
+                                                        + 301)
     yield "no header", body, {}
     yield "truncated header", body, {"Stripe-Signature": good["Stripe-Signature"][:20]}
     yield "garbage header", body, {"Stripe-Signature": "x" * 300}
