@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -31,6 +30,8 @@ import requests
 
 from integrations.signatures import sign_stripe
 
+from .chaos_stack import free_port
+from .measure import percentile
 from .stack import BIN, ROOT, BenchError, Stack, run_guarded, wait_until
 
 RESULTS = ROOT / "var" / "bench-inbound.json"
@@ -53,12 +54,6 @@ def _args(argv):
     if args.smoke:
         args.rate, args.seconds, args.rounds, args.max_seconds = 50.0, 1.0, 1, 120
     return args
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _live(url: str) -> bool:
@@ -110,8 +105,8 @@ def _load(url: str, rate: float, seconds: float, prefix: str) -> list[float]:
 
 
 def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    """The ``q`` quantile (0..1) of seconds, in ms (``bench.measure.percentile``)."""
+    return percentile(values, q * 100) * 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = stack.open_engine()
         with engine.begin() as conn:
             conn.exec_driver_sql("CREATE TABLE bench_inbound_effects (event_id VARCHAR(64))")
-        ours_port, bare_port = _free_port(), _free_port()
+        ours_port, bare_port = free_port(), free_port()
         stack._start("receiver", [str(BIN / "outbox"), "inbound", "--port", str(ours_port),
                                   "--workers", str(args.workers)],
                      OUTBOX_PAYMENTS_WEBHOOK_SECRET=SECRET)

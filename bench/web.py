@@ -28,6 +28,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from .measure import percentile
 from .scale import DEFAULT_ADMIN_URL, FACTS, ROOT, Scratch, Shape, build, on_scratch
 
 RESULTS = ROOT / "var" / "bench-web.json"
@@ -67,8 +68,8 @@ def _timer(client, path: str, expect: int = 200) -> Callable[[], float]:
 
 
 def _p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+    """The ``q`` quantile (0..1) of seconds, in ms (``bench.measure.percentile``)."""
+    return round(percentile(values, q * 100) * 1000, 2)
 
 
 def _roll_up(engine) -> int:

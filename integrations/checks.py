@@ -61,7 +61,7 @@ def interval_s(environ: Mapping[str, str] | None = None) -> int | None:
         return None
     raw = env.get("OUTBOX_CHECK_INTERVAL", "").strip() or str(DEFAULT_INTERVAL_S)
     low, high = INTERVAL_RANGE_S
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ConfigurationError(f"OUTBOX_CHECK_INTERVAL={raw[:20]!r}: a whole number of "
                                  f"seconds from {low} to {high}")
     return int(raw)

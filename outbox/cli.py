@@ -154,12 +154,7 @@ def cmd_db_prune(args, sessions):
 
 
 def cmd_relay(args, sessions):
-    from integrations.registry import supports_idempotency
-
-    def idempotent(provider: str) -> bool:
-        # An inbound event's handler commits with its processed mark: running it again
-        # after a lost worker cannot act twice.
-        return provider == config.INBOUND or supports_idempotency(provider)
+    from integrations.registry import supports_idempotency as idempotent
 
     engine = sessions.kw["bind"]   # the sessionmaker's engine
     settings = config.RelaySettings.from_env()
@@ -184,14 +179,10 @@ def cmd_relay(args, sessions):
               prune=schedule)
 
 
-def _provider_facts() -> dict[str, dict]:
+def cmd_status(args, sessions):
     from integrations.registry import provider_facts
 
-    return provider_facts()
-
-
-def cmd_status(args, sessions):
-    facts = _provider_facts()
+    facts = provider_facts()
     with sessions() as session:
         data = status.report(session, facts=facts)
     data["protection"] = {name: fact["protection"] for name, fact in facts.items()}
@@ -395,15 +386,16 @@ def cmd_inbound(args, sessions):
 
 
 def _inbound_list(args, sessions):
-    from .inbound import INBOUND, status_of
+    from .inbound import INBOUND, status_of, status_where
 
     with sessions() as session:
         query = select(Message).where(Message.provider == INBOUND)
         if args.provider:
             query = query.where(Message.operation.startswith(f"{args.provider}."))
-        rows = [m for m in session.scalars(query.order_by(Message.created_at.desc(),
-                                                          Message.id).limit(args.limit))
-                if not args.status or status_of(m) == args.status]
+        if args.status:   # in the query, so that --limit counts matching events
+            query = query.where(status_where(args.status))
+        rows = list(session.scalars(query.order_by(Message.created_at.desc(), Message.id)
+                                    .limit(args.limit)))
     data = [messages.as_dict(m) | {"event_status": status_of(m),
                                    "event_id": m.payload.get("event_id"),
                                    "type": m.payload.get("type"),

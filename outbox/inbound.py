@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, and_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -143,6 +143,15 @@ def status_of(message: Message) -> str:
     if message.status == MessageStatus.DELIVERED:
         return IGNORED if message.provider_ref == IGNORED else "processed"
     return str(message.status)
+
+
+def status_where(state: str):
+    """The SQL condition of ``status_of(message) == state``."""
+    if state in ("processed", IGNORED):
+        ref = Message.provider_ref == IGNORED
+        return and_(Message.status == MessageStatus.DELIVERED,
+                    ref if state == IGNORED else ~ref)
+    return Message.status == state
 
 
 @dataclass(frozen=True)

@@ -155,8 +155,11 @@ def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
             if woken := ordering.wake_parked_heads(session, now, relay_due(now)):
                 log.info("woke %d ordered message(s) whose key's head was done", woken)
             session.commit()
-        lost = recover_expired_leases(session, limit=settings.batch_size, idempotent=idempotent,
-                                      policy_for=_policy)
+        # An inbound event's handler commits with its processed mark: running it again
+        # after a lost worker cannot act twice, whatever the caller says of providers.
+        lost = recover_expired_leases(
+            session, limit=settings.batch_size, policy_for=_policy,
+            idempotent=lambda provider: provider == config.INBOUND or idempotent(provider))
         if lost:
             log.warning("recovered %d message(s) whose worker lease expired", len(lost))
             _announce_dead(dispatcher, session,

@@ -345,3 +345,30 @@ def test_the_shop_marks_an_order_paid_or_failed_from_its_events(sessions, engine
                 "paid", "paid", "paid", "awaiting payment"]
     finally:
         inbound._handlers.clear()
+
+
+@app_only
+def test_non_ascii_signature_headers_are_400_not_500(receiver, sessions):
+    """"²" is a digit to str.isdigit and "é" is not base64: both are refusals, not crashes."""
+    mail = json.dumps({"type": "email.delivered"}).encode()
+    now = str(int(time.time()))
+    cases = [("email", {"webhook-id": "m1", "webhook-timestamp": now,
+                        "webhook-signature": "v1,\u00e9".encode("latin-1")}),
+             ("email", {"webhook-id": "m1", "webhook-timestamp": "1\u00b2".encode("latin-1"),
+                        "webhook-signature": "v1,AAAA"}),
+             ("payments", {"Stripe-Signature": "t=\u00b2,v1=00".encode("latin-1")})]
+    for provider, headers in cases:
+        r = receiver.post(f"/webhooks/{provider}", content=mail, headers=headers)
+        assert r.status_code == 400, (headers, r.text)
+    assert events(sessions) == []
+
+
+def test_cli_status_filter_counts_toward_the_limit(sessions, handlers, capsys, monkeypatch,
+                                                  db_url):
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    m = store(sessions, "evt_l1")
+    process(sessions, m)
+    store(sessions, "evt_l2", "customer.created")   # newer, still pending
+    code, out, _ = run_cli(capsys, "inbound", "list", "--status", "processed", "--limit", "1",
+                           "--json")
+    assert code == 0 and [r["event_id"] for r in json.loads(out)] == ["evt_l1"]

@@ -486,3 +486,10 @@ def test_bad_input_is_a_clear_4xx(web, method, path, kwargs):
         assert r.json()["error"] and "Traceback" not in r.text
     else:
         assert "Not done" in r.text
+
+
+@app_only
+def test_a_non_ascii_basic_credential_is_401_not_500(web):
+    r = web.get("/api/dead-letters", headers={"Authorization": "Basic \u00e9".encode("latin-1")})
+    assert r.status_code == 401
+

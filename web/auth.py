@@ -12,7 +12,6 @@ with the process).
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import os
 import secrets
@@ -68,7 +67,7 @@ class WebAuth:
             try:
                 user, _, password = base64.b64decode(value.strip(), validate=True) \
                     .decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
+            except ValueError:   # not base64 (binascii.Error), not ASCII, not UTF-8
                 return None
             return user if self.check_password(user, password) else None
         return None
@@ -84,7 +83,8 @@ def _secret_key(env: Mapping[str, str]) -> str:
         except OSError as exc:
             raise ConfigurationError(f"OUTBOX_SECRET_KEY_FILE: cannot read {path!r} "
                                      f"({exc.strerror})") from None
-    return key or secrets.token_urlsafe(32)
+    # A comma-separated list is a Fernet rotation (DESIGN): the first key is the current one.
+    return (key or "").split(",")[0].strip() or secrets.token_urlsafe(32)
 
 
 def new_csrf_token() -> str:

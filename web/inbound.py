@@ -108,7 +108,7 @@ def sources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Sour
 def max_body(environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     raw = env.get("OUTBOX_INBOUND_MAX_BODY", "").strip() or str(DEFAULT_MAX_BODY)
-    if not raw.isdigit() or not 1024 <= int(raw) <= 64 * 1024 * 1024:
+    if not (raw.isascii() and raw.isdigit()) or not 1024 <= int(raw) <= 64 * 1024 * 1024:
         raise ConfigurationError("OUTBOX_INBOUND_MAX_BODY: bytes, from 1024 to 67108864")
     return int(raw)
 
