@@ -56,8 +56,12 @@ run: migrate redis
 system-packages:
 	scripts/install_system_packages.sh
 
+# Two passes: every test that does not judge timing on two pytest workers (pytest-xdist;
+# each worker has its own Redis DB, PostgreSQL databases and RabbitMQ vhost), then the
+# timing-judging ones (marked serial) alone, so that no other test's load skews them.
 test: install system-packages redis rabbitmq
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 -m "not serial"
+	$(BIN)/pytest -m serial
 	$(MAKE) --no-print-directory bench-smoke
 
 # Every benchmark with tiny counts (about a minute): a benchmark that breaks fails `make test`.

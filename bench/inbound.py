@@ -63,6 +63,15 @@ def _live(url: str) -> bool:
         return False
 
 
+def signed_event(name: str, secret: str = SECRET) -> tuple[bytes, dict[str, str]]:
+    """A ``payment_intent.succeeded`` event ``evt_<name>`` (bytes) and its Stripe-signed
+    headers."""
+    body = json.dumps({"id": f"evt_{name}", "object": "event", "type": "payment_intent.succeeded",
+                       "data": {"object": {"id": f"pi_{name}", "amount": 1000}}}).encode()
+    return body, {"Stripe-Signature": sign_stripe(body, secret, int(time.time())),
+                  "Content-Type": "application/json"}
+
+
 def _load(url: str, rate: float, seconds: float, prefix: str) -> list[float]:
     """Open-loop: request i is due at start + i / rate; its latency counts from then."""
     n = int(rate * seconds)
@@ -77,11 +86,7 @@ def _load(url: str, rate: float, seconds: float, prefix: str) -> list[float]:
         return local.http
 
     def send(i: int, due: float) -> None:
-        body = json.dumps({"id": f"evt_{prefix}_{i}", "object": "event",
-                           "type": "payment_intent.succeeded",
-                           "data": {"object": {"id": f"pi_{prefix}_{i}", "amount": 1000}}})
-        headers = {"Stripe-Signature": sign_stripe(body.encode(), SECRET, int(time.time())),
-                   "Content-Type": "application/json"}
+        body, headers = signed_event(f"{prefix}_{i}")
         try:
             answer = session().post(url + "/webhooks/payments", data=body, headers=headers,
                                     timeout=30)

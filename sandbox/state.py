@@ -74,7 +74,6 @@ class SandboxState:
         # Set when the server stops, so sleeping and hanging requests end early.
         self.stopping = threading.Event()
         self.webhooks = WebhookSender(self.stopping)
-        self._in_flight = 0
         self._generation = 0
         self._clear()
 
@@ -84,7 +83,10 @@ class SandboxState:
         self.effects_by_key: collections.Counter[str] = collections.Counter()
         self.requests_by_key: collections.Counter[str] = collections.Counter()
         self.status_counts: collections.Counter[str] = collections.Counter()
-        self.max_in_flight = self._in_flight
+        # Requests still running from before a reset are not counted: max_in_flight is
+        # the most that overlapped among requests that arrived since (what a test asserts).
+        self._in_flight = 0
+        self.max_in_flight = 0
         self.request_log: collections.deque[dict] = collections.deque(maxlen=LOG_CAP)
         # Keys in the order their effects happened (what ordered delivery is judged by).
         self.effect_log: collections.deque[str] = collections.deque(maxlen=LOG_CAP)
@@ -186,11 +188,11 @@ class SandboxState:
     def end_request(self, token: dict, status: int | str) -> None:
         """Record the outcome (an HTTP status, or "dropped") of a request."""
         with self.lock:
-            self._in_flight -= 1
             entry = token["entry"]
             entry["t_end"] = time.time()
             entry["status"] = status
             if token["gen"] == self._generation:
+                self._in_flight -= 1
                 self.status_counts[str(status)] += 1
 
     def record_effect(self, key: str) -> None:

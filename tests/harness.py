@@ -83,20 +83,25 @@ class Processes:
         self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, args: list[str], **env) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], *, cpus: set[int] | None = None,
+              **env) -> subprocess.Popen:
+        """Start ``args`` with this test's environment plus ``env``, its output in the log
+        ``name``; on the CPUs ``cpus`` only, when given."""
         log = open(self.log_dir / f"{name}.log", "ab")
+        if cpus:   # taskset (util-linux) execs the command: the pid stays the command's
+            args = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *args]
         proc = subprocess.Popen(args, cwd=ROOT, env={**self.env, **env}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append((name, proc))
         return proc
 
     def worker(self, name: str = "w1", queues: str = "payments,dead_letter", pool: str = "threads",
-               concurrency: int = 4, **env) -> subprocess.Popen:
+               concurrency: int = 4, cpus: set[int] | None = None, **env) -> subprocess.Popen:
         """A Celery worker; returns once it is consuming (its log says 'ready')."""
         proc = self.start(name, [str(BIN / "celery"), "-A", "tasks", "worker", "-Q", queues,
                                  "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
                                  "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
-                          **env)
+                          cpus=cpus, **env)
         wait_until(lambda: "ready." in self.log(name) or proc.poll() is not None, 60,
                    message=f"worker {name} to be ready")
         assert proc.poll() is None, f"worker {name} exited:\n{self.log(name)[-3000:]}"
@@ -133,21 +138,29 @@ class Processes:
     def web(self, user: str, password: str, **env) -> str:
         """``outbox web`` on a free loopback port with these credentials; returns its URL
         once ``/health/live`` answers."""
+        return self._served("web", OUTBOX_WEB_AUTH=f"{user}:{password}", **env)
+
+    def inbound(self, cpus: set[int] | None = None, **env) -> str:
+        """``outbox inbound`` (the webhook receiver) on a free loopback port; returns its
+        URL once ``/health/live`` answers. Pass the webhook secrets in ``env``."""
+        return self._served("inbound", cpus=cpus, **env)
+
+    def _served(self, command: str, cpus: set[int] | None = None, **env) -> str:
         import requests
 
         port = free_port()
-        proc = self.start("web", [str(BIN / "outbox"), "web", "--port", str(port)],
-                          OUTBOX_WEB_AUTH=f"{user}:{password}", **env)
+        proc = self.start(command, [str(BIN / "outbox"), command, "--port", str(port)],
+                          cpus=cpus, **env)
         url = f"http://127.0.0.1:{port}"
 
         def live():
-            assert proc.poll() is None, f"web exited:\n{self.log('web')[-3000:]}"
+            assert proc.poll() is None, f"{command} exited:\n{self.log(command)[-3000:]}"
             try:
                 return requests.get(url + "/health/live", timeout=2).status_code == 200
             except requests.ConnectionError:
                 return False
 
-        wait_until(live, 30, 0.1, message="outbox web /health/live")
+        wait_until(live, 30, 0.1, message=f"outbox {command} /health/live")
         return url
 
     def sandbox(self, name: str = "sandbox") -> str:

@@ -17,7 +17,7 @@ import pytest
 from bench.chaos import SCENARIOS
 from tests.harness import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -45,6 +45,7 @@ def test_reservations_from_four_workers_are_spaced_by_the_interval(client):
     assert max(gaps) <= interval + 1e-6      # back to back: nothing wasted
 
 
+@pytest.mark.serial
 def test_admitted_calls_are_evenly_paced_in_real_time(client):
     """4 workers × 25 admits at 50/s, real sleeps: at most 50 calls start in any 1-second
     window, and 100 calls take within 10 % of the ideal 99 intervals."""
