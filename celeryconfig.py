@@ -10,8 +10,11 @@ The broker is ``CELERY_BROKER_URL`` if set, else ``REDIS_URL`` (``outbox.broker_
 queue is a durable quorum queue and every publish waits for the broker's confirm.
 """
 
+import sys as _sys
+
 from kombu import Exchange, Queue
 
+from integrations.errors import ConfigurationError as _ConfigurationError
 from outbox import broker_url as _broker
 from outbox import config as _config
 
@@ -65,9 +68,14 @@ task_track_started = True
 # Each queue has its own direct exchange and routing key, so a message reaches one queue only.
 # On RabbitMQ they are durable quorum queues (replicated, fsynced before the confirm).
 _QUEUE_ARGUMENTS = {"x-queue-type": "quorum"} if _KIND == _broker.AMQP else None
+try:
+    _QUEUE_NAMES = [*_config.queues(), "dead_letter"]
+except _ConfigurationError as _exc:   # e.g. a provider plugin that cannot be imported
+    print(f"error: {_exc}", file=_sys.stderr)
+    raise SystemExit(2) from None
 task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True,
                      queue_arguments=_QUEUE_ARGUMENTS)
-               for name in [*_config.queues(), "dead_letter"]]
+               for name in _QUEUE_NAMES]
 task_create_missing_queues = False
 task_default_queue = "dead_letter"
 task_default_exchange = "dead_letter"

@@ -1,6 +1,7 @@
 """Which providers exist, and one ready-to-use ``Provider`` per name per process.
 
-Adding a provider = one adapter module + one line in ``_ADAPTERS``.
+Adding a provider = one adapter module + one line in ``_BUILT_IN``, or, from a package of
+your own, an ``outbox.providers`` entry point (``integrations.plugins``).
 
 Providers are built lazily from the environment on first use and cached; ``reset()``
 drops the cache and the shared Redis client (tests that change the environment call it).
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import schemas
-from integrations import checks
+from integrations import checks, plugins
 from integrations.base import Adapter, Delivery
 from integrations.email import EmailAdapter
 from integrations.errors import (
@@ -38,10 +39,27 @@ from integrations.protection import DEFAULT_429_PAUSE_S, Protection, ProtectionS
 from integrations.protection import store as protection_store
 from integrations.settings import ProviderSettings, get_float
 
-_ADAPTERS: dict[str, type[Adapter]] = {
+_BUILT_IN: dict[str, type[Adapter]] = {
     "payments": PaymentsAdapter,
     "email": EmailAdapter,
 }
+
+
+def adapters() -> Mapping[str, type[Adapter]]:
+    """Every provider's adapter class: the built-in ones and the installed plugins'.
+
+    Raises:
+        ConfigurationError: a plugin cannot be loaded, or takes a built-in provider's name.
+    """
+    found = plugins.discovered()
+    if not found:
+        return _BUILT_IN
+    clash = sorted(set(found) & set(_BUILT_IN))
+    if clash:
+        raise ConfigurationError(f"provider plugin {clash[0]!r} has the name of a built-in "
+                                 "provider; rename its entry point and adapter")
+    return {**_BUILT_IN, **found}
+
 
 log = logging.getLogger("integrations.registry")
 _lock = threading.Lock()
@@ -166,13 +184,13 @@ class Provider:
 
 def supports_idempotency(name: str) -> bool:
     """Whether provider ``name`` deduplicates retries by idempotency key (False if unknown)."""
-    adapter = _ADAPTERS.get(name)
+    adapter = adapters().get(name)
     return adapter is not None and adapter.supports_idempotency
 
 
 def known_providers() -> list[str]:
-    """Names of every provider with an adapter, sorted."""
-    return sorted(_ADAPTERS)
+    """Names of every provider with an adapter (plugins' included), sorted."""
+    return sorted(adapters())
 
 
 @dataclass(frozen=True)
@@ -254,10 +272,11 @@ def build_provider(name: str, environ: Mapping[str, str] | None = None, *,
         KeyError: unknown provider.
         ConfigurationError: its settings are invalid.
     """
-    if name not in _ADAPTERS:
-        raise KeyError(f"unknown provider {name!r}; known: {', '.join(known_providers())}")
+    known = adapters()
+    if name not in known:
+        raise KeyError(f"unknown provider {name!r}; known: {', '.join(sorted(known))}")
     settings = ProviderSettings.from_env(name, environ)
-    adapter = _ADAPTERS[name]()
+    adapter = known[name]()
     limits = ProtectionSettings.from_env(
         name, environ, operations=adapter.operations,
         default_rate_limit=adapter.rate_limit,

@@ -50,17 +50,29 @@ class SchemaError(ValueError):
 
 @cache
 def _index(kind: str) -> dict[str, Path]:
-    """Map each name of ``kind`` (operations, responses, common) to its newest version's file."""
+    """Map each name of ``kind`` (operations, responses, common) to its newest version's
+    file: ours, and a provider plugin's own (``<its name>.…`` in its ``schema_dir``)."""
     newest: dict[str, tuple[int, Path]] = {}
-    for path in (_ROOT / kind).glob("*.json"):
+    for path, provider in _files(kind):
         match = _NAME.match(path.name)
-        if not match:
+        if not match or (provider and not match["name"].startswith(provider + ".")):
             continue
         version = int(match["version"])
         name = match["name"]
         if name not in newest or newest[name][0] < version:
             newest[name] = (version, path)
     return {name: path for name, (_, path) in newest.items()}
+
+
+def _files(kind: str) -> list[tuple[Path, str | None]]:
+    """(file, the plugin provider it belongs to, or None for ours) for every document."""
+    from integrations.plugins import schema_dirs  # here: integrations imports schemas
+
+    found: list[tuple[Path, str | None]] = [(p, None) for p in (_ROOT / kind).glob("*.json")]
+    if kind != "common":
+        for provider, folder in schema_dirs().items():
+            found += [(p, provider) for p in (folder / kind).glob("*.json")]
+    return found
 
 
 @cache
