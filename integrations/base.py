@@ -43,6 +43,20 @@ class Delivery:
     summary: str
 
 
+DONE, NOT_DONE, UNKNOWN = "done", "not_done", "unknown"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What a lookup at the provider says about an operation whose outcome was ambiguous:
+    ``done`` (with the provider's reference), ``not_done`` (safe to send again) or
+    ``unknown`` (it cannot tell: a person decides, as without verification)."""
+
+    state: str
+    provider_ref: str | None = None
+    summary: str = ""
+
+
 class Adapter(ABC):
     """One provider's protocol. Subclasses set the class attributes and two methods."""
 
@@ -56,6 +70,22 @@ class Adapter(ABC):
     # is not set: e.g. "100/s", {"refund": "25/s"}. None: no default limit.
     rate_limit: str | None = None
     operation_rate_limits: Mapping[str, str] | None = None
+
+    # How long the provider's lookup (``verify_request``) may lag behind its effects: a
+    # "not found" earlier than this after the ambiguous call proves nothing. The default of
+    # OUTBOX_<NAME>_VERIFY_AFTER; None: this provider cannot verify.
+    verify_after_s: float | None = None
+
+    def verify_request(self, operation: str, payload: Mapping[str, Any],
+                       idempotency_key: str) -> Request | None:
+        """A side-effect-free lookup of whether ``operation`` under ``idempotency_key`` took
+        effect (verify before retry, after an ambiguous failure); None: no lookup."""
+        return None
+
+    def verification(self, operation: str, response: Response) -> Verification:
+        """Read the answer to ``verify_request``. Raise the classified ``IntegrationError``
+        for a non-2xx answer."""
+        return Verification(UNKNOWN)
 
     def check_request(self) -> Request | None:
         """A cheap, side-effect-free request that proves the credential works (the

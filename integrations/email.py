@@ -3,13 +3,18 @@
     send  → POST /v3/mail/send      202 Accepted, empty body, ``X-Message-Id`` header
 
 SendGrid has no idempotency header, so ``supports_idempotency = False``: an ambiguous
-failure (500, read timeout, connection lost after sending) cannot be retried safely and
-the delivery task dead-letters it as "needs review". The outbox key still travels with
-every request, twice:
+failure (500, read timeout, connection lost after sending) cannot simply be retried. It is
+**verified** instead (``verify_request``): after ``OUTBOX_EMAIL_VERIFY_AFTER`` (300 s: the
+Email Activity feed lags behind sending), a search for the key answers whether the mail
+went out — found: delivered, with its message id; not found: sent again; the search
+unavailable to this key (no Email Activity add-on, 401/403): "needs review", as before.
+
+    verify → GET /v3/messages?limit=1&query=unique_args['outbox_key']="<key>"
+
+The outbox key travels with every request, twice:
 
 * ``custom_args.outbox_key`` in the body — SendGrid stores custom args with the message
-  and returns them in Event Webhook events and the Email Activity API, so a person (or a
-  future verify step) can find out whether a "needs review" message was in fact sent;
+  and returns them in Event Webhook events and the Email Activity API (the search above);
 * an ``X-Message-Key`` request header — SendGrid ignores unknown request headers; the
   sandbox uses it to count requests per key before it parses the body. Keys are valid
   header values by construction (``schemas/common/idempotency_key``, checked at enqueue
@@ -28,19 +33,29 @@ the messages the detail:
     401                         AuthError     (after one credential refresh)
     429                         RateLimited   (Retry-After when given)
     408, 502, 503, 504          Transient
-    500, other 5xx              Ambiguous     → "needs review" (no idempotency)
+    500, other 5xx              Ambiguous     → verified after OUTBOX_EMAIL_VERIFY_AFTER
 """
 
 from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from email.utils import parseaddr
 from typing import Any
 
 import schemas
-from integrations.base import Adapter, Delivery, Request, Response
+from integrations.base import (
+    DONE,
+    NOT_DONE,
+    UNKNOWN,
+    Adapter,
+    Delivery,
+    Request,
+    Response,
+    Verification,
+)
 from integrations.classify import classify
 from integrations.errors import ClientError, ConfigurationError, IntegrationError
 from integrations.sanitize import sanitize
@@ -49,6 +64,8 @@ from integrations.settings import env_name
 PATH = "/v3/mail/send"
 KEY_ARG = "outbox_key"           # custom_args name that carries the outbox idempotency key
 KEY_HEADER = "X-Message-Key"
+MESSAGES_PATH = "/v3/messages"   # the Email Activity search
+KEY_QUERY = f"unique_args['{KEY_ARG}']"
 FROM_VARIABLE = env_name("email", "FROM")
 _MAX_ERRORS_IN_DETAIL = 3
 
@@ -79,6 +96,7 @@ class EmailAdapter(Adapter):
     operations = frozenset({"send"})
     supports_idempotency = False
     auth = "bearer"
+    verify_after_s = 300.0
 
     def __init__(self, default_from: str | None = None,
                  environ: Mapping[str, str] | None = None):
@@ -93,6 +111,27 @@ class EmailAdapter(Adapter):
             env = os.environ if environ is None else environ
             default_from = env.get(FROM_VARIABLE, "").strip() or None
         self.default_from = parse_sender(default_from) if default_from else None
+
+    def verify_request(self, operation: str, payload: Mapping[str, Any],
+                       idempotency_key: str) -> Request:
+        """Search the Email Activity feed for a message carrying the key in its custom args."""
+        quoted = idempotency_key.replace("\\", "\\\\").replace('"', '\\"')
+        query = urllib.parse.quote(f'{KEY_QUERY}="{quoted}"', safe="")
+        return Request("GET", f"{MESSAGES_PATH}?limit=1&query={query}")
+
+    def verification(self, operation: str, response: Response) -> Verification:
+        """Found: ``done`` with its ``msg_id``; an empty list: ``not_done``; an answer that is
+        not a message list: ``unknown``. Raises the classified error for a non-2xx."""
+        if not 200 <= response.status_code < 300:
+            raise self.error_for(response)
+        messages = response.body.get("messages") if isinstance(response.body, dict) else None
+        if not isinstance(messages, list):
+            return Verification(UNKNOWN, summary="unreadable activity search answer")
+        if not messages:
+            return Verification(NOT_DONE, summary="no message with this key")
+        first = messages[0] if isinstance(messages[0], dict) else {}
+        ref = sanitize(str(first["msg_id"]), 80) if first.get("msg_id") else None
+        return Verification(DONE, ref, f"found {ref or '(no message id)'}")
 
     def check_request(self) -> Request:
         """``GET /v3/scopes``: the key's permissions, without sending anything."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import schemas
 from integrations import checks, plugins
-from integrations.base import Adapter, Delivery
+from integrations.base import UNKNOWN, Adapter, Delivery, Verification
 from integrations.email import EmailAdapter
 from integrations.errors import (
     ClientError,
@@ -124,6 +124,38 @@ class Provider:
         finally:
             permit.release(error)
 
+    def verify(self, operation: str, payload: Mapping[str, Any],
+               idempotency_key: str) -> Verification:
+        """Ask the provider whether ``operation`` under ``idempotency_key`` took effect (one
+        lookup, through the same protection as a delivery).
+
+        Returns:
+            The ``Verification``; ``unknown`` when the adapter has no lookup.
+
+        Raises:
+            IntegrationError: as ``deliver`` (``Deferred`` when protection says wait, the
+                classified error of a failed lookup).
+        """
+        request = self.adapter.verify_request(operation, payload, idempotency_key)
+        if request is None:
+            return Verification(UNKNOWN)
+        permit = self.protection.admit(operation) if self.protection is not None else None
+        error: BaseException | None = None
+        try:
+            response = self._observed(self.client.send(request, auth=self.adapter.auth))
+            try:
+                return self.adapter.verification(operation, response)
+            except RateLimited as exc:
+                if self.protection is not None:
+                    self.protection.pause(exc.retry_after_s or DEFAULT_429_PAUSE_S)
+                raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if permit is not None:
+                permit.release(error)
+
     def _send(self, operation: str, request) -> Delivery:
         auth = self.adapter.auth
         response = self._observed(self.client.send(request, auth=auth))
@@ -180,6 +212,21 @@ class Provider:
     def close(self) -> None:
         """Release the client's pooled connections (the Redis client is shared: kept)."""
         self.client.close()
+
+
+def verify_after(name: str, environ: Mapping[str, str] | None = None) -> float | None:
+    """Seconds after an ambiguous failure before provider ``name`` is asked whether the
+    operation took effect (``OUTBOX_<NAME>_VERIFY_AFTER``, default the adapter's); None when
+    it cannot verify (or is unknown).
+
+    Raises:
+        ConfigurationError: the setting is not a number of seconds > 0.
+    """
+    adapter = adapters().get(name)
+    if adapter is None or adapter.verify_after_s is None:
+        return None
+    env = os.environ if environ is None else environ
+    return get_float(env, f"OUTBOX_{name.upper()}_VERIFY_AFTER", adapter.verify_after_s)
 
 
 def supports_idempotency(name: str) -> bool:

@@ -155,6 +155,7 @@ def cmd_db_prune(args, sessions):
 
 def cmd_relay(args, sessions):
     from integrations.registry import supports_idempotency as idempotent
+    from integrations.registry import verify_after
 
     engine = sessions.kw["bind"]   # the sessionmaker's engine
     settings = config.RelaySettings.from_env()
@@ -163,11 +164,14 @@ def cmd_relay(args, sessions):
     schedule = PruneSchedule.from_env()
     for provider in schemas.operations():   # refuse to start on a provider's bad settings
         config.retry_policy(provider)
+        verify_after(provider)
     disp = dispatch.dispatcher()
     if disp.publisher is None:
         raise OutboxError("no publisher is installed (is the package installed with `pip install -e .`?)")
     if args.once:
-        print(f"published {relay.run_once(engine, disp, settings, idempotent=idempotent)}")
+        published = relay.run_once(engine, disp, settings, idempotent=idempotent,
+                                   verify_after=verify_after)
+        print(f"published {published}")
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -175,8 +179,8 @@ def cmd_relay(args, sessions):
     _start_health_checks(stop)
     _start_alerts(sessions, stop)
     log.info("relay started on %s", _safe_url(config.database_url()))
-    relay.run(engine, disp, settings, idempotent=idempotent, stop=stop,
-              prune=schedule)
+    relay.run(engine, disp, settings, idempotent=idempotent, verify_after=verify_after,
+              stop=stop, prune=schedule)
 
 
 def cmd_status(args, sessions):
@@ -194,7 +198,9 @@ def cmd_show(args, sessions):
     with sessions() as session:
         data = messages.detail(session, args.id)
         message = session.get(Message, args.id)
-    lines = [f"{message.label}  [{message.status}{', needs review' if message.needs_review else ''}]",
+    marks = (", needs review" if message.needs_review else "") + (
+        ", verifies before the next attempt" if message.verify_first else "")
+    lines = [f"{message.label}  [{message.status}{marks}]",
              f"  key {message.idempotency_key}   attempts {message.attempts}   "
              f"created {iso(message.created_at)}   next {iso(message.next_attempt_at)}"]
     if message.last_error:

@@ -8,9 +8,12 @@ module adds what only the outbox knows — the provider's idempotency, the retry
 the breaker probe — and applies these rules, first match wins:
 
 1. The provider **may have acted** and **cannot deduplicate** a retry (no idempotency
-   keys, e.g. email): dead letter, **needs review** — a person decides, because a retry
-   could act twice. (Ambiguous errors, lost leases and unexpected exceptions on such a
-   provider end here.)
+   keys, e.g. email): if it can **verify** (look the key up: ``Adapter.verify_request``),
+   the next attempt is due once the lookup can be trusted (``verify_after_s``) and
+   **verifies first** — found: delivered; not found: sent again — consuming this attempt;
+   otherwise, or with the budget spent, dead letter, **needs review** — a person decides,
+   because a retry could act twice. (Ambiguous errors, lost leases and unexpected
+   exceptions on such a provider end here.)
 2. **Dead** handling (client error, auth after a refresh, unreadable 2xx): dead letter now.
 3. **Defer** handling (breaker open, throttled, quota, credential unavailable): reschedule
    at ``Retry-After`` or the policy's defer delay; no attempt consumed.
@@ -109,6 +112,8 @@ class Decision:
         next_attempt_at: when to try again (None for a dead letter).
         reason: why it was dead-lettered (None otherwise): our words, no provider text.
         needs_review: dead-lettered because re-sending may act twice.
+        verify_first: the next attempt asks the provider whether this one took effect
+            before it sends anything.
     """
 
     outcome: AttemptOutcome
@@ -117,11 +122,12 @@ class Decision:
     next_attempt_at: datetime | None = None
     reason: str | None = None
     needs_review: bool = False
+    verify_first: bool = False
 
 
 def decide(failure: Failure, *, attempts: int, rate_limited: int, budget_started_at: datetime,
            policy: RetryPolicy, idempotent: bool, now: datetime,
-           rng: random.Random | None = None) -> Decision:
+           rng: random.Random | None = None, verify_after_s: float | None = None) -> Decision:
     """Apply the module's rules to one failed attempt.
 
     Args:
@@ -132,8 +138,14 @@ def decide(failure: Failure, *, attempts: int, rate_limited: int, budget_started
         idempotent: the provider deduplicates retries by idempotency key.
         now: the time of the decision.
         rng: jitter source (tests inject one).
+        verify_after_s: how long after an ambiguous failure the provider's lookup can be
+            trusted; None: the provider cannot verify.
     """
     if failure.maybe_acted and not idempotent:
+        if verify_after_s is not None and not policy.exhausted(attempts + 1, budget_started_at,
+                                                               now):
+            return Decision(AttemptOutcome.RETRY, attempts + 1, rate_limited,
+                            now + timedelta(seconds=verify_after_s), verify_first=True)
         return Decision(AttemptOutcome.DEAD, attempts + 1, rate_limited,
                         reason="needs review: the provider may have acted and cannot "
                                "deduplicate a retry",
@@ -157,6 +169,10 @@ def decide(failure: Failure, *, attempts: int, rate_limited: int, budget_started
     return Decision(AttemptOutcome.RETRY, attempts, rate_limited,
                     policy.next_attempt_at(now, max(attempts, 1), failure.retry_after_s, rng))
 
+
+# The provider's lookup of an ambiguous attempt could not tell whether it took effect.
+UNVERIFIED = Failure("ambiguous", Handling.DEAD, maybe_acted=True, outage_evidence=False,
+                     detail="verification could not tell", label="unverified")
 
 EXHAUSTED = Failure("exhausted", Handling.DEAD, maybe_acted=False, outage_evidence=False,
                     detail="retry budget spent before the attempt", label="exhausted")

@@ -41,6 +41,7 @@ class Claim:
     budget_started_at: datetime
     claimed_at: datetime
     ordering_key: str | None = None
+    verify_first: bool = False   # ask the provider whether the last attempt took effect
 
     @property
     def label(self) -> str:
@@ -124,7 +125,8 @@ def _claim_statement(which):
                 lease_expires_at=bindparam("expires"), updated_at=bindparam("now"))
         .returning(_M.c.id, _M.c.provider, _M.c.operation, _M.c.payload, _M.c.idempotency_key,
                    _M.c.correlation_id, _M.c.attempts, _M.c.rate_limited_count,
-                   _M.c.lease_token, _M.c.budget_started_at, _M.c.ordering_key)
+                   _M.c.lease_token, _M.c.budget_started_at, _M.c.ordering_key,
+                   _M.c.verify_first)
     )
 
 
@@ -167,14 +169,14 @@ _DELIVERED = update(_M).where(
 ).values(
     status=MessageStatus.DELIVERED, delivered_at=bindparam("now"), updated_at=bindparam("now"),
     lease_expires_at=None, provider_ref=bindparam("ref"), last_status_code=bindparam("code"),
-    attempts=_M.c.attempts + 1, dead_at=None, needs_review=False)
+    attempts=_M.c.attempts + 1, dead_at=None, needs_review=False, verify_first=False)
 
 _FAILED = {   # status → statement; the failure columns come from the Failure
     status: _FENCED.values(
         status=status, updated_at=bindparam("now"), lease_expires_at=None,
         attempts=bindparam("n_attempts"), rate_limited_count=bindparam("n_limited"),
         last_error_class=bindparam("error_class"), last_status_code=bindparam("code"),
-        last_error=bindparam("error"),
+        last_error=bindparam("error"), verify_first=bindparam("verify_first"),
         **({"next_attempt_at": bindparam("next_at")} if status == MessageStatus.PENDING
            else {"dead_at": bindparam("now"), "needs_review": bindparam("needs_review")}))
     for status in (MessageStatus.PENDING, MessageStatus.DEAD)
@@ -323,7 +325,7 @@ def _apply(session: Session, message_id: str, token: int, failure: Failure,
     dead = decision.outcome is AttemptOutcome.DEAD
     params = {"m_id": message_id, "token": token, "now": now, "n_attempts": decision.attempts,
               "n_limited": decision.rate_limited, "error_class": failure.error_class,
-              "code": failure.status_code,
+              "code": failure.status_code, "verify_first": decision.verify_first,
               "error": f"{decision.reason}: {failure.detail}" if dead else failure.detail}
     if dead:
         params["needs_review"] = decision.needs_review
@@ -343,17 +345,21 @@ def _next_at(decision: Decision, now: datetime) -> datetime | None:
 
 def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool],
                            policy_for: Callable[[str], RetryPolicy],
+                           verify_after: Callable[[str], float | None] = lambda _: None,
                            now: datetime | None = None, limit: int = 500
                            ) -> list[tuple[str, Decision]]:
     """In-flight rows whose lease expired (worker killed or hung): decided as the ``LOST``
     failure (the call may have happened), then due again at once with the same idempotency
-    key, or dead-lettered — "needs review" for a provider without idempotency, "exhausted"
-    for a message that kills every worker it reaches. Commits.
+    key, or verified first (a provider without idempotency that can look the key up), or
+    dead-lettered — "needs review" for a provider without either, "exhausted" for a
+    message that kills every worker it reaches. Commits.
 
     Args:
         idempotent: provider name → whether it deduplicates retries (the composition layer
             knows; the core does not import the providers).
         policy_for: provider name → its retry policy.
+        verify_after: provider name → seconds before its lookup can be trusted, or None
+            when it cannot verify (``integrations.registry.verify_after``).
 
     Returns:
         (message id, decision) for each recovered row.
@@ -369,7 +375,7 @@ def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool
         decision = decide(LOST, attempts=row.attempts, rate_limited=row.rate_limited_count,
                           budget_started_at=row.budget_started_at,
                           policy=policy_for(row.provider), idempotent=idempotent(row.provider),
-                          now=now)
+                          now=now, verify_after_s=verify_after(row.provider))
         if _apply(session, row.id, row.lease_token, LOST, decision, now):
             outcome = (AttemptOutcome.LOST if decision.outcome is AttemptOutcome.RETRY
                        else decision.outcome)

@@ -23,7 +23,7 @@ def as_dict(m: Message) -> dict[str, Any]:
         "delivered_at": iso(m.delivered_at), "dead_at": iso(m.dead_at),
         "last_error_class": m.last_error_class, "last_status_code": m.last_status_code,
         "last_error": m.last_error, "provider_ref": m.provider_ref,
-        "needs_review": m.needs_review,
+        "needs_review": m.needs_review, "verify_first": m.verify_first,
     }
 
 

@@ -93,6 +93,9 @@ class Message(Base):
     # Dead-lettered because the provider may have acted and cannot deduplicate a retry:
     # a re-drive may act twice, so it needs an operator's explicit consent.
     needs_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The last attempt's outcome is unknown and the provider can look it up: the next
+    # attempt asks it first (``outbox.decisions``, rule 1) and sends only if it was not done.
+    verify_first: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Ordered delivery (optional): rows with the same (provider, ordering_key) are delivered
     # one at a time in ordering_seq order, which is their commit order (``outbox.ordering``).
     ordering_key: Mapped[str | None] = mapped_column(String(255))

@@ -136,12 +136,16 @@ def release(session: Session, refs: list[MessageRef]) -> None:
 
 
 def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
-             idempotent: Callable[[str], bool], sweep_parked: bool = True) -> int:
+             idempotent: Callable[[str], bool],
+             verify_after: Callable[[str], float | None] = lambda _: None,
+             sweep_parked: bool = True) -> int:
     """One relay pass: recover expired leases, then publish what is due. Returns rows published.
 
     Args:
         idempotent: provider name → whether it deduplicates retries by idempotency key
             (decides what a lost lease becomes; given by the process that runs the relay).
+        verify_after: provider name → when its lookup of a lost attempt can be trusted, or
+            None when it cannot verify (``integrations.registry.verify_after``).
         sweep_parked: also wake ordered messages whose wake was missed
             (``outbox.ordering.wake_parked_heads``; ``run`` does it every 10 s).
     """
@@ -158,7 +162,7 @@ def run_once(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
         # An inbound event's handler commits with its processed mark: running it again
         # after a lost worker cannot act twice, whatever the caller says of providers.
         lost = recover_expired_leases(
-            session, limit=settings.batch_size, policy_for=_policy,
+            session, limit=settings.batch_size, policy_for=_policy, verify_after=verify_after,
             idempotent=lambda provider: provider == config.INBOUND or idempotent(provider))
         if lost:
             log.warning("recovered %d message(s) whose worker lease expired", len(lost))
@@ -198,11 +202,13 @@ class BrokerUnavailable(OutboxError, RuntimeError):
 
 
 def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
-        idempotent: Callable[[str], bool], stop: threading.Event | None = None,
-        prune: PruneSchedule | None = None) -> None:
+        idempotent: Callable[[str], bool],
+        verify_after: Callable[[str], float | None] = lambda _: None,
+        stop: threading.Event | None = None, prune: PruneSchedule | None = None) -> None:
     """Relay until ``stop`` is set. Broker or database trouble backs off and is retried.
 
     Args:
+        idempotent, verify_after: as ``run_once``.
         prune: retention (``outbox.retention``), run between passes when it is due.
     """
     stop = stop or threading.Event()
@@ -212,7 +218,7 @@ def run(engine: Engine, dispatcher: Dispatcher, settings: RelaySettings, *,
         try:
             sweep = time.monotonic() - swept_at >= PARKED_SWEEP_S
             published = run_once(engine, dispatcher, settings, idempotent=idempotent,
-                                 sweep_parked=sweep)
+                                 verify_after=verify_after, sweep_parked=sweep)
             if sweep:
                 swept_at = time.monotonic()
             failures = 0

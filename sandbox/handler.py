@@ -347,6 +347,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
             return self._respond(auth)
         if path == mail.SCOPES_PATH and self.command == "GET":   # the health check
             return self._respond(mail.scopes(self.state))
+        if path == mail.MESSAGES_PATH and self.command == "GET":   # verify before retry
+            return self._respond(mail.activity(self.state, getattr(self, "_query", "")))
         if path != mail.SEND_PATH:
             return self._respond(mail.error(404, "resource not found"))
         if self.command != "POST":

@@ -17,6 +17,7 @@ import json
 import re
 import secrets
 import time
+import urllib.parse
 from typing import Any
 
 from sandbox.auth import key_matches
@@ -26,6 +27,7 @@ from sandbox.state import SandboxState
 PREFIX = "/v3/"
 SEND_PATH = "/v3/mail/send"
 SCOPES_PATH = "/v3/scopes"
+MESSAGES_PATH = "/v3/messages"   # the Email Activity search
 KEY_ARG = "outbox_key"
 KEY_HEADER = "X-Message-Key"
 MAX_RECIPIENTS = 1000
@@ -41,6 +43,34 @@ TOP_LEVEL = {
 _EMAIL = re.compile(r'^[^@\s<>()\[\],;:"]+@[^@\s<>()\[\],;:".]+(?:\.[^@\s<>()\[\],;:".]+)+$')
 
 Problem = tuple[str | None, str]   # (field, message)
+
+
+_KEY_QUERY = re.compile(r"""^unique_args\['outbox_key'\]="((?:[^"\\]|\\.)*)"$""")
+
+
+def activity(state: SandboxState, query_string: str) -> Result:
+    """``GET /v3/messages?query=unique_args['outbox_key']="K"&limit=N``: the Email Activity
+    search, for the one query the outbox makes (its verify-before-retry lookup); the
+    messages sent with that key, newest first, as SendGrid lists them."""
+    params = dict(urllib.parse.parse_qsl(query_string))
+    match = _KEY_QUERY.match(params.get("query", ""))
+    if match is None:
+        return error(400, "invalid query: the sandbox answers unique_args['outbox_key']=\"…\"",
+                     "query")
+    try:
+        limit = int(params.get("limit", "10"))
+    except ValueError:
+        return error(400, "limit must be an integer", "limit")
+    key = re.sub(r"\\(.)", r"\1", match.group(1))
+    with state.lock:
+        found = sorted(((m, e) for m, e in state.emails.items() if e["key"] == key),
+                       key=lambda item: -item[1]["t"])[:max(limit, 0)]
+        messages = [{"msg_id": m, "subject": e["subject"], "status": "delivered",
+                     "opens_count": 0, "clicks_count": 0,
+                     "last_event_time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                      time.gmtime(e["t"]))}
+                    for m, e in found]
+    return Result(200, {"messages": messages})
 
 
 def scopes(state: SandboxState) -> Result:

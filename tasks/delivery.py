@@ -16,14 +16,16 @@ import logging
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from celery.exceptions import Retry
 from sqlalchemy.orm import Session, sessionmaker
 
-from integrations.errors import Deferred
+from integrations.base import DONE, NOT_DONE
+from integrations.errors import Deferred, Handling
 from integrations.registry import get_provider, supports_idempotency
+from integrations.registry import verify_after as registry_verify_after
 from outbox import config, decisions, dispatch, inbound, logs
 from outbox.clock import iso, utcnow
 from outbox.decisions import Decision, Failure
@@ -80,6 +82,7 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session] | None =
                     lease: timedelta, writer: Writer | None = None,
                     provider_for: Callable = get_provider,
                     idempotent: Callable[[str], bool] = supports_idempotency,
+                    verify_after: Callable[[str], float | None] = registry_verify_after,
                     worker: str | None = None,
                     on_dead: Callable[[str, str], None] | None = None,
                     keeper: LeaseKeeper | None = None,
@@ -96,6 +99,8 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session] | None =
         lease: how long the claim holds before the relay presumes us dead (unless renewed).
         provider_for: provider name → object with ``deliver(operation, payload, key)``.
         idempotent: provider name → whether it deduplicates retries by idempotency key.
+        verify_after: provider name → seconds before its lookup of an ambiguous attempt can
+            be trusted, or None when it cannot verify.
         worker: recorded in the attempt row.
         on_dead: called with (id, label) after a dead-lettering is committed.
         keeper: renews the lease while the delivery runs (the worker's ``LeaseKeeper``).
@@ -119,7 +124,8 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session] | None =
                                 "transaction of its own")
             result = _process_inbound(sessions, claim, worker, clock, rng)
         else:
-            result = _attempt(writer, claim, provider_for, idempotent, worker, clock, rng)
+            result = _attempt(writer, claim, provider_for, idempotent, verify_after, worker,
+                              clock, rng)
         _log(result)
         if result.outcome is AttemptOutcome.DEAD and on_dead is not None:
             on_dead(claim.id, f"{claim.label} {result.summary}")
@@ -151,22 +157,34 @@ def _process_inbound(sessions, claim: Claim, worker, clock, rng) -> Result:
     return Result(done.outcome, claim.label, summary, done.next_attempt_at)
 
 
-def _attempt(writer: Writer, claim: Claim, provider_for, idempotent, worker, clock,
-             rng) -> Result:
-    """Dead-letter a spent message, or call the provider once and record the outcome."""
+def _attempt(writer: Writer, claim: Claim, provider_for, idempotent, verify_after, worker,
+             clock, rng) -> Result:
+    """Verify the last attempt if it has to be, dead-letter a spent message, or call the
+    provider once and record the outcome."""
     policy = config.current_retry_policy(claim.provider)
+    try:
+        provider = provider_for(claim.provider)
+    except Exception as exc:   # bad settings: nothing was sent
+        provider, failure = None, decisions.unavailable(f"{type(exc).__name__}: {exc}",
+                                                        PROVIDER_UNAVAILABLE_RETRY_S)
+    if claim.verify_first:
+        # Before the budget check: a spent message whose last attempt took effect is
+        # delivered, and one that cannot be told is a "needs review", not "exhausted".
+        if provider is None:   # it cannot be asked now: wait, keeping the question
+            return _record(writer, claim, failure, Decision(
+                AttemptOutcome.DEFERRED, claim.attempts, claim.rate_limited_count,
+                clock() + timedelta(seconds=PROVIDER_UNAVAILABLE_RETRY_S), verify_first=True),
+                worker, clock)
+        verified = _verify(writer, claim, provider, policy, worker, clock)
+        if verified is not None:
+            return verified
     spent = decisions.before_attempt(attempts=claim.attempts,
                                      rate_limited=claim.rate_limited_count,
                                      budget_started_at=claim.budget_started_at, policy=policy,
                                      now=claim.claimed_at)
     if spent is not None:
         return _record(writer, claim, decisions.EXHAUSTED, spent, worker, clock)
-    try:
-        provider = provider_for(claim.provider)
-    except Exception as exc:   # bad settings: nothing was sent
-        failure = decisions.unavailable(f"{type(exc).__name__}: {exc}",
-                                        PROVIDER_UNAVAILABLE_RETRY_S)
-    else:
+    if provider is not None:
         try:
             delivery = provider.deliver(claim.operation, claim.payload, claim.idempotency_key)
         except Exception as exc:
@@ -180,7 +198,50 @@ def _attempt(writer: Writer, claim: Claim, provider_for, idempotent, worker, clo
     decision = decisions.decide(failure, attempts=claim.attempts,
                                 rate_limited=claim.rate_limited_count,
                                 budget_started_at=claim.budget_started_at, policy=policy,
-                                idempotent=idempotent(claim.provider), now=clock(), rng=rng)
+                                idempotent=idempotent(claim.provider), now=clock(), rng=rng,
+                                verify_after_s=verify_after(claim.provider))
+    return _record(writer, claim, failure, decision, worker, clock)
+
+
+def _verify(writer: Writer, claim: Claim, provider, policy, worker, clock) -> Result | None:
+    """The last attempt may have taken effect: ask the provider before sending again.
+
+    Found: delivered, with the provider's reference (nothing is sent). Not found: None, and
+    the caller sends. The lookup cannot tell (or is refused: 401/403, e.g. a key without
+    the Email Activity add-on): dead letter, "needs review". The lookup fails for now
+    (timeout, 5xx, 429, breaker open): deferred, no attempt consumed, asked again later.
+    """
+    try:
+        found = provider.verify(claim.operation, claim.payload, claim.idempotency_key)
+    except Exception as exc:
+        failure = decisions.failure_from(exc)
+        failure = replace(failure, detail=f"verification failed: {failure.detail}",
+                          maybe_acted=False)
+        if failure.handling is Handling.DEAD:
+            return _cannot_tell(writer, claim, failure, worker, clock)
+        wait = (timedelta(seconds=failure.retry_after_s) if failure.retry_after_s is not None
+                else policy.defer_delay)
+        decision = Decision(AttemptOutcome.DEFERRED, claim.attempts, claim.rate_limited_count,
+                            clock() + wait, verify_first=True)
+        return _record(writer, claim, failure, decision, worker, clock)
+    if found.state == DONE:
+        summary = f"verified: the last attempt took effect, {found.summary}"
+        if not writer.mark_delivered(claim, status_code=200, provider_ref=found.provider_ref,
+                                     worker=worker, now=clock()):
+            return Result(None, claim.label, f"{summary}; {LEASE_LOST}")
+        return Result(AttemptOutcome.DELIVERED, claim.label, summary)
+    if found.state == NOT_DONE:
+        log.info("%s verified: the last attempt did not take effect (%s); sending again",
+                 claim.label, found.summary)
+        return None
+    return _cannot_tell(writer, claim, replace(decisions.UNVERIFIED, detail=(
+        f"verification could not tell: {found.summary or 'no answer'}")), worker, clock)
+
+
+def _cannot_tell(writer: Writer, claim: Claim, failure: Failure, worker, clock) -> Result:
+    decision = Decision(AttemptOutcome.DEAD, claim.attempts, claim.rate_limited_count,
+                        reason="needs review: the provider may have acted and its lookup "
+                               "cannot tell", needs_review=True)
     return _record(writer, claim, failure, decision, worker, clock)
 
 

@@ -1,6 +1,7 @@
 """What a worker checks before it consumes anything; it refuses to start (exit 2) on a problem.
 
-* every provider's settings parse (rate-limit specs, timeouts, retry policy);
+* every provider's settings parse (rate-limit specs, timeouts, retry policy, the delay
+  before a lookup of an ambiguous attempt);
 * the database is reachable and migrated to the latest revision;
 * for each provider queue this worker consumes, the credential can be read now (a key
   file that is missing, unreadable, empty or not UTF-8 would defer every message until
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 from integrations.errors import ConfigurationError
 from integrations.protection import ProtectionSettings
-from integrations.registry import check_provider, known_providers
+from integrations.registry import check_provider, known_providers, verify_after
 from outbox.config import INBOUND, RelaySettings, retry_policy
 from outbox.db import check_migrated
 from outbox.errors import DatabaseNotReady
@@ -53,6 +54,7 @@ def check_worker(queues: Iterable[str]) -> Findings:
     for name in known_providers():
         try:
             retry_policy(name)
+            verify_after(name)
         except ConfigurationError as exc:
             found.problems.append(str(exc))
         check = check_provider(name)

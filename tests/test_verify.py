@@ -1,0 +1,186 @@
+"""Verify before retry (issue 10 §3, e-mail): an ambiguous failure of a provider without
+idempotency keys is looked up at the provider before anything is sent again, instead of
+becoming a "needs review" dead letter.
+
+Against the real sandbox over HTTP (its Email Activity search, ``GET /v3/messages``) and a
+real database, with ``deliver_message``'s injected clock, as in ``test_classification``.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from integrations.base import DONE, NOT_DONE
+from integrations.registry import build_provider
+from outbox import Attempt, lifecycle
+from outbox.config import retry_policy
+from outbox.decisions import LOST, decide
+from outbox.models import AttemptOutcome
+from tests.test_classification import EMAIL, LEASE, T0, Clock, add, fault, row, run
+
+SEND = "/v3/mail/send"
+SEARCH = "/v3/messages"
+VERIFY_AFTER = timedelta(seconds=300)   # the email adapter's default
+
+
+@pytest.fixture(autouse=True)
+def _no_broker(publisher):
+    """Enqueued rows go to a recording publisher (see ``test_classification``)."""
+
+
+@pytest.fixture
+def email(sandbox):
+    provider = build_provider("email", {"OUTBOX_EMAIL_BASE_URL": sandbox.url,
+                                        "OUTBOX_EMAIL_API_KEY": "sk_test_outbox",
+                                        "OUTBOX_EMAIL_TIMEOUT": "2"})
+    yield provider
+    provider.close()
+
+
+def _add(sessions, key):
+    return add(sessions, key, EMAIL, provider="email", operation="send")
+
+
+def _sends(sandbox, key):
+    return sum(1 for e in sandbox.state.stats()["request_log"]
+               if e["path"] == SEND and e["key"] == key)
+
+
+def _effects(sandbox, key):
+    return sandbox.state.stats(include_log=False)["effects_by_key"].get(key, 0)
+
+
+def _outcomes(sessions, message_id):
+    with sessions() as s:
+        return list(s.scalars(select(Attempt.outcome).where(Attempt.message_id == message_id)
+                              .order_by(Attempt.id)))
+
+
+def test_the_lookup_finds_a_sent_key_and_not_an_unsent_one(email, sandbox):
+    key = 'order-7 "gift" \\ wrap'     # quotes and a backslash survive the query
+    delivery = email.deliver("send", EMAIL, key)
+    found = email.verify("send", EMAIL, key)
+    assert (found.state, found.provider_ref) == (DONE, delivery.provider_ref)
+    assert email.verify("send", EMAIL, "order-8").state == NOT_DONE
+    assert email.verify("send", EMAIL, 'order-7 "gift"').state == NOT_DONE
+
+
+def test_an_email_sent_before_its_500_is_found_and_delivered_without_a_second_send(
+        sessions, email, sandbox):
+    fault(sandbox, fault="error_after", status=500, count=1, path=SEND)
+    mid = _add(sessions, "after-effect")
+    clock = Clock()
+    assert run(sessions, email, mid, clock).outcome is AttemptOutcome.RETRY
+    m = row(sessions, mid)
+    assert (m.status, m.attempts, m.verify_first, m.needs_review) == ("pending", 1, True, False)
+    assert m.next_attempt_at == T0 + VERIFY_AFTER
+    clock.now = m.next_attempt_at
+    result = run(sessions, email, mid, clock)
+    assert result.outcome is AttemptOutcome.DELIVERED
+    assert result.summary.startswith("verified: the last attempt took effect")
+    m = row(sessions, mid)
+    assert m.status == "delivered" and m.provider_ref in sandbox.state.emails
+    assert (_sends(sandbox, "after-effect"), _effects(sandbox, "after-effect")) == (1, 1)
+    assert _outcomes(sessions, mid) == ["retry", "delivered"]
+
+
+def test_an_email_whose_500_came_before_sending_is_sent_again_once(sessions, email, sandbox):
+    fault(sandbox, fault="error_before", status=500, count=1, path=SEND)
+    mid = _add(sessions, "before-effect")
+    clock = Clock()
+    assert run(sessions, email, mid, clock).outcome is AttemptOutcome.RETRY
+    clock.now = row(sessions, mid).next_attempt_at
+    result = run(sessions, email, mid, clock)
+    assert result.outcome is AttemptOutcome.DELIVERED and not result.summary.startswith("verif")
+    m = row(sessions, mid)
+    assert (m.status, m.verify_first, m.needs_review) == ("delivered", False, False)
+    assert (_sends(sandbox, "before-effect"), _effects(sandbox, "before-effect")) == (2, 1)
+
+
+def test_a_lookup_this_key_may_not_make_needs_review(sessions, email, sandbox):
+    """403 from the search (a key without the Email Activity add-on): it cannot tell, so
+    a person decides, as without verification; nothing is sent again."""
+    fault(sandbox, fault="error_after", status=500, count=1, path=SEND)
+    fault(sandbox, fault="status", status=403, path=SEARCH)
+    mid = _add(sessions, "no-access")
+    clock = Clock()
+    run(sessions, email, mid, clock)
+    clock.now = row(sessions, mid).next_attempt_at
+    assert run(sessions, email, mid, clock).outcome is AttemptOutcome.DEAD
+    m = row(sessions, mid)
+    assert (m.status, m.needs_review, m.verify_first) == ("dead", True, False)
+    assert m.last_error.startswith("needs review: the provider may have acted and its lookup "
+                                   "cannot tell: verification failed: ")
+    assert _sends(sandbox, "no-access") == 1
+
+
+def test_a_failing_lookup_waits_without_an_attempt_and_asks_again(sessions, email, sandbox):
+    fault(sandbox, fault="error_after", status=500, count=1, path=SEND)
+    fault(sandbox, fault="status", status=503, count=1, path=SEARCH)
+    mid = _add(sessions, "search-down")
+    clock = Clock()
+    run(sessions, email, mid, clock)
+    clock.now = row(sessions, mid).next_attempt_at
+    assert run(sessions, email, mid, clock).outcome is AttemptOutcome.DEFERRED
+    m = row(sessions, mid)
+    assert (m.status, m.attempts, m.verify_first) == ("pending", 1, True)
+    assert m.next_attempt_at == clock.now + retry_policy("email").defer_delay
+    clock.now = m.next_attempt_at
+    assert run(sessions, email, mid, clock).outcome is AttemptOutcome.DELIVERED
+    assert (_sends(sandbox, "search-down"), _effects(sandbox, "search-down")) == (1, 1)
+    assert _outcomes(sessions, mid) == ["retry", "deferred", "delivered"]
+
+
+def test_a_lost_lease_on_email_verifies_instead_of_needing_review(sessions):
+    mid = _add(sessions, "lost")
+    with sessions() as s:
+        assert lifecycle.claim(s, mid, LEASE, T0) is not None
+        recovered = lifecycle.recover_expired_leases(
+            s, idempotent=lambda _: False, policy_for=retry_policy,
+            verify_after=lambda _: VERIFY_AFTER.total_seconds(), now=T0 + LEASE)
+    [(_, decision)] = recovered
+    assert decision.verify_first and decision.outcome is AttemptOutcome.RETRY
+    m = row(sessions, mid)
+    assert (m.status, m.verify_first, m.needs_review) == ("pending", True, False)
+    assert m.next_attempt_at == T0 + LEASE + VERIFY_AFTER
+
+
+def test_a_spent_budget_still_needs_review_when_the_provider_could_verify():
+    policy = retry_policy("email")
+    at = T0 + policy.max_age + timedelta(seconds=1)
+    decision = decide(LOST, attempts=0, rate_limited=0, budget_started_at=T0, policy=policy,
+                      idempotent=False, now=at, rng=random.Random(1), verify_after_s=300.0)
+    assert (decision.outcome, decision.needs_review, decision.verify_first) == (
+        AttemptOutcome.DEAD, True, False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_worker_verifies_an_ambiguous_email_and_delivers_it_once(sessions, procs, sandbox,
+                                                                   celery_publisher):
+    """The same with a real worker and relay, the lookup 1 s after the ambiguous 500."""
+    from outbox import MessageStatus, enqueue
+    from outbox.models import Message
+    from tests.harness import wait_until
+
+    env = {"OUTBOX_EMAIL_VERIFY_AFTER": "1"}
+    procs.worker("w1", queues="email", **env)
+    procs.relay(**env)
+    fault(sandbox, fault="error_after", status=500, count=1, path=SEND)
+    with sessions() as s:
+        enqueue(s, provider="email", operation="send", payload=EMAIL, idempotency_key="e2e")
+        s.commit()
+
+    def delivered():
+        with sessions() as s:
+            return s.scalar(select(Message).where(Message.idempotency_key == "e2e",
+                                                  Message.status == MessageStatus.DELIVERED))
+
+    message = wait_until(delivered, 60, message="the e-mail to be verified and delivered")
+    assert (message.needs_review, message.provider_ref in sandbox.state.emails) == (False, True)
+    assert (_sends(sandbox, "e2e"), _effects(sandbox, "e2e")) == (1, 1)
+    assert _outcomes(sessions, message.id) == ["retry", "delivered"]
