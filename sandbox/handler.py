@@ -141,7 +141,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         path, _, query = self.path.partition("?")
-        self._query = query
+        self._path, self._query = path, query
         self._flavor = EMAIL if path.startswith(mail.PREFIX) else PAYMENTS
         try:
             if path.startswith(PREFIX):
@@ -204,7 +204,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self._account(DROPPED)  # no-op unless no response was sent
 
     def _respond(self, result: Result, headers: dict[str, str] | None = None) -> int:
-        self._send(result.status, result.body, {**(result.headers or {}), **(headers or {})})
+        limits = (self.state.rate_limit_headers(self._path) if self._flavor == EMAIL else {})
+        self._send(result.status, result.body,
+                   {**limits, **(result.headers or {}), **(headers or {})})
         return result.status
 
     def _payments_inner(self, path: str, key: str | None) -> int:

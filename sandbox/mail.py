@@ -172,17 +172,26 @@ def _personalizations(value: Any) -> list[Problem]:
                              "object with a valid email address."))
             continue
         seen: set[str] = set()
-        for j, recipient in enumerate(to):
-            problems += _address(recipient, f"personalizations.{i}.to.{j}", required=True)
-            email = recipient.get("email") if isinstance(recipient, dict) else None
-            if isinstance(email, str):
-                if email.lower() in seen:
-                    problems.append((f"personalizations.{i}", "Each email address in the "
-                                     "personalization block should be unique between to, cc, "
-                                     f"and bcc. We found a duplicate in the personalizations.{i}"
-                                     ".to field."))
-                seen.add(email.lower())
-        total += len(to)
+        for kind in ("to", "cc", "bcc"):
+            people = item.get(kind) if kind != "to" else to
+            if people is None:
+                continue
+            if not isinstance(people, list):
+                problems.append((f"personalizations.{i}.{kind}",
+                                 f"The {kind} field must be an array of email objects."))
+                continue
+            for j, recipient in enumerate(people):
+                problems += _address(recipient, f"personalizations.{i}.{kind}.{j}",
+                                     required=True)
+                email = recipient.get("email") if isinstance(recipient, dict) else None
+                if isinstance(email, str):
+                    if email.lower() in seen:
+                        problems.append((f"personalizations.{i}", "Each email address in the "
+                                         "personalization block should be unique between to, "
+                                         "cc, and bcc. We found a duplicate in the "
+                                         f"personalizations.{i}.{kind} field."))
+                    seen.add(email.lower())
+            total += len(people)
     if total > MAX_RECIPIENTS:
         problems.append(("personalizations", "The total number of recipients must be no more "
                                              f"than {MAX_RECIPIENTS}."))
@@ -255,8 +264,18 @@ def new_message_id() -> str:
     return secrets.token_urlsafe(16)[:22]
 
 
+def sandbox_mode(document: dict) -> bool:
+    """``mail_settings.sandbox_mode.enable``: SendGrid validates the mail and sends nothing."""
+    settings = document.get("mail_settings")
+    mode = settings.get("sandbox_mode") if isinstance(settings, dict) else None
+    return isinstance(mode, dict) and mode.get("enable") is True
+
+
 def send(state: SandboxState, document: dict, key: str) -> Result:
-    """Accept a valid mail-send body: one effect under ``key``, 202 with ``X-Message-Id``."""
+    """Accept a valid mail-send body: one effect under ``key``, 202 with ``X-Message-Id``;
+    in sandbox mode, 200 with nothing sent (no effect, no message id)."""
+    if sandbox_mode(document):
+        return Result(200, None)
     message_id = new_message_id()
     recipients = [r["email"] for p in document["personalizations"] for r in p["to"]]
     with state.lock:

@@ -185,6 +185,21 @@ class SandboxState:
             frees_at = admitted[len(admitted) - limit.limit] + limit.window_s
             return max(1, math.ceil(frees_at - now))
 
+    def rate_limit_headers(self, path: str) -> dict[str, str]:
+        """SendGrid's ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` (epoch seconds) for a
+        request on ``path``, after its admission; {} when no limit applies to it."""
+        with self.lock:
+            limit = self.rate_limit
+            if limit is None or not limit.applies_to(path):
+                return {}
+            now = time.monotonic()
+            admitted = [t for t in self._admitted if t > now - limit.window_s]
+            # Room comes back when the oldest admission in the window leaves it.
+            frees_in = (admitted[0] + limit.window_s - now) if admitted else 0.0
+            return {"X-RateLimit-Limit": str(limit.limit),
+                    "X-RateLimit-Remaining": str(max(limit.limit - len(admitted), 0)),
+                    "X-RateLimit-Reset": str(math.ceil(time.time() + frees_in))}
+
     def end_request(self, token: dict, status: int | str) -> None:
         """Record the outcome (an HTTP status, or "dropped") of a request."""
         with self.lock:

@@ -435,3 +435,21 @@ def test_celery_declares_an_email_queue():
     from tasks import app
 
     assert "email" in [queue.name for queue in app.conf.task_queues]
+
+
+def test_sendgrid_rate_limit_headers_pause_every_worker_before_a_429(sandbox, redis_url):
+    """The sandbox answers X-RateLimit-* like SendGrid (3 per 1 s here): the provider reads
+    "Remaining: 0" and pauses until the reset, so six sends in a row see no 429."""
+    requests.post(sandbox.url + "/_sandbox/config", timeout=5, json={
+        "rate_limit": {"limit": 3, "window_s": 1, "path_prefix": "/v3/"}}).raise_for_status()
+    env = {"OUTBOX_EMAIL_BASE_URL": sandbox.url, "OUTBOX_EMAIL_API_KEY": "sk_test_outbox",
+           "OUTBOX_EMAIL_MAX_WAIT": "5"}
+    provider = build_provider("email", env, redis=redis_url)
+    try:
+        for i in range(6):
+            provider.deliver("send", {"to": "ann@example.com", "from": "shop@example.com",
+                                      "subject": f"n{i}", "text": "x"}, f"pace-{i}")
+    finally:
+        provider.close()
+    stats = sandbox.state.stats(include_log=False)
+    assert stats["status_counts"] == {"202": 6}

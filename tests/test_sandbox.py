@@ -610,3 +610,35 @@ def test_rate_limit_path_prefix_removal_reset_and_validation(srv):
                                                                     "per": "x"}, [1]):
         r = requests.post(srv.url + "/_sandbox/config", json={"rate_limit": bad}, timeout=5)
         assert r.status_code == 400, bad
+
+
+def test_email_answers_carry_sendgrid_rate_limit_headers(srv):
+    """With a limit on /v3/, every e-mail answer says X-RateLimit-Limit/-Remaining/-Reset
+    (epoch seconds), as SendGrid's do; the 429 too. Payments answers do not."""
+    requests.post(srv.url + "/_sandbox/config", timeout=5, json={
+        "rate_limit": {"limit": 3, "window_s": 10, "path_prefix": "/v3/"}}).raise_for_status()
+    answers = [send_mail(srv, f"rl-{i}") for i in range(4)]
+    assert [r.status_code for r in answers] == [202, 202, 202, 429]
+    assert [r.headers["X-RateLimit-Remaining"] for r in answers] == ["2", "1", "0", "0"]
+    assert {r.headers["X-RateLimit-Limit"] for r in answers} == {"3"}
+    reset = int(answers[-1].headers["X-RateLimit-Reset"])
+    assert time.time() < reset <= time.time() + 11
+    assert "X-RateLimit-Remaining" not in charge(srv, "no-limit-headers").headers
+
+
+def test_email_sandbox_mode_validates_and_sends_nothing(srv):
+    body = {**MAIL, "mail_settings": {"sandbox_mode": {"enable": True}}}
+    r = send_mail(srv, "sandbox-mode", body=body)
+    assert (r.status_code, r.content, r.headers.get("X-Message-Id")) == (200, b"", None)
+    assert send_mail(srv, body={**body, "subject": ""}).status_code == 400   # still validated
+    assert stats(srv)["effects_total"] == 0 and srv.state.emails == {}
+
+
+@pytest.mark.parametrize("kind", ["cc", "bcc"])
+def test_email_an_address_twice_across_to_cc_and_bcc_is_400(srv, kind):
+    people = {"to": [{"email": "ann@example.com"}], kind: [{"email": "Ann@Example.com"}]}
+    r = send_mail(srv, body={**MAIL, "personalizations": [people]})
+    assert r.status_code == 400
+    [error] = r.json()["errors"]
+    assert error["field"] == "personalizations.0" and f"personalizations.0.{kind}" in error["message"]
+    assert stats(srv)["effects_total"] == 0
