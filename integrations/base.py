@@ -82,9 +82,10 @@ class Adapter(ABC):
         effect (verify before retry, after an ambiguous failure); None: no lookup."""
         return None
 
-    def verification(self, operation: str, response: Response) -> Verification:
-        """Read the answer to ``verify_request``. Raise the classified ``IntegrationError``
-        for a non-2xx answer."""
+    def verification(self, operation: str, response: Response,
+                     idempotency_key: str) -> Verification:
+        """Read the answer to ``verify_request`` for ``idempotency_key``. Raise the classified
+        ``IntegrationError`` for a non-2xx answer."""
         return Verification(UNKNOWN)
 
     def check_request(self) -> Request | None:

@@ -74,6 +74,9 @@ class IntegrationError(Exception):
         retry_after_s: seconds the provider asked us to wait, if it said.
         detail: short sanitised human text.
         probe: set by the provider when the failed call was a half-open breaker probe.
+        key_spent: set by an adapter when the provider stored this answer under the
+            idempotency key (Stripe stores a 500 too): a retry with the same key would
+            only replay it, so the outbox verifies, then sends under the next key.
     """
 
     error_class: ErrorClass = ErrorClass.AMBIGUOUS
@@ -81,6 +84,7 @@ class IntegrationError(Exception):
     maybe_acted: bool = True
     outage_evidence: bool = True
     probe: bool = False
+    key_spent: bool = False
 
     def __init__(self, detail: str = "", *, status_code: int | None = None,
                  code: str | None = None, retry_after_s: float | None = None):

@@ -2,12 +2,26 @@
 
     charge  → POST /v1/payment_intents   (created and confirmed in one call)
     refund  → POST /v1/refunds
+    verify  → GET /v1/payment_intents/search?query=metadata['outbox_key']:'<key>'
+              GET /v1/refunds?payment_intent=<pi>&limit=100   (refunds: no search API)
+
+Every request carries the key twice: ``Idempotency-Key`` and ``metadata[outbox_key]``, so
+that it can be looked up. Stripe stores the result of the first request under a key
+"regardless of whether it succeeds or fails, including 500 errors": a retry with the same
+key replays a 500 until the key expires. So a 500 (or ``Stripe-Should-Retry: false``) is
+an ambiguous failure whose key is **spent**: the outbox waits out the search's
+eventual consistency (``verify_after_s``, 60 s; ``OUTBOX_PAYMENTS_VERIFY_AFTER``), looks the
+key up, and sends under the next key only if nothing was charged
+(``outbox.decisions``, rule 1). ``Stripe-Should-Retry: true`` makes any failure a
+transient one (retry, same key).
 
 Error bodies look like ``{"error": {"type", "code", "decline_code", "message", "param"}}``
 and refine the status-based classification (``integrations.classify``):
 
     409 code=idempotency_key_in_use             Transient  (the first request is still running)
     400/409 type=idempotency_error              ClientError (key reused with other parameters)
+    500, or Stripe-Should-Retry: false on a 5xx Ambiguous, key spent (verify, next key)
+    Stripe-Should-Retry: true                   Transient  (same key)
     402 code=card_declined, 4xx                 ClientError with the provider code
     2xx charge whose intent ended in requires_payment_method / requires_action /
         requires_confirmation / canceled, or a refund that failed / was canceled
@@ -16,16 +30,33 @@ and refine the status-based classification (``integrations.classify``):
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import schemas
-from integrations.base import Adapter, Delivery, Request, Response
+from integrations.base import (
+    DONE,
+    NOT_DONE,
+    UNKNOWN,
+    Adapter,
+    Delivery,
+    Request,
+    Response,
+    Verification,
+)
 from integrations.classify import classify, make_error
-from integrations.errors import ClientError, IntegrationError, InvalidResponse, Transient
+from integrations.errors import (
+    Ambiguous,
+    ClientError,
+    IntegrationError,
+    InvalidResponse,
+    Transient,
+)
 from integrations.sanitize import sanitize
 
 STRIPE_VERSION = "2024-06-20"
+KEY_FIELD = "outbox_key"   # metadata[outbox_key]: the key, searchable
 
 _PATHS = {"charge": "/v1/payment_intents", "refund": "/v1/refunds"}
 _RESPONSE_SCHEMAS = {"charge": "payment_intent", "refund": "refund"}
@@ -47,6 +78,39 @@ class PaymentsAdapter(Adapter):
     operations = frozenset({"charge", "refund"})
     supports_idempotency = True
     auth = "bearer"
+    verify_after_s = 60.0   # Stripe's search "can lag behind by up to a minute"
+
+    def verify_request(self, operation: str, payload: Mapping[str, Any],
+                       idempotency_key: str) -> Request:
+        """Find the object this key created: charges by the search API on the key in their
+        metadata, refunds in the payment intent's refund list."""
+        headers = {"Stripe-Version": STRIPE_VERSION}
+        if operation == "charge":
+            quoted = idempotency_key.replace("\\", "\\\\").replace("'", "\\'")
+            query = urllib.parse.quote(f"metadata['{KEY_FIELD}']:'{quoted}'", safe="")
+            return Request("GET", f"{_PATHS['charge']}/search?query={query}&limit=10",
+                           headers=headers)
+        intent = urllib.parse.quote(str(payload["payment_intent"]), safe="")
+        return Request("GET", f"{_PATHS['refund']}?payment_intent={intent}&limit=100",
+                       headers=headers)
+
+    def verification(self, operation: str, response: Response,
+                     idempotency_key: str) -> Verification:
+        """Found and not failed: ``done``; none (or only failed ones: sending again gets the
+        provider's real answer): ``not_done``; an unreadable list: ``unknown``."""
+        if not 200 <= response.status_code < 300:
+            raise self.error_for(response)
+        data = response.body.get("data") if isinstance(response.body, dict) else None
+        if not isinstance(data, list):
+            return Verification(UNKNOWN, summary="unreadable list answer")
+        mine = [o for o in data if isinstance(o, dict) and isinstance(o.get("metadata"), dict)
+                and o["metadata"].get(KEY_FIELD) == idempotency_key]
+        done = [o for o in mine if o.get("status") not in _FAILED_STATES[operation]]
+        if not done:
+            return Verification(NOT_DONE, summary=f"{len(mine)} failed, none done"
+                                if mine else "nothing under this key")
+        ref, state = sanitize(str(done[0].get("id")), 80), sanitize(str(done[0].get("status")), 64)
+        return Verification(DONE, ref, f"found {ref} {state}")
 
     def check_request(self) -> Request:
         """``GET /v1/balance``: read-only, and refused with 401 for a bad or revoked key."""
@@ -75,6 +139,7 @@ class PaymentsAdapter(Adapter):
             form["confirm"] = "true"
             form["automatic_payment_methods[enabled]"] = "true"
             form["automatic_payment_methods[allow_redirects]"] = "never"
+        form[f"metadata[{KEY_FIELD}]"] = idempotency_key   # so that it can be looked up
         headers = {"Idempotency-Key": idempotency_key, "Stripe-Version": STRIPE_VERSION}
         return Request("POST", _PATHS[operation], headers=headers, form=form)
 
@@ -112,8 +177,14 @@ class PaymentsAdapter(Adapter):
         if error.get("decline_code") and error.get("decline_code") != code:
             detail = f"{detail or 'declined'} (decline_code: {error['decline_code']})"
         code = code or error.get("decline_code") or kind
-        if code == "idempotency_key_in_use":
+        should_retry = str(response.headers.get("Stripe-Should-Retry", "")).lower()
+        if code == "idempotency_key_in_use" or should_retry == "true":
             return make_error(Transient, response, code=code, detail=detail)
+        if response.status_code == 500 or (response.status_code >= 500
+                                           and should_retry == "false"):
+            found = make_error(Ambiguous, response, code=code, detail=detail)
+            found.key_spent = True   # stored under the key: the same key replays it
+            return found
         if kind == "idempotency_error" and response.status_code in (400, 409):
             return make_error(ClientError, response, code=code, detail=detail)
         found = classify(response, code=code, detail=detail)

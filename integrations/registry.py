@@ -144,7 +144,7 @@ class Provider:
         try:
             response = self._observed(self.client.send(request, auth=self.adapter.auth))
             try:
-                return self.adapter.verification(operation, response)
+                return self.adapter.verification(operation, response, idempotency_key)
             except RateLimited as exc:
                 if self.protection is not None:
                     self.protection.pause(exc.retry_after_s or DEFAULT_429_PAUSE_S)

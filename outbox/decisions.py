@@ -8,9 +8,11 @@ module adds what only the outbox knows — the provider's idempotency, the retry
 the breaker probe — and applies these rules, first match wins:
 
 1. The provider **may have acted** and **cannot deduplicate** a retry (no idempotency
-   keys, e.g. email): if it can **verify** (look the key up: ``Adapter.verify_request``),
+   keys, e.g. email; or the key is **spent**: the provider stored this very answer under
+   it, as Stripe does a 500, so the same key would replay it): if it can **verify** (look the key up: ``Adapter.verify_request``),
    the next attempt is due once the lookup can be trusted (``verify_after_s``) and
-   **verifies first** — found: delivered; not found: sent again — consuming this attempt;
+   **verifies first** — found: delivered; not found: sent again (under the next key, for a
+   provider with keys: ``lifecycle.Claim.provider_key``) — consuming this attempt;
    otherwise, or with the budget spent, dead letter, **needs review** — a person decides,
    because a retry could act twice. (Ambiguous errors, lost leases and unexpected
    exceptions on such a provider end here.)
@@ -58,6 +60,7 @@ class Failure:
         label: status and code only (``402 card_declined``), for logs and Flower.
         status_code, code, retry_after_s: from the provider's response, when there was one.
         probe: the call was a half-open breaker probe.
+        key_spent: the provider stored this answer under the key; the same key replays it.
     """
 
     error_class: str
@@ -70,6 +73,7 @@ class Failure:
     code: str | None = None
     retry_after_s: float | None = None
     probe: bool = False
+    key_spent: bool = False
 
 
 LOST_DETAIL = "worker lost: lease expired before an outcome was recorded"
@@ -88,7 +92,7 @@ def failure_from(exc: BaseException) -> Failure:
     if isinstance(exc, IntegrationError):
         return Failure(exc.error_class.value, exc.handling, exc.maybe_acted,
                        exc.outage_evidence, sanitize(str(exc)), exc.label(), exc.status_code,
-                       exc.code, exc.retry_after_s, exc.probe)
+                       exc.code, exc.retry_after_s, exc.probe, exc.key_spent)
     name = type(exc).__name__
     return Failure(INTERNAL, Handling.BACKOFF, maybe_acted=True, outage_evidence=False,
                    detail=sanitize(f"{name}: {exc}"), label=name)
@@ -141,14 +145,16 @@ def decide(failure: Failure, *, attempts: int, rate_limited: int, budget_started
         verify_after_s: how long after an ambiguous failure the provider's lookup can be
             trusted; None: the provider cannot verify.
     """
-    if failure.maybe_acted and not idempotent:
+    if failure.maybe_acted and (not idempotent or failure.key_spent):
         if verify_after_s is not None and not policy.exhausted(attempts + 1, budget_started_at,
                                                                now):
             return Decision(AttemptOutcome.RETRY, attempts + 1, rate_limited,
                             now + timedelta(seconds=verify_after_s), verify_first=True)
         return Decision(AttemptOutcome.DEAD, attempts + 1, rate_limited,
                         reason="needs review: the provider may have acted and cannot "
-                               "deduplicate a retry",
+                               "deduplicate a retry" if not idempotent else
+                               "needs review: the provider may have acted and keeps "
+                               "answering this key with the same error",
                         needs_review=True)
     if failure.handling is Handling.DEAD:
         return Decision(AttemptOutcome.DEAD, attempts + 1, rate_limited,

@@ -9,6 +9,7 @@ message was re-claimed) cannot overwrite the newer attempt.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,10 +43,32 @@ class Claim:
     claimed_at: datetime
     ordering_key: str | None = None
     verify_first: bool = False   # ask the provider whether the last attempt took effect
+    key_generation: int = 0
 
     @property
     def label(self) -> str:
         return f"{self.provider}.{self.operation} {self.id}"
+
+    @property
+    def provider_key(self) -> str:
+        """The key the provider sees: the message's own, or after a spent key was verified
+        not done, ``<key>~<generation>`` (a digest of the key stands in when that would pass
+        the 255-character limit). Deterministic, so a send under it that was lost is
+        deduplicated by the provider like any other."""
+        return provider_key(self.idempotency_key, self.key_generation)
+
+
+def provider_key(key: str, generation: int) -> str:
+    """``Claim.provider_key`` for a key and generation."""
+    if generation == 0:
+        return key
+    suffix = f"~{generation}"
+    if len(key) + len(suffix) > MAX_KEY:
+        key = hashlib.sha256(key.encode()).hexdigest()
+    return key + suffix
+
+
+MAX_KEY = 255
 
 
 def claim(session: Session, message_id: str, lease: timedelta,
@@ -126,7 +149,7 @@ def _claim_statement(which):
         .returning(_M.c.id, _M.c.provider, _M.c.operation, _M.c.payload, _M.c.idempotency_key,
                    _M.c.correlation_id, _M.c.attempts, _M.c.rate_limited_count,
                    _M.c.lease_token, _M.c.budget_started_at, _M.c.ordering_key,
-                   _M.c.verify_first)
+                   _M.c.verify_first, _M.c.key_generation)
     )
 
 
@@ -169,7 +192,8 @@ _DELIVERED = update(_M).where(
 ).values(
     status=MessageStatus.DELIVERED, delivered_at=bindparam("now"), updated_at=bindparam("now"),
     lease_expires_at=None, provider_ref=bindparam("ref"), last_status_code=bindparam("code"),
-    attempts=_M.c.attempts + 1, dead_at=None, needs_review=False, verify_first=False)
+    attempts=_M.c.attempts + 1, dead_at=None, needs_review=False, verify_first=False,
+    key_generation=bindparam("gen"))
 
 _FAILED = {   # status → statement; the failure columns come from the Failure
     status: _FENCED.values(
@@ -177,6 +201,7 @@ _FAILED = {   # status → statement; the failure columns come from the Failure
         attempts=bindparam("n_attempts"), rate_limited_count=bindparam("n_limited"),
         last_error_class=bindparam("error_class"), last_status_code=bindparam("code"),
         last_error=bindparam("error"), verify_first=bindparam("verify_first"),
+        key_generation=bindparam("gen"),
         **({"next_attempt_at": bindparam("next_at")} if status == MessageStatus.PENDING
            else {"dead_at": bindparam("now"), "needs_review": bindparam("needs_review")}))
     for status in (MessageStatus.PENDING, MessageStatus.DEAD)
@@ -292,7 +317,7 @@ def apply_delivered_many(session: Session | Connection,
 def _delivered_params(claim: Claim, status_code: int, provider_ref: str | None,
                       now: datetime) -> dict[str, Any]:
     return {"m_id": claim.id, "token": claim.lease_token, "now": now, "ref": provider_ref,
-            "code": status_code}
+            "code": status_code, "gen": claim.key_generation}
 
 
 def record(session: Session, claim: Claim, failure: Failure, decision: Decision, *,
@@ -313,17 +338,19 @@ def record(session: Session, claim: Claim, failure: Failure, decision: Decision,
 def apply_record(session: Session, claim: Claim, failure: Failure, decision: Decision, *,
                  now: datetime, worker: str | None) -> bool:
     """``record`` without the commit, in the caller's transaction."""
-    recorded = _apply(session, claim.id, claim.lease_token, failure, decision, now)
+    recorded = _apply(session, claim.id, claim.lease_token, failure, decision, now,
+                      claim.key_generation)
     _record_attempt(session, claim.id, claim.lease_token, claim.claimed_at, decision.outcome,
                     now, worker, failure, next_attempt_at=_next_at(decision, now))
     return recorded
 
 
 def _apply(session: Session, message_id: str, token: int, failure: Failure,
-           decision: Decision, now: datetime) -> bool:
+           decision: Decision, now: datetime, generation: int) -> bool:
     """The fenced UPDATE of a decided failure; True if the lease token still held."""
     dead = decision.outcome is AttemptOutcome.DEAD
     params = {"m_id": message_id, "token": token, "now": now, "n_attempts": decision.attempts,
+              "gen": generation,
               "n_limited": decision.rate_limited, "error_class": failure.error_class,
               "code": failure.status_code, "verify_first": decision.verify_first,
               "error": f"{decision.reason}: {failure.detail}" if dead else failure.detail}
@@ -366,7 +393,8 @@ def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool
     """
     now = now or utcnow()
     query = (select(Message.id, Message.provider, Message.lease_token, Message.updated_at,
-                    Message.attempts, Message.rate_limited_count, Message.budget_started_at)
+                    Message.attempts, Message.rate_limited_count, Message.budget_started_at,
+                    Message.key_generation)
              .where(Message.status == MessageStatus.IN_FLIGHT, Message.lease_expires_at <= now)
              .order_by(Message.lease_expires_at).limit(limit)
              .with_for_update(skip_locked=True))
@@ -376,7 +404,7 @@ def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool
                           budget_started_at=row.budget_started_at,
                           policy=policy_for(row.provider), idempotent=idempotent(row.provider),
                           now=now, verify_after_s=verify_after(row.provider))
-        if _apply(session, row.id, row.lease_token, LOST, decision, now):
+        if _apply(session, row.id, row.lease_token, LOST, decision, now, row.key_generation):
             outcome = (AttemptOutcome.LOST if decision.outcome is AttemptOutcome.RETRY
                        else decision.outcome)
             # updated_at is the claim time: a claim is the row's last change while in flight.

@@ -96,6 +96,9 @@ class Message(Base):
     # The last attempt's outcome is unknown and the provider can look it up: the next
     # attempt asks it first (``outbox.decisions``, rule 1) and sends only if it was not done.
     verify_first: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Which key the provider sees (``lifecycle.Claim.provider_key``): 0 is the message's own;
+    # after a spent key (a stored error it would replay) was verified not done, the next.
+    key_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Ordered delivery (optional): rows with the same (provider, ordering_key) are delivered
     # one at a time in ordering_seq order, which is their commit order (``outbox.ordering``).
     ordering_key: Mapped[str | None] = mapped_column(String(255))

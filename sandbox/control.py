@@ -51,7 +51,8 @@ def _config(state: SandboxState) -> dict:
                 "email_api_key": mask_key(state.email_api_key) if state.email_api_key else None,
                 "idempotency": state.idempotency,
                 "declined_customers": sorted(state.declined_customers),
-                "rate_limit": state.rate_limit.to_dict() if state.rate_limit else None}
+                "rate_limit": state.rate_limit.to_dict() if state.rate_limit else None,
+                "store_errors": state.store_errors, "search_lag_s": state.search_lag_s}
 
 
 def handle_control(state: SandboxState, method: str, path: str, query: str,
@@ -116,7 +117,8 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
             if not isinstance(data, dict):
                 return _bad("body must be a JSON object")
             unknown = set(data) - {"api_key", "email_api_key", "idempotency",
-                                   "declined_customers", "rate_limit"}
+                                   "declined_customers", "rate_limit", "store_errors",
+                                   "search_lag_s"}
             if unknown:
                 return _bad(f"unknown settings: {sorted(unknown)}")
             key, idem = data.get("api_key"), data.get("idempotency")
@@ -137,8 +139,15 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
             if declined is not None and not (isinstance(declined, list)
                                              and all(isinstance(c, str) for c in declined)):
                 return _bad("declined_customers must be a list of customer ids")
+            store_errors, lag = data.get("store_errors"), data.get("search_lag_s")
+            if store_errors is not None and not isinstance(store_errors, bool):
+                return _bad("store_errors must be true or false")
+            if lag is not None and (not isinstance(lag, int | float) or isinstance(lag, bool)
+                                    or not 0 <= lag <= 3600):
+                return _bad("search_lag_s must be a number of seconds from 0 to 3600")
             state.configure(api_key=key, idempotency=idem, declined_customers=declined,
-                            email_api_key=email_key, rate_limit=limit)
+                            email_api_key=email_key, rate_limit=limit,
+                            store_errors=store_errors, search_lag_s=lag)
         elif method != "GET":
             return _bad("method not allowed", 405)
         return 200, _config(state)

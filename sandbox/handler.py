@@ -262,7 +262,10 @@ class SandboxHandler(BaseHTTPRequestHandler):
         if outcome == "replay":
             self._sleep_latency(rule)
             replay = Result(stored.status, stored.body)
-            return self._finish(replay, rule, {**echo, "Idempotent-Replayed": "true"})
+            # A stored server error comes back the same every time: says so, as Stripe does.
+            advice = {"Stripe-Should-Retry": "false"} if stored.status >= 500 else {}
+            return self._finish(replay, rule,
+                                {**echo, "Idempotent-Replayed": "true", **advice})
         try:
             self._sleep_latency(rule)
             result = endpoint(self.state, params, key)
@@ -270,7 +273,12 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self.state.idem_release(key)
             raise
         if result.store:
-            self.state.idem_store(key, result.status, result.body)
+            stored = result
+            if rule is not None and rule.fault == "error_after" and self.state.store_errors:
+                # Stripe saves the first answer under the key "regardless of whether it
+                # succeeds or fails, including 500 errors": the 500 is what replays.
+                stored = self._server_error(rule.params["status"], "after")
+            self.state.idem_store(key, stored.status, stored.body)
         else:
             self.state.idem_release(key)
         return self._finish(result, rule, echo)
@@ -369,6 +377,10 @@ class SandboxHandler(BaseHTTPRequestHandler):
             if self.command != "GET":
                 return _method_not_allowed(), None
             return payments.balance(self.state), None
+        if path == "/v1/payment_intents/search" and self.command == "GET":   # verification
+            return payments.search_payment_intents(self.state, getattr(self, "_query", "")), None
+        if path == "/v1/refunds" and self.command == "GET":
+            return payments.list_refunds(self.state, getattr(self, "_query", "")), None
         if path == "/v1/events":    # what a poller pages through
             if self.command != "GET":
                 return _method_not_allowed(), None

@@ -6,6 +6,7 @@ import re
 import secrets
 import string
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -156,6 +157,7 @@ def create_payment_intent(state: SandboxState, params: dict, key: str) -> Result
                   "created": int(time.time()), "livemode": False}
         with state.lock:
             state.payment_intents[failed["id"]] = {**failed, "amount_refunded": 0}
+            state.searchable_at[failed["id"]] = time.time() + state.search_lag_s
         state.webhooks.emit("payments", "payment_intent.payment_failed", failed)
         return Result(402, {"error": {
             "type": "card_error", "code": code, "decline_code": decline_code,
@@ -178,6 +180,7 @@ def create_payment_intent(state: SandboxState, params: dict, key: str) -> Result
     }
     with state.lock:
         state.payment_intents[pi["id"]] = {**pi, "amount_refunded": 0}
+        state.searchable_at[pi["id"]] = time.time() + state.search_lag_s
         state.record_effect(key)
     state.webhooks.emit("payments", "payment_intent.succeeded", pi)
     return Result(200, pi, effect=True)
@@ -247,6 +250,48 @@ def balance(state: SandboxState) -> Result:
     return Result(200, {"object": "balance", "livemode": False,
                         "available": [{"amount": total, "currency": "usd"}],
                         "pending": [{"amount": 0, "currency": "usd"}]})
+
+
+_SEARCH = re.compile(r"""^metadata\['([^'\\]+)'\]:'((?:[^'\\]|\\.)*)'$""")
+
+
+def search_payment_intents(state: SandboxState, query_string: str) -> Result:
+    """``GET /v1/payment_intents/search?query=metadata['k']:'v'``: Stripe's search, for the
+    one clause the outbox uses, with its eventual consistency: an intent shows only
+    ``search_lag_s`` after it was created (Stripe: "up to a minute"; here 1 s unless set)."""
+    params = dict(urllib.parse.parse_qsl(query_string))
+    match = _SEARCH.match(params.get("query", ""))
+    if match is None:
+        return invalid("query", "parameter_invalid", "The sandbox searches one clause: "
+                       "metadata['key']:'value'.")
+    field, value = match.group(1), re.sub(r"\\(.)", r"\1", match.group(2))
+    now = time.time()
+    with state.lock:
+        found = [dict(pi) for pid, pi in state.payment_intents.items()
+                 if (pi.get("metadata") or {}).get(field) == value
+                 and state.searchable_at.get(pid, 0.0) <= now]
+    found.sort(key=lambda pi: -pi["created"])
+    return Result(200, {"object": "search_result", "url": "/v1/payment_intents/search",
+                        "has_more": False, "data": found[:_limit(params)]})
+
+
+def list_refunds(state: SandboxState, query_string: str) -> Result:
+    """``GET /v1/refunds?payment_intent=pi_…``: a payment intent's refunds, newest first."""
+    params = dict(urllib.parse.parse_qsl(query_string))
+    intent = params.get("payment_intent")
+    with state.lock:
+        found = [dict(r) for r in state.refunds.values()
+                 if intent is None or r.get("payment_intent") == intent]
+    found.sort(key=lambda r: -r["created"])
+    return Result(200, {"object": "list", "url": "/v1/refunds", "has_more": False,
+                        "data": found[:_limit(params)]})
+
+
+def _limit(params: dict[str, str]) -> int:
+    try:
+        return min(max(int(params.get("limit", "10")), 1), 100)
+    except ValueError:
+        return 10
 
 
 def retrieve(state: SandboxState, kind: str, obj_id: str) -> Result:

@@ -15,6 +15,7 @@ from sandbox.webhooks import WebhookSender
 
 LOG_CAP = 100_000
 DEFAULT_DECLINED_CUSTOMERS = ("cus_declined", "cus_insufficient")
+DEFAULT_SEARCH_LAG_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class SandboxState:
         self.rate_limit: RateLimit | None = None
         self._admitted: collections.deque[float] = collections.deque()
         self.idempotency = True
+        # Stripe stores a 500 under its key and replays it; False: store the success the
+        # endpoint produced instead (the sandbox's behaviour before issue 10).
+        self.store_errors = True
+        # How long a new payment intent takes to show in the search (Stripe: up to a minute).
+        self.search_lag_s = DEFAULT_SEARCH_LAG_S
         # Customers whose card declines; an operator "fixes the card data" by removing one.
         self.declined_customers = set(DEFAULT_DECLINED_CUSTOMERS)
         self.faults = FaultTable()
@@ -92,6 +98,8 @@ class SandboxState:
         self.effect_log: collections.deque[str] = collections.deque(maxlen=LOG_CAP)
         self.idem: dict[str, StoredResult] = {}
         self.payment_intents: dict[str, dict] = {}
+        # When each payment intent shows in the search (its creation + search_lag_s).
+        self.searchable_at: dict[str, float] = {}
         self.refunds: dict[str, dict] = {}
         # Accepted emails by X-Message-Id: {"key", "to", "subject", "t"} (no bodies).
         self.emails: dict[str, dict] = {}
@@ -103,6 +111,8 @@ class SandboxState:
             # Requests still running belong to the old generation and must not leak into the new one.
             self._generation += 1
             self.idempotency = True
+            self.store_errors = True
+            self.search_lag_s = DEFAULT_SEARCH_LAG_S
             self.rate_limit = None
             self.declined_customers = set(DEFAULT_DECLINED_CUSTOMERS)
             self.faults.clear()
@@ -112,7 +122,9 @@ class SandboxState:
     def configure(self, api_key: str | None = None, idempotency: bool | None = None,
                   declined_customers: list[str] | None = None,
                   email_api_key: str | None | bool = False,
-                  rate_limit: RateLimit | None | bool = False) -> None:
+                  rate_limit: RateLimit | None | bool = False,
+                  store_errors: bool | None = None,
+                  search_lag_s: float | None = None) -> None:
         """Change the accepted API keys, switch idempotency handling, set the declining customers.
 
         ``email_api_key``: a key, None to share the payments key again, False (default) to
@@ -120,6 +132,10 @@ class SandboxState:
         to remove it, False (default) to leave it.
         """
         with self.lock:
+            if store_errors is not None:
+                self.store_errors = store_errors
+            if search_lag_s is not None:
+                self.search_lag_s = search_lag_s
             if email_api_key is not False:
                 self.email_api_key = email_api_key
             if rate_limit is not False:

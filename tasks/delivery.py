@@ -178,6 +178,11 @@ def _attempt(writer: Writer, claim: Claim, provider_for, idempotent, verify_afte
         verified = _verify(writer, claim, provider, policy, worker, clock)
         if verified is not None:
             return verified
+        if provider.adapter.supports_idempotency:
+            # Not done under a key the provider answers with a stored error: the next key
+            # (recorded with this attempt's outcome; were that lost, a retry under it is
+            # deduplicated at the provider like any other).
+            claim = replace(claim, key_generation=claim.key_generation + 1)
     spent = decisions.before_attempt(attempts=claim.attempts,
                                      rate_limited=claim.rate_limited_count,
                                      budget_started_at=claim.budget_started_at, policy=policy,
@@ -186,7 +191,7 @@ def _attempt(writer: Writer, claim: Claim, provider_for, idempotent, verify_afte
         return _record(writer, claim, decisions.EXHAUSTED, spent, worker, clock)
     if provider is not None:
         try:
-            delivery = provider.deliver(claim.operation, claim.payload, claim.idempotency_key)
+            delivery = provider.deliver(claim.operation, claim.payload, claim.provider_key)
         except Exception as exc:
             failure = decisions.failure_from(exc)
         else:
@@ -212,7 +217,7 @@ def _verify(writer: Writer, claim: Claim, provider, policy, worker, clock) -> Re
     (timeout, 5xx, 429, breaker open): deferred, no attempt consumed, asked again later.
     """
     try:
-        found = provider.verify(claim.operation, claim.payload, claim.idempotency_key)
+        found = provider.verify(claim.operation, claim.payload, claim.provider_key)
     except Exception as exc:
         failure = decisions.failure_from(exc)
         failure = replace(failure, detail=f"verification failed: {failure.detail}",

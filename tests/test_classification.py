@@ -214,8 +214,13 @@ def test_429_with_http_date_retry_after_is_parsed(sessions, provider, sandbox):
 @pytest.mark.parametrize("kind", ["error_after", "drop_after", "slow_after"])
 def test_ambiguous_failures_retry_with_same_key_and_the_effect_happens_once(
         sessions, provider, sandbox, kind):
-    """500 after the effect / connection dropped / read timeout → ambiguous; the retry with the
-    same idempotency key gets the stored result: delivered, exactly one effect."""
+    """500 after the effect / connection dropped / read timeout → ambiguous, exactly one
+    effect in the end. Dropped or timed out: the retry with the same idempotency key gets
+    the stored result. A 500: Stripe stores it under the key, so the same key would only
+    replay it; the key is spent, and the next attempt, once the search is consistent
+    (60 s), finds the charge by its metadata and records it delivered."""
+    requests.post(sandbox.url + "/_sandbox/config", json={"search_lag_s": 0},
+                  timeout=5).raise_for_status()   # this test's clock is not the sandbox's
     rule = {"fault": kind, "count": 1, "match_key": f"amb-{kind}"}
     if kind == "error_after":
         rule["status"] = 500
@@ -227,12 +232,16 @@ def test_ambiguous_failures_retry_with_same_key_and_the_effect_happens_once(
     first = run(sessions, provider, mid, clock)
     m = row(sessions, mid)
     assert (first.outcome, m.last_error_class, m.attempts) == (AttemptOutcome.RETRY, "ambiguous", 1)
+    assert m.verify_first == (kind == "error_after")
+    if kind == "error_after":
+        assert m.next_attempt_at == T0 + timedelta(seconds=60)
     assert effects(sandbox, f"amb-{kind}") == 1
     clock.now = m.next_attempt_at
     second = run(sessions, provider, mid, clock)
     assert second.outcome is AttemptOutcome.DELIVERED
+    assert second.summary.startswith("verified") == (kind == "error_after")
     assert row(sessions, mid).status == MessageStatus.DELIVERED
-    assert effects(sandbox, f"amb-{kind}") == 1
+    assert sandbox.state.stats(include_log=False)["effects_total"] == 1
 
 
 def test_409_key_in_progress_is_transient(sessions, provider, sandbox):

@@ -81,7 +81,8 @@ def test_charge_request_shape():
                     "description": "Order 42", "payment_method": "pm_card_visa",
                     "metadata[order]": "42", "metadata[note]": "a&b=c", "confirm": "true",
                     "automatic_payment_methods[enabled]": "true",
-                    "automatic_payment_methods[allow_redirects]": "never"}
+                    "automatic_payment_methods[allow_redirects]": "never",
+                    "metadata[outbox_key]": "order-42-charge"}   # so it can be looked up
     assert call.timeout == (2.0, 7.0)
 
 
@@ -91,7 +92,8 @@ def test_refund_request_shape():
     provider.deliver("refund", {"payment_intent": "pi_123", "amount": 500}, "order-42-refund")
     sent = transport.calls[0].request
     assert sent.url.endswith("/v1/refunds")
-    assert dict(parse_qsl(sent.body)) == {"payment_intent": "pi_123", "amount": "500"}
+    assert dict(parse_qsl(sent.body)) == {"payment_intent": "pi_123", "amount": "500",
+                                          "metadata[outbox_key]": "order-42-refund"}
     assert sent.headers["Idempotency-Key"] == "order-42-refund"
 
 

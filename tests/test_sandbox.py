@@ -239,15 +239,44 @@ def test_error_before_has_no_effect(srv):
     assert s["effects_by_key"] == {"eb": 1} and s["status_counts"] == {"503": 1, "200": 1}
 
 
-def test_error_after_applies_effect_then_replays_success(srv):
+def test_error_after_applies_effect_then_replays_the_stored_500_as_stripe_does(srv):
     fault(srv, fault="error_after", status=500, count=1)
     r = charge(srv, "ea")
     assert r.status_code == 500 and r.json()["error"]["type"] == "api_error"
     assert stats(srv)["effects_total"] == 1
     retry = charge(srv, "ea")
+    assert (retry.status_code, retry.headers["Idempotent-Replayed"]) == (500, "true")
+    assert retry.headers["Stripe-Should-Retry"] == "false" and retry.json() == r.json()
+    assert stats(srv)["effects_by_key"] == {"ea": 1}
+
+
+def test_error_after_replays_the_success_when_errors_are_not_stored(srv):
+    requests.post(srv.url + "/_sandbox/config", json={"store_errors": False}, timeout=5)
+    fault(srv, fault="error_after", status=500, count=1)
+    assert charge(srv, "ea").status_code == 500
+    retry = charge(srv, "ea")
     assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
     assert list(srv.state.payment_intents) == [retry.json()["id"]]
     assert stats(srv)["effects_by_key"] == {"ea": 1}
+
+
+def test_search_finds_intents_by_metadata_after_the_lag(srv):
+    requests.post(srv.url + "/_sandbox/config", json={"search_lag_s": 0.3}, timeout=5)
+    made = charge(srv, "s1", data={**CHARGE, "metadata[outbox_key]": "it's-1"}).json()
+    query = "metadata['outbox_key']:'it\\'s-1'"
+
+    def search():
+        r = requests.get(srv.url + "/v1/payment_intents/search", params={"query": query},
+                         headers=AUTH, timeout=5)
+        assert r.status_code == 200
+        return [pi["id"] for pi in r.json()["data"]]
+
+    assert search() == []            # not yet: Stripe's search is eventually consistent
+    time.sleep(0.4)
+    assert search() == [made["id"]]
+    bad = requests.get(srv.url + "/v1/payment_intents/search", params={"query": "amount>1"},
+                       headers=AUTH, timeout=5)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "query"
 
 
 def test_rate_limit(srv):

@@ -1,6 +1,7 @@
-"""Verify before retry (issue 10 §3, e-mail): an ambiguous failure of a provider without
-idempotency keys is looked up at the provider before anything is sent again, instead of
-becoming a "needs review" dead letter.
+"""Verify before retry (issue 10 §3): an ambiguous failure of a provider without
+idempotency keys (e-mail), or one whose key is spent (payments: Stripe stores a 500 under
+the key and replays it), is looked up at the provider before anything is sent again,
+instead of becoming a "needs review" dead letter or a dead letter of replayed 500s.
 
 Against the real sandbox over HTTP (its Email Activity search, ``GET /v3/messages``) and a
 real database, with ``deliver_message``'s injected clock, as in ``test_classification``.
@@ -12,15 +13,17 @@ import random
 from datetime import timedelta
 
 import pytest
+import requests
 from sqlalchemy import select
 
 from integrations.base import DONE, NOT_DONE
+from integrations.errors import Ambiguous, Transient
 from integrations.registry import build_provider
-from outbox import Attempt, lifecycle
+from outbox import Attempt, dispatch, lifecycle
 from outbox.config import retry_policy
 from outbox.decisions import LOST, decide
 from outbox.models import AttemptOutcome
-from tests.test_classification import EMAIL, LEASE, T0, Clock, add, fault, row, run
+from tests.test_classification import CHARGE, EMAIL, LEASE, T0, Clock, add, fault, row, run
 
 SEND = "/v3/mail/send"
 SEARCH = "/v3/messages"
@@ -137,6 +140,7 @@ def test_a_failing_lookup_waits_without_an_attempt_and_asks_again(sessions, emai
 
 def test_a_lost_lease_on_email_verifies_instead_of_needing_review(sessions):
     mid = _add(sessions, "lost")
+    dispatch.dispatcher().flush()   # its UPDATE of the fresh row would hide it from SKIP LOCKED
     with sessions() as s:
         assert lifecycle.claim(s, mid, LEASE, T0) is not None
         recovered = lifecycle.recover_expired_leases(
@@ -183,4 +187,142 @@ def test_a_worker_verifies_an_ambiguous_email_and_delivers_it_once(sessions, pro
     message = wait_until(delivered, 60, message="the e-mail to be verified and delivered")
     assert (message.needs_review, message.provider_ref in sandbox.state.emails) == (False, True)
     assert (_sends(sandbox, "e2e"), _effects(sandbox, "e2e")) == (1, 1)
+    assert _outcomes(sessions, message.id) == ["retry", "delivered"]
+
+
+
+# --- payments: a 500 is stored under its key ----------------------------------------------
+
+CHARGES = "/v1/payment_intents"
+
+
+@pytest.fixture
+def payments(sandbox):
+    """The payments provider against a sandbox whose search has no lag: these tests' clock
+    jumps the 60 s the outbox waits for it, the sandbox's does not."""
+    requests.post(sandbox.url + "/_sandbox/config", json={"search_lag_s": 0},
+                  timeout=5).raise_for_status()
+    provider = build_provider("payments", {"OUTBOX_PAYMENTS_BASE_URL": sandbox.url,
+                                           "OUTBOX_PAYMENTS_API_KEY": "sk_test_outbox"})
+    yield provider
+    provider.close()
+
+
+def test_a_charge_whose_500_came_after_the_effect_is_found_and_delivered_once(
+        sessions, payments, sandbox):
+    fault(sandbox, fault="error_after", status=500, count=1, path=CHARGES)
+    mid = add(sessions, "paid-then-500")
+    clock = Clock()
+    assert run(sessions, payments, mid, clock).outcome is AttemptOutcome.RETRY
+    m = row(sessions, mid)
+    assert (m.verify_first, m.needs_review, m.key_generation) == (True, False, 0)
+    assert m.next_attempt_at == T0 + timedelta(seconds=60)
+    clock.now = m.next_attempt_at
+    result = run(sessions, payments, mid, clock)
+    assert result.outcome is AttemptOutcome.DELIVERED and result.summary.startswith("verified")
+    m = row(sessions, mid)
+    assert m.provider_ref in sandbox.state.payment_intents and m.key_generation == 0
+    stats = sandbox.state.stats(include_log=False)
+    assert stats["effects_total"] == 1 and stats["requests_by_key"]["paid-then-500"] == 1
+
+
+def test_a_charge_whose_500_came_before_the_effect_is_sent_under_the_next_key_once(
+        sessions, payments, sandbox):
+    """Nothing charged under the spent key: the next attempt charges under ``<key>~1``;
+    the spent key would have replayed its 500 (``test_sandbox``)."""
+    fault(sandbox, fault="error_before", status=500, count=1, path=CHARGES)
+    mid = add(sessions, "500-first")
+    clock = Clock()
+    run(sessions, payments, mid, clock)
+    clock.now = row(sessions, mid).next_attempt_at
+    result = run(sessions, payments, mid, clock)
+    assert result.outcome is AttemptOutcome.DELIVERED and not result.summary.startswith("verif")
+    m = row(sessions, mid)
+    assert (m.status, m.key_generation, m.verify_first) == ("delivered", 1, False)
+    stats = sandbox.state.stats(include_log=False)
+    assert stats["effects_total"] == 1 and stats["effects_by_key"] == {"500-first~1": 1}
+    [pi] = sandbox.state.payment_intents.values()
+    assert pi["metadata"]["outbox_key"] == "500-first~1"
+
+
+def test_a_refund_whose_500_came_after_the_effect_is_found_in_the_refund_list(
+        sessions, payments, sandbox):
+    intent = payments.deliver("charge", CHARGE, "to-refund").provider_ref
+    fault(sandbox, fault="error_after", status=500, count=1, path="/v1/refunds")
+    mid = add(sessions, "refund-500", {"payment_intent": intent, "amount": 500},
+              operation="refund")
+    clock = Clock()
+    run(sessions, payments, mid, clock)
+    clock.now = row(sessions, mid).next_attempt_at
+    assert run(sessions, payments, mid, clock).outcome is AttemptOutcome.DELIVERED
+    assert row(sessions, mid).provider_ref in sandbox.state.refunds
+    assert len(sandbox.state.refunds) == 1
+
+
+def _stripe_error(status, headers=None):
+    adapter = build_provider("payments", {"OUTBOX_PAYMENTS_BASE_URL": "http://127.0.0.1:9",
+                                          "OUTBOX_PAYMENTS_API_KEY": "sk_test_x"}).adapter
+    from integrations.base import Response
+    return adapter.error_for(Response(status, headers or {}, {"error": {
+        "type": "api_error", "message": "An unknown error occurred"}}, 0.0))
+
+
+@pytest.mark.parametrize("status, headers, kind, spent", [
+    (500, {}, Ambiguous, True),
+    (500, {"Stripe-Should-Retry": "true"}, Transient, False),
+    (503, {"Stripe-Should-Retry": "false"}, Ambiguous, True),
+    (503, {}, Transient, False),
+    (502, {}, Transient, False),
+])
+def test_stripe_should_retry_and_a_500_decide_whether_the_key_is_spent(status, headers, kind,
+                                                                      spent):
+    error = _stripe_error(status, headers)
+    assert type(error) is kind and error.key_spent is spent
+
+
+@pytest.mark.parametrize("key, generation, expected", [
+    ("order-42", 0, "order-42"), ("order-42", 1, "order-42~1"), ("order-42", 12, "order-42~12"),
+])
+def test_the_provider_key_of_each_generation(key, generation, expected):
+    assert lifecycle.provider_key(key, generation) == expected
+
+
+def test_a_long_key_gets_a_digest_so_the_next_key_fits():
+    key = "k" * 255
+    derived = lifecycle.provider_key(key, 3)
+    assert len(derived) <= 255 and derived.endswith("~3") and derived != lifecycle.provider_key(
+        "j" * 255, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_worker_waits_out_the_search_lag_and_charges_once(sessions, procs, sandbox,
+                                                          celery_publisher):
+    """The sandbox's search shows a charge 1 s after it is made; the worker looks 2 s after
+    the stored 500, finds it, and records it delivered: one charge. (Looking earlier would
+    find nothing and charge again under the next key: why OUTBOX_PAYMENTS_VERIFY_AFTER
+    defaults to Stripe's "up to a minute".)"""
+    from outbox import MessageStatus, enqueue
+    from outbox.models import Message
+    from tests.harness import wait_until
+
+    requests.post(sandbox.url + "/_sandbox/config", json={"search_lag_s": 1.0},
+                  timeout=5).raise_for_status()
+    env = {"OUTBOX_PAYMENTS_VERIFY_AFTER": "2"}
+    procs.worker("w1", queues="payments", **env)
+    procs.relay(**env)
+    fault(sandbox, fault="error_after", status=500, count=1, path=CHARGES)
+    with sessions() as s:
+        enqueue(s, provider="payments", operation="charge", payload=CHARGE,
+                idempotency_key="lagged")
+        s.commit()
+
+    def delivered():
+        with sessions() as s:
+            return s.scalar(select(Message).where(Message.idempotency_key == "lagged",
+                                                  Message.status == MessageStatus.DELIVERED))
+
+    message = wait_until(delivered, 60, message="the charge to be verified and delivered")
+    assert message.provider_ref in sandbox.state.payment_intents
+    assert sandbox.state.stats(include_log=False)["effects_total"] == 1
     assert _outcomes(sessions, message.id) == ["retry", "delivered"]
