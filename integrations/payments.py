@@ -25,7 +25,10 @@ and refine the status-based classification (``integrations.classify``):
     402 code=card_declined, 4xx                 ClientError with the provider code
     2xx charge whose intent ended in requires_payment_method / requires_action /
         requires_confirmation / canceled, or a refund that failed / was canceled
-                                                ClientError (nothing was charged/refunded)
+                                                ClientError (nothing was charged/refunded:
+                                                a customer or an operator must act)
+    2xx charge in processing, refund pending    delivered, said so: the money moves later,
+                                                and its outcome comes by webhook (issue 9)
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ _FAILED_STATES = {
                          "requires_confirmation", "canceled"}),
     "refund": frozenset({"failed", "canceled"}),
 }
+# Accepted, but the money moves later (bank debits; refunds): delivered, and said so.
+_SETTLING_STATES = {"charge": frozenset({"processing"}), "refund": frozenset({"pending"})}
 
 
 class PaymentsAdapter(Adapter):
@@ -166,6 +171,10 @@ class PaymentsAdapter(Adapter):
         if state in _FAILED_STATES[operation]:
             raise ClientError(f"{ref} is {state}", status_code=response.status_code,
                               code=f"{body['object']}_{state}")
+        if state in _SETTLING_STATES[operation]:
+            return Delivery(status_code=response.status_code, provider_ref=ref,
+                            summary=f"{response.status_code} {ref} {state}: accepted, "
+                                    "settles later (its webhook says how)")
         return Delivery(status_code=response.status_code, provider_ref=ref,
                         summary=f"{response.status_code} {ref} {state}")
 

@@ -29,7 +29,9 @@ GROUP = "outbox.providers"
 # A provider name becomes a queue, a Redis key part and an environment prefix
 # (OUTBOX_<NAME>_…): lower-case letters, digits and underscores.
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+# Queues of the outbox's own, and the built-in providers (``registry._BUILT_IN``).
 RESERVED = frozenset({"inbound", "dead_letter"})
+BUILT_IN = frozenset({"payments", "email"})
 
 
 @cache
@@ -47,6 +49,9 @@ def discovered() -> Mapping[str, type[Adapter]]:
             raise ConfigurationError(f"{where}: {point.name!r} cannot be a provider name "
                                      "(lower-case letters, digits and _, not inbound or "
                                      "dead_letter)")
+        if point.name in BUILT_IN:
+            raise ConfigurationError(f"provider plugin {point.name!r} has the name of a "
+                                     "built-in provider; rename its entry point and adapter")
         try:
             adapter = point.load()
         except Exception as exc:   # noqa: BLE001  (whatever the plugin's import raises)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -362,6 +362,23 @@ def _apply(session: Session, message_id: str, token: int, failure: Failure,
     return _execute(session, statement, params, message_id) == 1
 
 
+_ADVANCE_KEY = update(_M).where(
+    _M.c.id == bindparam("m_id"), _M.c.lease_token == bindparam("token"),
+    _M.c.status == MessageStatus.IN_FLIGHT,
+).values(key_generation=bindparam("gen"))
+
+
+def advance_key(session: Session, claim: Claim) -> bool:
+    """Record ``claim.key_generation`` (the next key, about to be sent under) before the
+    send, under the lease token, keeping ``verify_first``: were the worker lost after the
+    send, the next attempt verifies that key, not the spent one. Commits; False if the
+    lease was lost."""
+    updated = _execute(session, _ADVANCE_KEY, {"m_id": claim.id, "token": claim.lease_token,
+                                               "gen": claim.key_generation}, claim.id)
+    session.commit()
+    return updated == 1
+
+
 def _next_at(decision: Decision, now: datetime) -> datetime | None:
     """When a retried or deferred message is due: the decision's time, but always the
     relay's to publish, even one due at once (no grace for fresh rows)."""
@@ -394,7 +411,7 @@ def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool
     now = now or utcnow()
     query = (select(Message.id, Message.provider, Message.lease_token, Message.updated_at,
                     Message.attempts, Message.rate_limited_count, Message.budget_started_at,
-                    Message.key_generation)
+                    Message.key_generation, Message.verify_first)
              .where(Message.status == MessageStatus.IN_FLIGHT, Message.lease_expires_at <= now)
              .order_by(Message.lease_expires_at).limit(limit)
              .with_for_update(skip_locked=True))
@@ -404,6 +421,12 @@ def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool
                           budget_started_at=row.budget_started_at,
                           policy=policy_for(row.provider), idempotent=idempotent(row.provider),
                           now=now, verify_after_s=verify_after(row.provider))
+        if row.verify_first and decision.outcome is AttemptOutcome.RETRY:
+            # The lost attempt was to verify, or to send under a new key after "not done":
+            # the question stands, asked once the lookup can be trusted again.
+            wait = timedelta(seconds=verify_after(row.provider) or 0.0)
+            decision = replace(decision, verify_first=True,
+                               next_attempt_at=max(decision.next_attempt_at, now + wait))
         if _apply(session, row.id, row.lease_token, LOST, decision, now, row.key_generation):
             outcome = (AttemptOutcome.LOST if decision.outcome is AttemptOutcome.RETRY
                        else decision.outcome)

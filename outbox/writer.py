@@ -65,6 +65,11 @@ class Direct:
         with self._sessions() as session:
             return lifecycle.record(session, claim, failure, decision, now=now, worker=worker)
 
+    def advance_key(self, claim: Claim) -> bool:
+        """``lifecycle.advance_key``, now (rare: after a spent key was verified not done)."""
+        with self._sessions() as session:
+            return lifecycle.advance_key(session, claim)
+
 
 @dataclass
 class _Claim:
@@ -118,6 +123,12 @@ class GroupWriter:
     def record(self, claim: Claim, failure: Failure, decision: Decision, *, now: datetime,
                worker: str | None) -> bool:
         return self._wait(_Failed(claim, failure, decision, now, worker, Future()))
+
+    def advance_key(self, claim: Claim) -> bool:
+        """``lifecycle.advance_key`` in the caller's thread: rare, and it must be written
+        before the send it precedes, not batched with outcomes."""
+        with Session(self._engine) as session:
+            return lifecycle.advance_key(session, claim)
 
     def _wait(self, write: _Write) -> Any:
         self._ensure_thread()

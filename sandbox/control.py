@@ -52,7 +52,9 @@ def _config(state: SandboxState) -> dict:
                 "idempotency": state.idempotency,
                 "declined_customers": sorted(state.declined_customers),
                 "rate_limit": state.rate_limit.to_dict() if state.rate_limit else None,
-                "store_errors": state.store_errors, "search_lag_s": state.search_lag_s}
+                "store_errors": state.store_errors, "search_lag_s": state.search_lag_s,
+                "store_declines": state.store_declines,
+                "clock_offset_s": state.clock_offset_s}
 
 
 def handle_control(state: SandboxState, method: str, path: str, query: str,
@@ -118,7 +120,7 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
                 return _bad("body must be a JSON object")
             unknown = set(data) - {"api_key", "email_api_key", "idempotency",
                                    "declined_customers", "rate_limit", "store_errors",
-                                   "search_lag_s"}
+                                   "search_lag_s", "store_declines", "advance_clock_s"}
             if unknown:
                 return _bad(f"unknown settings: {sorted(unknown)}")
             key, idem = data.get("api_key"), data.get("idempotency")
@@ -140,14 +142,20 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
                                              and all(isinstance(c, str) for c in declined)):
                 return _bad("declined_customers must be a list of customer ids")
             store_errors, lag = data.get("store_errors"), data.get("search_lag_s")
-            if store_errors is not None and not isinstance(store_errors, bool):
-                return _bad("store_errors must be true or false")
+            store_declines, advance = data.get("store_declines"), data.get("advance_clock_s")
+            for name, flag in (("store_errors", store_errors), ("store_declines", store_declines)):
+                if flag is not None and not isinstance(flag, bool):
+                    return _bad(f"{name} must be true or false")
+            if advance is not None and (not isinstance(advance, int | float)
+                                        or isinstance(advance, bool) or not 0 <= advance <= 1e7):
+                return _bad("advance_clock_s must be a number of seconds from 0 to 10000000")
             if lag is not None and (not isinstance(lag, int | float) or isinstance(lag, bool)
                                     or not 0 <= lag <= 3600):
                 return _bad("search_lag_s must be a number of seconds from 0 to 3600")
             state.configure(api_key=key, idempotency=idem, declined_customers=declined,
                             email_api_key=email_key, rate_limit=limit,
-                            store_errors=store_errors, search_lag_s=lag)
+                            store_errors=store_errors, search_lag_s=lag,
+                            store_declines=store_declines, advance_clock_s=advance)
         elif method != "GET":
             return _bad("method not allowed", 405)
         return 200, _config(state)

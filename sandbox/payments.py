@@ -25,6 +25,15 @@ PI_PARAMS = {
 REFUND_PARAMS = {"payment_intent", "amount", "reason", "metadata", "expand"}
 REFUND_REASONS = {"duplicate", "fraudulent", "requested_by_customer"}
 
+# Stripe's minimum charge amounts (in the currency's smallest unit) for the currencies the
+# sandbox is asked for; others: 50.
+MINIMUM_AMOUNTS = {"usd": 50, "eur": 50, "gbp": 30, "cad": 50, "aud": 50, "chf": 50,
+                   "jpy": 50, "sek": 300, "dkk": 250, "nok": 300, "mxn": 1000}
+# Test payment methods whose confirmation ends in a state other than succeeded, on a 200.
+PM_STATES = {"pm_card_authenticationRequired": "requires_action",
+             "pm_card_threeDSecureRequired": "requires_action",
+             "pm_card_processing": "processing"}
+
 # Built-in declines, keyed by (param, value): (code, decline_code, message). The customer
 # declines apply while the customer is in ``state.declined_customers`` (switchable at run time).
 DECLINES = {
@@ -143,13 +152,17 @@ def create_payment_intent(state: SandboxState, params: dict, key: str) -> Result
     for name in ("customer", "description", "payment_method"):
         if name in params and not isinstance(params[name], str):
             return invalid(name, "parameter_invalid", f"Invalid {name}: must be a string.")
+    minimum = MINIMUM_AMOUNTS.get(currency, 50)
+    if amount < minimum:
+        return invalid("amount", "amount_too_small",
+                       f"Amount must be at least {minimum} {currency} (smallest unit).")
     for (param, value), (code, decline_code, message) in DECLINES.items():
         if params.get(param) != value:
             continue
         if param == "customer" and value not in state.declined_customers:
             continue
-        # Deviation from Stripe, which keeps a decline for the key for 24 h: the sandbox does
-        # not store it, so re-driving after the card data is fixed (above) goes through.
+        # Stripe keeps a decline under its key for 24 h (``store_declines``); by default the
+        # sandbox does not, so re-driving after the card data is fixed (above) goes through.
         failed = {"id": new_id("pi"), "object": "payment_intent", "amount": amount,
                   "currency": currency, "status": "requires_payment_method",
                   "customer": params.get("customer"), "metadata": params.get("metadata") or {},
@@ -163,14 +176,23 @@ def create_payment_intent(state: SandboxState, params: dict, key: str) -> Result
             "type": "card_error", "code": code, "decline_code": decline_code,
             "message": message, "param": "" if param == "customer" else param,
             "payment_intent": {"id": failed["id"], "status": failed["status"]},
-        }}, store=False)
+        }}, store=state.store_declines)
+    # Where confirmation leaves the intent: not confirmed → waiting for a payment method or
+    # a confirmation; confirmed with a test method that needs the customer (3-D Secure) or
+    # settles later (bank debits) → requires_action / processing; else succeeded.
+    confirmed = params.get("confirm") in ("true", True)
+    method = params.get("payment_method")
+    if not confirmed:
+        status = "requires_confirmation" if method else "requires_payment_method"
+    else:
+        status = PM_STATES.get(method, "succeeded")
     pi = {
         "id": new_id("pi"),
         "object": "payment_intent",
         "amount": amount,
-        "amount_received": amount,
+        "amount_received": amount if status == "succeeded" else 0,
         "currency": currency,
-        "status": "succeeded",
+        "status": status,
         "customer": params.get("customer"),
         "description": params.get("description"),
         "payment_method": params.get("payment_method"),
@@ -181,9 +203,13 @@ def create_payment_intent(state: SandboxState, params: dict, key: str) -> Result
     with state.lock:
         state.payment_intents[pi["id"]] = {**pi, "amount_refunded": 0}
         state.searchable_at[pi["id"]] = time.time() + state.search_lag_s
-        state.record_effect(key)
-    state.webhooks.emit("payments", "payment_intent.succeeded", pi)
-    return Result(200, pi, effect=True)
+        if status in ("succeeded", "processing"):   # money moves (processing: later)
+            state.record_effect(key)
+    if status == "succeeded":
+        state.webhooks.emit("payments", "payment_intent.succeeded", pi)
+    if status == "requires_action":
+        pi["next_action"] = {"type": "use_stripe_sdk"}
+    return Result(200, pi, effect=status in ("succeeded", "processing"))
 
 
 def create_refund(state: SandboxState, params: dict, key: str) -> Result:

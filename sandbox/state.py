@@ -16,6 +16,7 @@ from sandbox.webhooks import WebhookSender
 LOG_CAP = 100_000
 DEFAULT_DECLINED_CUSTOMERS = ("cus_declined", "cus_insufficient")
 DEFAULT_SEARCH_LAG_S = 1.0
+KEY_TTL_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class StoredResult:
     fingerprint: tuple
     status: int | None = None
     body: dict | None = None
+    created: float = 0.0   # the sandbox clock's time of the key's first request
 
     @property
     def in_progress(self) -> bool:
@@ -72,6 +74,11 @@ class SandboxState:
         # Stripe stores a 500 under its key and replays it; False: store the success the
         # endpoint produced instead (the sandbox's behaviour before issue 10).
         self.store_errors = True
+        # Stripe keeps a decline under its key for 24 h; off by default, so that the demo's
+        # "fix the card, re-drive" goes through under the same key.
+        self.store_declines = False
+        # Seconds added to the sandbox's clock (idempotency keys expire after 24 h of it).
+        self.clock_offset_s = 0.0
         # How long a new payment intent takes to show in the search (Stripe: up to a minute).
         self.search_lag_s = DEFAULT_SEARCH_LAG_S
         # Customers whose card declines; an operator "fixes the card data" by removing one.
@@ -112,6 +119,8 @@ class SandboxState:
             self._generation += 1
             self.idempotency = True
             self.store_errors = True
+            self.store_declines = False
+            self.clock_offset_s = 0.0
             self.search_lag_s = DEFAULT_SEARCH_LAG_S
             self.rate_limit = None
             self.declined_customers = set(DEFAULT_DECLINED_CUSTOMERS)
@@ -124,7 +133,9 @@ class SandboxState:
                   email_api_key: str | None | bool = False,
                   rate_limit: RateLimit | None | bool = False,
                   store_errors: bool | None = None,
-                  search_lag_s: float | None = None) -> None:
+                  search_lag_s: float | None = None,
+                  store_declines: bool | None = None,
+                  advance_clock_s: float | None = None) -> None:
         """Change the accepted API keys, switch idempotency handling, set the declining customers.
 
         ``email_api_key``: a key, None to share the payments key again, False (default) to
@@ -134,6 +145,10 @@ class SandboxState:
         with self.lock:
             if store_errors is not None:
                 self.store_errors = store_errors
+            if store_declines is not None:
+                self.store_declines = store_declines
+            if advance_clock_s is not None:
+                self.clock_offset_s += advance_clock_s
             if search_lag_s is not None:
                 self.search_lag_s = search_lag_s
             if email_api_key is not False:
@@ -254,15 +269,23 @@ class SandboxState:
 
     # --- idempotency --------------------------------------------------------
 
+    def now(self) -> float:
+        """The sandbox's clock: epoch seconds, moved forward by ``/_sandbox/config
+        {"advance_clock_s": N}`` (idempotency keys expire after 24 h of it)."""
+        return time.time() + self.clock_offset_s
+
     def idem_claim(self, key: str, fingerprint: tuple) -> tuple[str, StoredResult | None]:
         """Look up ``key``: returns ("new" | "replay" | "conflict" | "in_use", stored).
 
         "new" marks the key in progress; the caller must later call idem_store or idem_release.
         """
         with self.lock:
+            now = self.now()
             stored = self.idem.get(key)
+            if stored is not None and now - stored.created >= KEY_TTL_S:
+                stored = None   # Stripe: "keys are eligible to be removed after 24 hours"
             if stored is None:
-                self.idem[key] = StoredResult(fingerprint)
+                self.idem[key] = StoredResult(fingerprint, created=now)
                 return "new", None
             if stored.fingerprint != fingerprint:
                 return "conflict", stored

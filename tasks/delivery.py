@@ -23,7 +23,7 @@ from celery.exceptions import Retry
 from sqlalchemy.orm import Session, sessionmaker
 
 from integrations.base import DONE, NOT_DONE
-from integrations.errors import Deferred, Handling
+from integrations.errors import Deferred, Handling, IntegrationError
 from integrations.registry import get_provider, supports_idempotency
 from integrations.registry import verify_after as registry_verify_after
 from outbox import config, decisions, dispatch, inbound, logs
@@ -179,10 +179,12 @@ def _attempt(writer: Writer, claim: Claim, provider_for, idempotent, verify_afte
         if verified is not None:
             return verified
         if provider.adapter.supports_idempotency:
-            # Not done under a key the provider answers with a stored error: the next key
-            # (recorded with this attempt's outcome; were that lost, a retry under it is
-            # deduplicated at the provider like any other).
+            # Not done under a key the provider answers with a stored error: the next key,
+            # recorded before the send (with verify_first kept), so that a worker lost after
+            # it leaves the next attempt to verify this key, not the spent one.
             claim = replace(claim, key_generation=claim.key_generation + 1)
+            if not writer.advance_key(claim):
+                return Result(None, claim.label, f"not sent: {LEASE_LOST}")
     spent = decisions.before_attempt(attempts=claim.attempts,
                                      rate_limited=claim.rate_limited_count,
                                      budget_started_at=claim.budget_started_at, policy=policy,
@@ -213,8 +215,10 @@ def _verify(writer: Writer, claim: Claim, provider, policy, worker, clock) -> Re
 
     Found: delivered, with the provider's reference (nothing is sent). Not found: None, and
     the caller sends. The lookup cannot tell (or is refused: 401/403, e.g. a key without
-    the Email Activity add-on): dead letter, "needs review". The lookup fails for now
-    (timeout, 5xx, 429, breaker open): deferred, no attempt consumed, asked again later.
+    the Email Activity add-on; or raises what is not an ``IntegrationError``): dead letter,
+    "needs review". The lookup fails for now (timeout, 5xx, 429, breaker open): deferred,
+    no attempt consumed, asked again later — until the message's max age, then "needs
+    review" too.
     """
     try:
         found = provider.verify(claim.operation, claim.payload, claim.provider_key)
@@ -222,7 +226,9 @@ def _verify(writer: Writer, claim: Claim, provider, policy, worker, clock) -> Re
         failure = decisions.failure_from(exc)
         failure = replace(failure, detail=f"verification failed: {failure.detail}",
                           maybe_acted=False)
-        if failure.handling is Handling.DEAD:
+        # Refused, an adapter bug, or failing past the message's max age: a person decides.
+        if (failure.handling is Handling.DEAD or not isinstance(exc, IntegrationError)
+                or policy.exhausted(claim.attempts, claim.budget_started_at, clock())):
             return _cannot_tell(writer, claim, failure, worker, clock)
         wait = (timedelta(seconds=failure.retry_after_s) if failure.retry_after_s is not None
                 else policy.defer_delay)

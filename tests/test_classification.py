@@ -282,7 +282,7 @@ def test_card_declined_402_dead_letters_with_readable_label(sessions, provider, 
 
 def test_key_reused_with_different_parameters_is_a_client_error(sessions, provider, sandbox):
     """The provider already saw this key with other parameters → 400 idempotency_error → dead."""
-    requests.post(sandbox.url + "/v1/payment_intents", data={"amount": 5, "currency": "eur"},
+    requests.post(sandbox.url + "/v1/payment_intents", data={"amount": 500, "currency": "eur"},
                   headers={"Authorization": "Bearer sk_test_outbox", "Idempotency-Key": "reused"},
                   timeout=5).raise_for_status()
     mid = add(sessions, "reused")

@@ -109,7 +109,9 @@ def _fake_distribution(site, name: str, entry_point: str) -> None:
     ("helpdesk = no_such_module:Adapter",
      "provider plugin 'helpdesk' (no_such_module:Adapter) cannot be imported: "
      "ModuleNotFoundError"),
-    ("payments = outbox_tickets:TicketsAdapter", "the adapter's name is 'tickets'"),
+    ("helpdesk = outbox_tickets:TicketsAdapter", "the adapter's name is 'tickets'"),
+    ("payments = outbox_tickets:TicketsAdapter",
+     "provider plugin 'payments' has the name of a built-in provider"),
     ("Bad-Name = outbox_tickets:TicketsAdapter", "'Bad-Name' cannot be a provider name"),
     ("tickets = json:JSONDecoder", "is not an integrations.base.Adapter subclass"),
 ])

@@ -130,13 +130,13 @@ def test_a_sigkilled_poller_process_misses_and_repeats_nothing(sessions, db_url,
         auth = {"Authorization": "Bearer sk_test_outbox"}
         for i in range(30):
             requests.post(url + "/v1/payment_intents", headers={**auth, "Idempotency-Key": f"k{i}"},
-                          data={"amount": 100 + i, "currency": "usd"}, timeout=5)
+                          data={"amount": 100 + i, "currency": "usd", "confirm": "true"}, timeout=5)
         first = subprocess.run([str(BIN / "outbox"), "poll", "--once"], env=full, cwd=ROOT,
                                capture_output=True, text=True, timeout=60)
         assert first.returncode == 0, first.stderr
         for i in range(30, 530):
             requests.post(url + "/v1/payment_intents", headers={**auth, "Idempotency-Key": f"k{i}"},
-                          data={"amount": 100 + i, "currency": "usd"}, timeout=5)
+                          data={"amount": 100 + i, "currency": "usd", "confirm": "true"}, timeout=5)
         requests.post(url + "/_sandbox/faults", json={"fault": "latency", "delay_s": 0.3,
                                                       "path": "/v1/events"}, timeout=5)
         log = open(tmp_path / "poll.log", "wb")
@@ -196,7 +196,7 @@ def test_an_event_seen_by_webhook_and_by_poll_is_processed_once(sessions, sandbo
             sandbox.state.webhooks.configure({"payments": {
                 "url": f"{base}/webhooks/payments", "secret": SECRET}})
             requests.post(sandbox.url + "/v1/payment_intents", timeout=5, data={
-                "amount": 500, "currency": "usd"}, headers={
+                "amount": 500, "currency": "usd", "confirm": "true"}, headers={
                 "Authorization": "Bearer sk_test_outbox", "Idempotency-Key": "both-paths"})
             wait_until(lambda: sandbox.state.webhooks.describe()["sent"] == 1, 10,
                        message="the webhook")

@@ -22,7 +22,8 @@ from sandbox.server import SandboxServer  # noqa: E402
 
 KEY = "sk_test_sandbox"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CHARGE = {"amount": "1000", "currency": "usd", "customer": "cus_1", "metadata[order]": "42"}
+CHARGE = {"amount": "1000", "currency": "usd", "customer": "cus_1", "metadata[order]": "42",
+          "confirm": "true"}   # as the adapter sends it: created and confirmed
 
 
 @pytest.fixture(scope="module")
@@ -671,3 +672,82 @@ def test_email_an_address_twice_across_to_cc_and_bcc_is_400(srv, kind):
     [error] = r.json()["errors"]
     assert error["field"] == "personalizations.0" and f"personalizations.0.{kind}" in error["message"]
     assert stats(srv)["effects_total"] == 0
+
+
+# --- payments fidelity (issue 10 §4) ------------------------------------------------------
+
+def _config(srv, **settings):
+    r = requests.post(srv.url + "/_sandbox/config", json=settings, timeout=5)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("currency, amount, ok", [
+    ("usd", 49, False), ("usd", 50, True), ("gbp", 29, False), ("gbp", 30, True),
+    ("sek", 299, False)])
+def test_an_amount_under_the_currency_minimum_is_amount_too_small(srv, currency, amount, ok):
+    r = charge(srv, f"min-{currency}-{amount}", data={"amount": str(amount), "currency": currency})
+    if ok:
+        assert r.status_code == 200
+    else:
+        assert r.status_code == 400
+        assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("amount_too_small",
+                                                                            "amount")
+        assert stats(srv)["effects_total"] == 0
+
+
+@pytest.mark.parametrize("extra, status, effect", [
+    ({}, "requires_payment_method", False),
+    ({"payment_method": "pm_card_visa"}, "requires_confirmation", False),
+    ({"confirm": "true", "payment_method": "pm_card_authenticationRequired"},
+     "requires_action", False),
+    ({"confirm": "true", "payment_method": "pm_card_processing"}, "processing", True),
+    ({"confirm": "true", "payment_method": "pm_card_visa"}, "succeeded", True),
+])
+def test_confirm_and_the_payment_method_decide_where_a_charge_ends(srv, extra, status, effect):
+    r = charge(srv, f"state-{status}", data={"amount": "1000", "currency": "usd", **extra})
+    assert r.status_code == 200 and r.json()["status"] == status
+    assert stats(srv)["effects_total"] == (1 if effect else 0)
+
+
+def test_the_adapter_classifies_every_state_a_2xx_charge_can_end_in(srv):
+    """None of them is silently "delivered": requires_action (3-D Secure) cannot be completed
+    by a background charge — a client error, nothing charged; processing is delivered and
+    says that it settles later."""
+    from integrations.errors import ClientError
+    from integrations.registry import build_provider
+
+    provider = build_provider("payments", {"OUTBOX_PAYMENTS_BASE_URL": srv.url,
+                                           "OUTBOX_PAYMENTS_API_KEY": KEY})
+    charge_ = {"amount": 1000, "currency": "usd"}
+    with pytest.raises(ClientError) as caught:
+        provider.deliver("charge", {**charge_, "payment_method": "pm_card_authenticationRequired"},
+                         "needs-3ds")
+    assert caught.value.code == "payment_intent_requires_action"
+    settling = provider.deliver("charge", {**charge_, "payment_method": "pm_card_processing"},
+                                "bank-debit")
+    assert settling.summary.endswith("processing: accepted, settles later (its webhook says how)")
+    assert provider.deliver("charge", {**charge_, "payment_method": "pm_card_visa"},
+                            "card").summary.endswith(" succeeded")
+    provider.close()
+
+
+def test_a_decline_is_kept_under_its_key_only_when_asked(srv):
+    declined = {"amount": "1000", "currency": "usd", "customer": "cus_declined"}
+    assert charge(srv, "d1", data=declined).status_code == 402
+    _config(srv, declined_customers=[])               # the card is fixed …
+    assert charge(srv, "d1", data=declined).status_code == 200   # … and the key goes through
+    _config(srv, declined_customers=["cus_declined"], store_declines=True)   # as Stripe does
+    assert charge(srv, "d2", data=declined).status_code == 402
+    _config(srv, declined_customers=[])
+    again = charge(srv, "d2", data=declined)
+    assert again.status_code == 402 and again.headers["Idempotent-Replayed"] == "true"
+
+
+def test_idempotency_keys_expire_after_24_hours_of_the_sandbox_clock(srv):
+    first = charge(srv, "aging").json()
+    _config(srv, advance_clock_s=23 * 3600)
+    assert charge(srv, "aging").json()["id"] == first["id"]      # replayed
+    assert _config(srv, advance_clock_s=3600)["clock_offset_s"] == 24 * 3600
+    assert charge(srv, "aging").json()["id"] != first["id"]      # a new request: a new charge
+    assert stats(srv)["effects_by_key"] == {"aging": 2}

@@ -32,7 +32,8 @@ def sendgrid_client(sandbox):
     return SendGridAPIClient(api_key=KEY, host=sandbox.url)
 
 
-CHARGE = {"amount": 1999, "currency": "usd", "customer": "cus_1", "metadata": {"order": "42"}}
+CHARGE = {"amount": 1999, "currency": "usd", "customer": "cus_1", "metadata": {"order": "42"},
+          "confirm": True}
 
 
 def test_stripe_parses_a_charge_its_replay_a_retrieve_a_refund_and_the_event_list(

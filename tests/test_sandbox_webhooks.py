@@ -42,7 +42,8 @@ def receiver_url(sessions, sandbox):
 
 
 def charge(sandbox, key, customer=None):
-    data = {"amount": 700, "currency": "usd", **({"customer": customer} if customer else {})}
+    data = {"amount": 700, "currency": "usd", "confirm": "true",
+            **({"customer": customer} if customer else {})}
     return requests.post(sandbox.url + "/v1/payment_intents", data=data, timeout=5,
                          headers={**AUTH, "Idempotency-Key": key})
 

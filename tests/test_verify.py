@@ -22,7 +22,7 @@ from integrations.registry import build_provider
 from outbox import Attempt, dispatch, lifecycle
 from outbox.config import retry_policy
 from outbox.decisions import LOST, decide
-from outbox.models import AttemptOutcome
+from outbox.models import AttemptOutcome, Message
 from tests.test_classification import CHARGE, EMAIL, LEASE, T0, Clock, add, fault, row, run
 
 SEND = "/v3/mail/send"
@@ -326,3 +326,50 @@ def test_a_worker_waits_out_the_search_lag_and_charges_once(sessions, procs, san
     assert message.provider_ref in sandbox.state.payment_intents
     assert sandbox.state.stats(include_log=False)["effects_total"] == 1
     assert _outcomes(sessions, message.id) == ["retry", "delivered"]
+
+
+def test_a_second_spent_key_is_verified_and_the_third_key_charges_once(sessions, payments,
+                                                                       sandbox):
+    """500 before the effect twice: <key> and <key>~1 are both spent, each verified not
+    done; <key>~2 charges. The generation is written before each send."""
+    fault(sandbox, fault="error_before", status=500, count=2, path=CHARGES)
+    mid = add(sessions, "twice")
+    clock = Clock()
+    for generation in (0, 1):
+        assert run(sessions, payments, mid, clock).outcome is AttemptOutcome.RETRY
+        m = row(sessions, mid)
+        assert (m.key_generation, m.verify_first) == (generation, True)
+        clock.now = m.next_attempt_at
+    assert run(sessions, payments, mid, clock).outcome is AttemptOutcome.DELIVERED
+    assert row(sessions, mid).key_generation == 2
+    assert sandbox.state.stats(include_log=False)["effects_by_key"] == {"twice~2": 1}
+
+
+def test_a_worker_lost_while_verifying_payments_keeps_the_question(sessions):
+    """A lost lease on payments is normally retried at once under the same key; one whose
+    message was to verify first keeps that, due once the search can be trusted again."""
+    mid = add(sessions, "lost-verifying")
+    dispatch.dispatcher().flush()
+    with sessions() as s:
+        s.get(Message, mid).verify_first = True
+        s.commit()
+        assert lifecycle.claim(s, mid, LEASE, T0) is not None
+        [(_, decision)] = lifecycle.recover_expired_leases(
+            s, idempotent=lambda _: True, policy_for=retry_policy,
+            verify_after=lambda _: 60.0, now=T0 + LEASE)
+    assert decision.verify_first
+    m = row(sessions, mid)
+    assert (m.status, m.verify_first) == ("pending", True)
+    assert m.next_attempt_at == T0 + LEASE + timedelta(seconds=60)
+
+
+def test_a_lookup_failing_past_the_max_age_needs_review(sessions, email, sandbox):
+    fault(sandbox, fault="error_after", status=500, count=1, path=SEND)
+    fault(sandbox, fault="status", status=503, path=SEARCH)
+    mid = _add(sessions, "search-gone")
+    clock = Clock()
+    run(sessions, email, mid, clock)
+    clock.now = T0 + retry_policy("email").max_age + timedelta(seconds=1)
+    assert run(sessions, email, mid, clock).outcome is AttemptOutcome.DEAD
+    assert row(sessions, mid).needs_review
+    assert _sends(sandbox, "search-gone") == 1
