@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,9 +135,9 @@ class Provider:
         request = self.adapter.verify_request(operation, payload, idempotency_key)
         if request is None:
             return Verification(UNKNOWN)
-        permit = self.protection.admit(operation) if self.protection is not None else None
-        error: BaseException | None = None
-        try:
+        # The permit releases itself with the outcome (the breaker hears of a failure).
+        with (self.protection.admit(operation) if self.protection is not None
+              else nullcontext()):
             response = self._observed(self.client.send(request, auth=self.adapter.auth))
             try:
                 return self.adapter.verification(operation, response, idempotency_key)
@@ -144,12 +145,6 @@ class Provider:
                 if self.protection is not None:
                     self.protection.pause(exc.retry_after_s or DEFAULT_429_PAUSE_S)
                 raise
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if permit is not None:
-                permit.release(error)
 
     def _send(self, operation: str, request) -> Delivery:
         auth = self.adapter.auth

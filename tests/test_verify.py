@@ -63,6 +63,29 @@ def _outcomes(sessions, message_id):
                               .order_by(Attempt.id)))
 
 
+def _through_a_worker(procs, sessions, sandbox, provider, path, key, env):
+    """One message of ``provider`` through a real worker and relay (``env`` theirs), its
+    first request answered 500 after the effect; the message once delivered."""
+    from outbox import MessageStatus, enqueue
+    from tests.harness import wait_until
+
+    procs.worker("w1", queues=provider, **env)
+    procs.relay(**env)
+    fault(sandbox, fault="error_after", status=500, count=1, path=path)
+    operation, payload = ("send", EMAIL) if provider == "email" else ("charge", CHARGE)
+    with sessions() as s:
+        enqueue(s, provider=provider, operation=operation, payload=payload,
+                idempotency_key=key)
+        s.commit()
+
+    def delivered():
+        with sessions() as s:
+            return s.scalar(select(Message).where(Message.idempotency_key == key,
+                                                  Message.status == MessageStatus.DELIVERED))
+
+    return wait_until(delivered, 60, message=f"{provider} {key} to be verified and delivered")
+
+
 def test_the_lookup_finds_a_sent_key_and_not_an_unsent_one(email, sandbox):
     key = 'order-7 "gift" \\ wrap'     # quotes and a backslash survive the query
     delivery = email.deliver("send", EMAIL, key)
@@ -167,24 +190,8 @@ def test_a_spent_budget_still_needs_review_when_the_provider_could_verify():
 def test_a_worker_verifies_an_ambiguous_email_and_delivers_it_once(sessions, procs, sandbox,
                                                                    celery_publisher):
     """The same with a real worker and relay, the lookup 1 s after the ambiguous 500."""
-    from outbox import MessageStatus, enqueue
-    from outbox.models import Message
-    from tests.harness import wait_until
-
-    env = {"OUTBOX_EMAIL_VERIFY_AFTER": "1"}
-    procs.worker("w1", queues="email", **env)
-    procs.relay(**env)
-    fault(sandbox, fault="error_after", status=500, count=1, path=SEND)
-    with sessions() as s:
-        enqueue(s, provider="email", operation="send", payload=EMAIL, idempotency_key="e2e")
-        s.commit()
-
-    def delivered():
-        with sessions() as s:
-            return s.scalar(select(Message).where(Message.idempotency_key == "e2e",
-                                                  Message.status == MessageStatus.DELIVERED))
-
-    message = wait_until(delivered, 60, message="the e-mail to be verified and delivered")
+    message = _through_a_worker(procs, sessions, sandbox, "email", SEND, "e2e",
+                                {"OUTBOX_EMAIL_VERIFY_AFTER": "1"})
     assert (message.needs_review, message.provider_ref in sandbox.state.emails) == (False, True)
     assert (_sends(sandbox, "e2e"), _effects(sandbox, "e2e")) == (1, 1)
     assert _outcomes(sessions, message.id) == ["retry", "delivered"]
@@ -302,27 +309,10 @@ def test_a_worker_waits_out_the_search_lag_and_charges_once(sessions, procs, san
     the stored 500, finds it, and records it delivered: one charge. (Looking earlier would
     find nothing and charge again under the next key: why OUTBOX_PAYMENTS_VERIFY_AFTER
     defaults to Stripe's "up to a minute".)"""
-    from outbox import MessageStatus, enqueue
-    from outbox.models import Message
-    from tests.harness import wait_until
-
     requests.post(sandbox.url + "/_sandbox/config", json={"search_lag_s": 1.0},
                   timeout=5).raise_for_status()
-    env = {"OUTBOX_PAYMENTS_VERIFY_AFTER": "2"}
-    procs.worker("w1", queues="payments", **env)
-    procs.relay(**env)
-    fault(sandbox, fault="error_after", status=500, count=1, path=CHARGES)
-    with sessions() as s:
-        enqueue(s, provider="payments", operation="charge", payload=CHARGE,
-                idempotency_key="lagged")
-        s.commit()
-
-    def delivered():
-        with sessions() as s:
-            return s.scalar(select(Message).where(Message.idempotency_key == "lagged",
-                                                  Message.status == MessageStatus.DELIVERED))
-
-    message = wait_until(delivered, 60, message="the charge to be verified and delivered")
+    message = _through_a_worker(procs, sessions, sandbox, "payments", CHARGES, "lagged",
+                                {"OUTBOX_PAYMENTS_VERIFY_AFTER": "2"})
     assert message.provider_ref in sandbox.state.payment_intents
     assert sandbox.state.stats(include_log=False)["effects_total"] == 1
     assert _outcomes(sessions, message.id) == ["retry", "delivered"]
