@@ -138,15 +138,16 @@ class Provider:
         # The permit releases itself with the outcome (the breaker hears of a failure).
         with (self.protection.admit(operation) if self.protection is not None
               else nullcontext()):
-            response = self._observed(self.client.send(request, auth=self.adapter.auth))
-            try:
-                return self.adapter.verification(operation, response, idempotency_key)
-            except RateLimited as exc:
-                if self.protection is not None:
-                    self.protection.pause(exc.retry_after_s or DEFAULT_429_PAUSE_S)
-                raise
+            return self._exchange(operation, request, lambda response: (
+                self.adapter.verification(operation, response, idempotency_key)))
 
     def _send(self, operation: str, request) -> Delivery:
+        return self._exchange(operation, request,
+                              lambda response: self._parse(operation, response))
+
+    def _exchange(self, operation: str, request, read):
+        """Send ``request`` (once more after a 401, the credential re-read first) and
+        return what ``read`` makes of the response; a 429 pauses every worker."""
         auth = self.adapter.auth
         response = self._observed(self.client.send(request, auth=auth))
         if response.status_code == 401 and auth is not None:
@@ -157,7 +158,7 @@ class Provider:
                 self.protection.pace(operation)   # the second request needs its own slot
             response = self._observed(self.client.send(request, auth=auth))
         try:
-            return self._parse(operation, response)
+            return read(response)
         except RateLimited as exc:
             if self.protection is not None:
                 self.protection.pause(exc.retry_after_s or DEFAULT_429_PAUSE_S)

@@ -9,6 +9,7 @@ real database, with ``deliver_message``'s injected clock, as in ``test_classific
 
 from __future__ import annotations
 
+import os
 import random
 from datetime import timedelta
 
@@ -363,3 +364,26 @@ def test_a_lookup_failing_past_the_max_age_needs_review(sessions, email, sandbox
     assert run(sessions, email, mid, clock).outcome is AttemptOutcome.DEAD
     assert row(sessions, mid).needs_review
     assert _sends(sandbox, "search-gone") == 1
+
+
+def test_a_lookup_answered_401_reads_the_rotated_key_and_asks_again(sessions, tmp_path,
+                                                                    sandbox):
+    """As a delivery does: the key file was rotated, the first lookup gets 401, the
+    credential is re-read and the lookup sent once more."""
+    key_file = tmp_path / "email.key"
+    key_file.write_text("sk_test_outbox")
+    provider = build_provider("email", {"OUTBOX_EMAIL_BASE_URL": sandbox.url,
+                                        "OUTBOX_EMAIL_API_KEY_FILE": str(key_file)})
+    try:
+        sent = provider.deliver("send", EMAIL, "rotated")
+        requests.post(sandbox.url + "/_sandbox/config", json={"email_api_key": "sk_test_newkey"},
+                      timeout=5).raise_for_status()
+        before = key_file.stat()
+        key_file.write_text("sk_test_newkey")   # same size and, below, the same mtime: the
+        os.utime(key_file, ns=(before.st_atime_ns, before.st_mtime_ns))   # cache cannot tell
+        found = provider.verify("send", EMAIL, "rotated")
+    finally:
+        provider.close()
+    assert (found.state, found.provider_ref) == (DONE, sent.provider_ref)
+    searches = [e["status"] for e in sandbox.state.stats()["request_log"] if e["path"] == SEARCH]
+    assert searches == [401, 200]
