@@ -12,9 +12,9 @@ the breaker probe — and applies these rules, first match wins:
    it, as Stripe does a 500, so the same key would replay it): if it can **verify** (look the key up: ``Adapter.verify_request``),
    the next attempt is due once the lookup can be trusted (``verify_after_s``) and
    **verifies first** — found: delivered; not found: sent again (under the next key, for a
-   provider with keys: ``lifecycle.Claim.provider_key``) — consuming this attempt;
-   otherwise, or with the budget spent, dead letter, **needs review** — a person decides,
-   because a retry could act twice. (Ambiguous errors, lost leases and unexpected
+   provider with keys: ``lifecycle.Claim.provider_key``), or dead-lettered as exhausted if
+   the budget is spent — consuming this attempt; otherwise, dead letter, **needs review**
+   — a person decides, because a retry could act twice. (Ambiguous errors, lost leases and unexpected
    exceptions on such a provider end here.)
 2. **Dead** handling (client error, auth after a refresh, unreadable 2xx): dead letter now.
 3. **Defer** handling (breaker open, throttled, quota, credential unavailable): reschedule
@@ -146,8 +146,9 @@ def decide(failure: Failure, *, attempts: int, rate_limited: int, budget_started
             trusted; None: the provider cannot verify.
     """
     if failure.maybe_acted and (not idempotent or failure.key_spent):
-        if verify_after_s is not None and not policy.exhausted(attempts + 1, budget_started_at,
-                                                               now):
+        if verify_after_s is not None:
+            # Even with the budget spent: the lookup sends nothing, and the next attempt
+            # asks before its budget check (found: delivered; not found: "exhausted").
             return Decision(AttemptOutcome.RETRY, attempts + 1, rate_limited,
                             now + timedelta(seconds=verify_after_s), verify_first=True)
         return Decision(AttemptOutcome.DEAD, attempts + 1, rate_limited,

@@ -177,13 +177,26 @@ def test_a_lost_lease_on_email_verifies_instead_of_needing_review(sessions):
     assert m.next_attempt_at == T0 + LEASE + VERIFY_AFTER
 
 
-def test_a_spent_budget_still_needs_review_when_the_provider_could_verify():
+def test_a_spent_budget_gets_one_last_lookup(sessions, email, sandbox):
+    """An ambiguous failure with the budget (max age) spent, or spent by the time the
+    lookup is due: the lookup sends nothing, so it is still made, before the budget check;
+    found → delivered, not found → exhausted (not sent again, and not "needs review": it
+    is known not to have gone out)."""
     policy = retry_policy("email")
     at = T0 + policy.max_age + timedelta(seconds=1)
     decision = decide(LOST, attempts=0, rate_limited=0, budget_started_at=T0, policy=policy,
                       idempotent=False, now=at, rng=random.Random(1), verify_after_s=300.0)
-    assert (decision.outcome, decision.needs_review, decision.verify_first) == (
-        AttemptOutcome.DEAD, True, False)
+    assert (decision.outcome, decision.verify_first) == (AttemptOutcome.RETRY, True)
+    for key, when, outcome, status in (("late-sent", "error_after", "delivered", "delivered"),
+                                       ("late-unsent", "error_before", "dead", "dead")):
+        fault(sandbox, fault=when, status=500, count=1, match_key=key)
+        mid = _add(sessions, key)
+        clock = Clock(T0 + policy.max_age - timedelta(seconds=2))   # its budget runs out
+        assert run(sessions, email, mid, clock).outcome is AttemptOutcome.RETRY
+        clock.now = row(sessions, mid).next_attempt_at
+        assert run(sessions, email, mid, clock).outcome == outcome
+        m = row(sessions, mid)
+        assert (m.status, m.needs_review, _sends(sandbox, key)) == (status, False, 1)
 
 
 @pytest.mark.slow
