@@ -225,7 +225,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
         if auth is not None:
             return self._respond(auth)
         endpoint, args = self._route(path)
-        if isinstance(endpoint, Result):
+        if isinstance(endpoint, Result):   # a list, a search, a health check, or an error
+            self._sleep_latency(rule)
             return self._respond(endpoint)
         if key is not None and (len(key) > MAX_KEY_LEN or not key.strip()):
             return self._respond(payments.invalid(
