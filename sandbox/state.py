@@ -206,15 +206,20 @@ class SandboxState:
             if limit is None or not limit.applies_to(path):
                 return None
             now = time.monotonic()
-            admitted = self._admitted
-            while admitted and admitted[0] <= now - limit.window_s:
-                admitted.popleft()
+            admitted = self._window(limit, now)
             if len(admitted) < limit.limit:
                 admitted.append(now)
                 return None
             # Room comes back when enough of the oldest admissions have left the window.
             frees_at = admitted[len(admitted) - limit.limit] + limit.window_s
             return max(1, math.ceil(frees_at - now))
+
+    def _window(self, limit: RateLimit, now: float) -> collections.deque[float]:
+        """The admissions still inside ``limit``'s window (older ones dropped); under the lock."""
+        admitted = self._admitted
+        while admitted and admitted[0] <= now - limit.window_s:
+            admitted.popleft()
+        return admitted
 
     def rate_limit_headers(self, path: str) -> dict[str, str]:
         """SendGrid's ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` (epoch seconds) for a
@@ -224,7 +229,7 @@ class SandboxState:
             if limit is None or not limit.applies_to(path):
                 return {}
             now = time.monotonic()
-            admitted = [t for t in self._admitted if t > now - limit.window_s]
+            admitted = self._window(limit, now)
             # Room comes back when the oldest admission in the window leaves it.
             frees_in = (admitted[0] + limit.window_s - now) if admitted else 0.0
             return {"X-RateLimit-Limit": str(limit.limit),
