@@ -205,3 +205,30 @@ class PollCursor(Base):
     interval_s: Mapped[float] = mapped_column(Float)
     next_poll_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class OAuthGrant(Base):
+    """A provider's OAuth2 grant (``integrations.oauth``): its tokens, Fernet-encrypted
+    (``integrations.secretbox``; never in clear, never logged), when the access token
+    expires, and whether the grant still works.
+
+    ``version`` grows with every save: a refreshed pair is written only over the version it
+    was refreshed from (the old refresh token stays until the new one is committed).
+    ``refresh_started_at`` is set while a refresh is in flight: still set later, the worker
+    that sent it died before saving, and the next refresh redeems the same refresh token
+    again within the server's grace window (see ``integrations.oauth``)."""
+
+    __tablename__ = "outbox_oauth_grants"
+
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    access_token: Mapped[str] = mapped_column(Text)
+    refresh_token: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    lifetime_s: Mapped[float] = mapped_column(Float)
+    scope: Mapped[str | None] = mapped_column(String(1000))
+    status: Mapped[str] = mapped_column(String(16))          # active | revoked
+    status_detail: Mapped[str | None] = mapped_column(String(255))
+    version: Mapped[int] = mapped_column(Integer)
+    refresh_started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    connected_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
