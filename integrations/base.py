@@ -10,7 +10,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import redis
+
+    from integrations.credentials import Credential
+    from integrations.settings import ProviderSettings
 
 
 @dataclass(frozen=True)
@@ -82,11 +88,20 @@ class Adapter(ABC):
         effect (verify before retry, after an ambiguous failure); None: no lookup."""
         return None
 
-    def verification(self, operation: str, response: Response,
-                     idempotency_key: str) -> Verification:
-        """Read the answer to ``verify_request`` for ``idempotency_key``. Raise the classified
-        ``IntegrationError`` for a non-2xx answer."""
+    def verification(self, operation: str, response: Response, idempotency_key: str,
+                     payload: Mapping[str, Any]) -> Verification:
+        """Read the answer to ``verify_request`` for ``idempotency_key`` (and ``payload``,
+        the operation asked for). Raise the classified ``IntegrationError`` for a non-2xx
+        answer."""
         return Verification(UNKNOWN)
+
+    def credential(self, settings: ProviderSettings, environ: Mapping[str, str] | None,
+                   client: redis.Redis | None) -> Credential | None:
+        """The credential behind ``auth`` when it is not the API key of
+        ``OUTBOX_<NAME>_API_KEY`` (an OAuth2 token source: ``integrations.crm``), given the
+        provider's settings, the environment and the shared Redis client (None: no Redis);
+        None: the API key."""
+        return None
 
     def check_request(self) -> Request | None:
         """A cheap, side-effect-free request that proves the credential works (the

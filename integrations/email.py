@@ -119,8 +119,8 @@ class EmailAdapter(Adapter):
         query = urllib.parse.quote(f'{KEY_QUERY}="{quoted}"', safe="")
         return Request("GET", f"{MESSAGES_PATH}?limit=1&query={query}")
 
-    def verification(self, operation: str, response: Response,
-                     idempotency_key: str) -> Verification:
+    def verification(self, operation: str, response: Response, idempotency_key: str,
+                     payload: Mapping[str, Any]) -> Verification:
         """Found: ``done`` with its ``msg_id``; an empty list: ``not_done``; an answer that is
         not a message list: ``unknown``. Raises the classified error for a non-2xx."""
         if not 200 <= response.status_code < 300:

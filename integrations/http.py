@@ -131,19 +131,25 @@ class _TlsAdapter(HTTPAdapter):
             **self.poolmanager.pool_classes_by_scheme, "https": _HttpsPool}
 
 
+def pinned_session(session: requests.Session, pool_size: int) -> requests.Session:
+    """``session`` under this module's policy: TLS >= 1.2 with verification, no urllib3
+    retries, and no .netrc, proxy or CA-bundle variables from the environment. (Redirects
+    are refused by the callers: ``allow_redirects=False``.) Returns ``session``."""
+    session.trust_env = False
+    session.verify = True
+    session.mount("https://", _TlsAdapter(pool_size))
+    session.mount("http://", HTTPAdapter(pool_maxsize=pool_size,
+                                         max_retries=Retry(total=0, read=False, redirect=False)))
+    return session
+
+
 class RequestsTransport:
     """The real transport: a ``requests.Session`` with a TLS-pinned, sized connection pool."""
 
     def __init__(self, pool_size: int):
         """Args: pool_size: connections kept per host; match the worker concurrency."""
-        self.session = requests.Session()
-        # No .netrc, no proxy or CA-bundle variables: the policy is what this module says.
-        self.session.trust_env = False
-        self.session.verify = True
-        self.tls_adapter = _TlsAdapter(pool_size)
-        self.session.mount("https://", self.tls_adapter)
-        self.session.mount("http://", HTTPAdapter(pool_maxsize=pool_size,
-                                                  max_retries=Retry(total=0, read=False, redirect=False)))
+        self.session = pinned_session(requests.Session(), pool_size)
+        self.tls_adapter = self.session.get_adapter("https://")
 
     def send(self, prepared: requests.PreparedRequest,
              timeout: tuple[float, float]) -> requests.Response:

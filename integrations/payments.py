@@ -99,8 +99,8 @@ class PaymentsAdapter(Adapter):
         return Request("GET", f"{_PATHS['refund']}?payment_intent={intent}&limit=100",
                        headers=headers)
 
-    def verification(self, operation: str, response: Response,
-                     idempotency_key: str) -> Verification:
+    def verification(self, operation: str, response: Response, idempotency_key: str,
+                     payload: Mapping[str, Any]) -> Verification:
         """Found and not failed: ``done``; none (or only failed ones: sending again gets the
         provider's real answer): ``not_done``; an unreadable list: ``unknown``."""
         if not 200 <= response.status_code < 300:

@@ -26,6 +26,7 @@ from typing import Any
 import schemas
 from integrations import checks, plugins
 from integrations.base import UNKNOWN, Adapter, Delivery, Verification
+from integrations.crm import CrmAdapter
 from integrations.email import EmailAdapter
 from integrations.errors import (
     ClientError,
@@ -35,6 +36,7 @@ from integrations.errors import (
     RateLimited,
 )
 from integrations.http import HttpClient
+from integrations.oauth import REAUTHORIZATION_REQUIRED
 from integrations.payments import PaymentsAdapter
 from integrations.protection import DEFAULT_429_PAUSE_S, Protection, ProtectionSettings
 from integrations.protection import store as protection_store
@@ -43,6 +45,7 @@ from integrations.settings import ProviderSettings, get_float
 _BUILT_IN: dict[str, type[Adapter]] = {
     "payments": PaymentsAdapter,
     "email": EmailAdapter,
+    "crm": CrmAdapter,
 }
 assert set(_BUILT_IN) == plugins.BUILT_IN
 
@@ -139,7 +142,7 @@ class Provider:
         with (self.protection.admit(operation) if self.protection is not None
               else nullcontext()):
             return self._exchange(operation, request, lambda response: (
-                self.adapter.verification(operation, response, idempotency_key)))
+                self.adapter.verification(operation, response, idempotency_key, payload)))
 
     def _send(self, operation: str, request) -> Delivery:
         return self._exchange(operation, request,
@@ -240,12 +243,15 @@ class ProviderCheck:
         settings_error: why its settings are invalid, or None.
         credential_error: why its credential cannot be read, or None.
         warnings: about its credential (a key file others can read).
+        reauthorize: the credential is an OAuth2 grant that is missing or revoked: its
+            messages wait for ``outbox <name> connect`` (workers start anyway).
     """
 
     provider: Provider | None
     settings_error: str | None = None
     credential_error: str | None = None
     warnings: tuple[str, ...] = ()
+    reauthorize: bool = False
 
 
 def check_provider(name: str) -> ProviderCheck:
@@ -259,7 +265,8 @@ def check_provider(name: str) -> ProviderCheck:
     try:
         return ProviderCheck(provider, warnings=tuple(provider.client.credentials.check()))
     except IntegrationError as exc:
-        return ProviderCheck(provider, credential_error=exc.detail)
+        return ProviderCheck(provider, credential_error=exc.detail,
+                             reauthorize=exc.code == REAUTHORIZATION_REQUIRED)
 
 
 DEFAULT_LATENCY_BASELINE_MS = 1000.0
@@ -319,13 +326,17 @@ def build_provider(name: str, environ: Mapping[str, str] | None = None, *,
         name, environ, operations=adapter.operations,
         default_rate_limit=adapter.rate_limit,
         default_operation_rate_limits=adapter.operation_rate_limits)
+    if isinstance(redis, str):
+        redis = protection_store.shared_redis(redis)
     if protection is None and redis is not None:
-        if isinstance(redis, str):
-            redis = protection_store.shared_redis(redis)
         # A permit must outlast the longest call: connect + read timeout + the slot wait.
         lease_s = settings.connect_timeout_s + settings.read_timeout_s + limits.max_wait_s + 5
         protection = Protection(limits, redis, lease_s=lease_s)
-    return Provider(adapter, settings, HttpClient(settings, transport), protection)
+    credential = adapter.credential(settings, environ,
+                                    redis if redis is not None else
+                                    protection.client if protection is not None else None)
+    return Provider(adapter, settings, HttpClient(settings, transport, credentials=credential),
+                    protection)
 
 
 def get_provider(name: str) -> Provider:

@@ -25,7 +25,11 @@ from .errors import (
     UnknownOperation,
     UnknownProvider,
 )
+from .grants import install as _install_grant_store
 from .models import Attempt, AuditEntry, Message, MessageStatus
+
+# OAuth2 providers (``crm``) keep their grants in this database, encrypted.
+_install_grant_store()
 
 __all__ = [
     "enqueue", "Message", "Attempt", "AuditEntry", "MessageStatus",

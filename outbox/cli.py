@@ -18,6 +18,8 @@
     outbox poll [--once]
     outbox inbound list [--provider P] [--status S] [--limit N] [--json]
     outbox inbound show ID [--json]
+    outbox crm connect [--timeout S]
+    outbox secrets rotate [--json]
 
 Exit status: 0 done (``status``: ok), 1 some messages could not be acted on (``status``:
 warning), 2 bad input, configuration, database not ready (``status``: critical). Errors
@@ -43,22 +45,26 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
 import schemas
+from integrations import crm, oauth
 from integrations.errors import ConfigurationError
 from integrations.sanitize import sanitize
+from integrations.secretbox import SecretBox
 
 from . import (
     config,
     deadletters,
     dispatch,
+    grants,
     health,
     logs,
     messages,
     relay,
     retention,
+    secrets,
     status,
     totals,
 )
-from .clock import iso, parse_since
+from .clock import iso, parse_since, utcnow
 from .db import check_migrated, describe, make_engine, make_sessionmaker
 from .enqueue import enqueue
 from .errors import OutboxError
@@ -370,6 +376,43 @@ def cmd_poll(args, sessions):
     poller.run(stop)
 
 
+def cmd_crm_connect(args, sessions):
+    """Authorise the crm provider: print the authorize URL, take the loopback callback,
+    exchange the code (PKCE), store the tokens encrypted, resume waiting messages."""
+    settings = crm.oauth_settings()
+    store = grants.DatabaseGrants(sessions, SecretBox.from_env())   # no key: fail first
+    try:
+        listener = oauth.CallbackListener(settings.redirect_port)
+    except OSError as exc:
+        return _fail(f"cannot listen on {settings.redirect_uri} for the callback "
+                     f"({exc.strerror}); set OUTBOX_CRM_REDIRECT_PORT")
+    with listener:
+        started = oauth.start_authorization(settings)
+        print("Open this URL in a browser and approve access (waiting for the redirect to "
+              f"{settings.redirect_uri}):\n{started.url}", flush=True)
+        try:
+            callback = listener.wait(args.timeout)
+        except TimeoutError as exc:
+            return _fail(f"crm connect: {exc}: start again")
+    try:
+        tokens = oauth.finish_authorization(settings, started, callback, utcnow())
+    except ValueError as exc:
+        return _fail(f"crm connect: {exc}")
+    store.connect("crm", tokens)
+    resumed = grants.resume(sessions, "crm")
+    print(f"crm connected: access token valid for {tokens.lifetime_s:.0f} s, refreshed "
+          f"ahead of expiry; {resumed} waiting message(s) resume now")
+    return 0
+
+
+def cmd_secrets_rotate(args, sessions):
+    """Re-encrypt every stored secret under the first key of OUTBOX_SECRET_KEY."""
+    counts = secrets.rotate(sessions, SecretBox.from_env())
+    _emit(args, counts, [f"{table}: {n} secret(s) re-encrypted under the current key"
+                         for table, n in counts.items()])
+    return 0
+
+
 def cmd_inbound(args, sessions):
     """Serve the webhook receiver, or list/show inbound events."""
     if args.inbound_command == "list":
@@ -523,6 +566,21 @@ def build_parser() -> argparse.ArgumentParser:
     q = events.add_parser("show", help="one event: its processing timeline and audit")
     q.add_argument("id")
     q.add_argument("--json", action="store_true")
+
+    crm_ = sub.add_parser("crm", help="the crm provider (OAuth2)").add_subparsers(
+        dest="crm_command", required=True)
+    p = crm_.add_parser("connect", help="authorise access (OAuth2 code flow with PKCE); "
+                                        "prints the URL to open")
+    p.add_argument("--timeout", type=_positive_int, default=300,
+                   help="seconds to wait for the browser's redirect (default 300)")
+    p.set_defaults(func=cmd_crm_connect)
+
+    keys = sub.add_parser("secrets", help="secrets stored encrypted").add_subparsers(
+        dest="secrets_command", required=True)
+    p = keys.add_parser("rotate", help="re-encrypt every stored secret under the first key "
+                                       "of OUTBOX_SECRET_KEY")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_secrets_rotate)
 
     p = sub.add_parser("web", help="the admin app: dashboard, dead letters, API, /metrics, "
                                    "/health (needs OUTBOX_WEB_AUTH)")

@@ -69,7 +69,10 @@ def check_worker(queues: Iterable[str]) -> Findings:
                                   f"{name} call ({longest_s:g}s: timeouts + max wait)")
         if name in consumed:
             found.warnings += check.warnings
-            if check.credential_error:
+            if check.credential_error and check.reauthorize:
+                # Not a reason to stop: its messages wait, and go out once it is connected.
+                found.warnings.append(f"{name}: {check.credential_error}")
+            elif check.credential_error:
                 found.problems.append(f"{name} credential: {check.credential_error}")
     if INBOUND in consumed:
         try:

@@ -1,0 +1,132 @@
+"""OAuth2 grants in the outbox database (``integrations.oauth.GrantStore``), encrypted.
+
+Tokens are Fernet-encrypted (``integrations.secretbox``, ``OUTBOX_SECRET_KEY``) before they
+are written and decrypted when read; the table (``outbox_oauth_grants``) never holds one in
+clear. Every write is one short transaction, and a refreshed pair is written only over the
+version it was refreshed from: the old refresh token stays until the new one is committed.
+
+Importing ``outbox`` installs this store (``install``). It opens its own engine on first
+use (``DATABASE_URL``), forgotten in a forked child like the workers' own.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from functools import cache
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from integrations import oauth
+from integrations.oauth import ACTIVE, REVOKED, Grant, Tokens
+from integrations.secretbox import SecretBox
+
+from .clock import utcnow
+from .db import make_engine, make_sessionmaker
+from .models import Message, MessageStatus, OAuthGrant
+
+
+class DatabaseGrants:
+    """``GrantStore`` on ``outbox_oauth_grants``."""
+
+    def __init__(self, sessions: sessionmaker[Session], box: SecretBox):
+        self.sessions = sessions
+        self.box = box
+
+    def load(self, provider: str) -> Grant | None:
+        with self.sessions() as session:
+            row = session.get(OAuthGrant, provider)
+            if row is None:
+                return None
+            tokens = Tokens(self.box.decrypt(row.access_token),
+                            self.box.decrypt(row.refresh_token) if row.refresh_token else None,
+                            row.expires_at, row.lifetime_s, row.scope)
+            return Grant(tokens, row.status, row.status_detail, row.version,
+                         row.refresh_started_at)
+
+    def connect(self, provider: str, tokens: Tokens) -> None:
+        now = utcnow()
+        with self.sessions.begin() as session:
+            row = session.get(OAuthGrant, provider, with_for_update=True)
+            if row is None:
+                row = OAuthGrant(provider=provider, version=0, connected_at=now)
+                session.add(row)
+            self._write(row, tokens)
+            row.status, row.status_detail = ACTIVE, None
+            row.version = (row.version or 0) + 1
+            row.connected_at = row.updated_at = now
+
+    def begin_refresh(self, provider: str, version: int, now: datetime) -> None:
+        with self.sessions.begin() as session:
+            session.execute(update(OAuthGrant)
+                            .where(OAuthGrant.provider == provider,
+                                   OAuthGrant.version == version)
+                            .values(refresh_started_at=now))
+
+    def save_refreshed(self, provider: str, version: int, tokens: Tokens) -> bool:
+        values = {"access_token": self.box.encrypt(tokens.access_token),
+                  "refresh_token": (self.box.encrypt(tokens.refresh_token)
+                                    if tokens.refresh_token else None),
+                  "expires_at": tokens.expires_at, "lifetime_s": tokens.lifetime_s,
+                  "scope": tokens.scope, "refresh_started_at": None,
+                  "version": version + 1, "updated_at": utcnow()}
+        with self.sessions.begin() as session:
+            done = session.execute(update(OAuthGrant)
+                                   .where(OAuthGrant.provider == provider,
+                                          OAuthGrant.version == version,
+                                          OAuthGrant.status == ACTIVE)
+                                   .values(**values))
+            return done.rowcount == 1
+
+    def revoke(self, provider: str, version: int, detail: str) -> bool:
+        with self.sessions.begin() as session:
+            done = session.execute(update(OAuthGrant)
+                                   .where(OAuthGrant.provider == provider,
+                                          OAuthGrant.version == version)
+                                   .values(status=REVOKED, status_detail=detail[:255],
+                                           refresh_started_at=None,
+                                           version=version + 1, updated_at=utcnow()))
+            return done.rowcount == 1
+
+    def _write(self, row: OAuthGrant, tokens: Tokens) -> None:
+        row.access_token = self.box.encrypt(tokens.access_token)
+        row.refresh_token = self.box.encrypt(tokens.refresh_token) if tokens.refresh_token else None
+        row.expires_at, row.lifetime_s, row.scope = tokens.expires_at, tokens.lifetime_s, tokens.scope
+        row.refresh_started_at = None
+
+
+def grant_status(sessions: sessionmaker[Session]) -> dict[str, dict]:
+    """Every provider's grant, without its tokens: status, detail, expiry, for status pages."""
+    with sessions() as session:
+        return {row.provider: {"status": row.status, "detail": row.status_detail,
+                               "expires_at": row.expires_at, "connected_at": row.connected_at,
+                               "refresh_interrupted": row.refresh_started_at is not None}
+                for row in session.scalars(select(OAuthGrant))}
+
+
+def resume(sessions: sessionmaker[Session], provider: str) -> int:
+    """Make ``provider``'s waiting messages due now (after it is connected again: they were
+    deferred for re-authorisation). Returns how many."""
+    now = utcnow()
+    with sessions.begin() as session:
+        done = session.execute(update(Message)
+                               .where(Message.provider == provider,
+                                      Message.status == MessageStatus.PENDING,
+                                      Message.last_error_class == "deferred",
+                                      Message.next_attempt_at > now)
+                               .values(next_attempt_at=now))
+        return done.rowcount
+
+
+@cache
+def _default_store() -> DatabaseGrants:
+    return DatabaseGrants(make_sessionmaker(make_engine()), SecretBox.from_env())
+
+
+def install() -> None:
+    """Make this the store ``integrations.oauth`` uses in this process."""
+    oauth.use_grant_store(_default_store)
+
+
+os.register_at_fork(after_in_child=_default_store.cache_clear)
