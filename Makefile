@@ -23,6 +23,15 @@ export OUTBOX_EMAIL_WEBHOOK_SECRET ?= whsec_ZGVtby1lbWFpbC13ZWJob29rLXNlY3JldC0w
 export SANDBOX_PAYMENTS_WEBHOOK_URL ?= http://127.0.0.1:$(OUTBOX_INBOUND_PORT)/webhooks/payments
 export SANDBOX_EMAIL_WEBHOOK_URL ?= http://127.0.0.1:$(OUTBOX_INBOUND_PORT)/webhooks/email
 export OUTBOX_HANDLERS ?= examples.handlers
+# The crm provider: OAuth2 against the sandbox's authorisation server (the driver connects
+# it at start, as `outbox crm connect` does with a browser).
+export OUTBOX_CRM_BASE_URL ?= http://127.0.0.1:$(SANDBOX_PORT)
+export OUTBOX_CRM_AUTHORIZE_URL ?= $(OUTBOX_CRM_BASE_URL)/oauth/authorize
+export OUTBOX_CRM_TOKEN_URL ?= $(OUTBOX_CRM_BASE_URL)/oauth/v1/token
+export OUTBOX_CRM_CLIENT_ID ?= outbox-demo-client
+export OUTBOX_CRM_CLIENT_SECRET ?= outbox-demo-secret-0123456789
+export SANDBOX_CRM_CLIENT_ID ?= $(OUTBOX_CRM_CLIENT_ID)
+export SANDBOX_CRM_CLIENT_SECRET ?= $(OUTBOX_CRM_CLIENT_SECRET)
 
 .PHONY: install system-packages migrate redis rabbitmq run test bench bench-smoke chaos chaos-smoke soak lint clean
 
@@ -51,7 +60,8 @@ run: migrate redis
 	echo "Flower:  http://127.0.0.1:5555  (login $${creds%%:*} / $${creds#*:}; set FLOWER_BASIC_AUTH to choose)"; \
 	echo "Shop:    POST http://127.0.0.1:8000/orders, GET /orders/REF (paid once the webhook came)    Sandbox: $(OUTBOX_PAYMENTS_BASE_URL)/_sandbox/stats"; \
 	echo "Status:  $(BIN)/outbox status   (or: source $(BIN)/activate; outbox status)"; \
-	FLOWER_BASIC_AUTH="$$creds" OUTBOX_WEB_AUTH="$$web" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+	key="$$(scripts/secret_key.sh $(BIN)/python)"; \
+	FLOWER_BASIC_AUTH="$$creds" OUTBOX_WEB_AUTH="$$web" OUTBOX_SECRET_KEY_FILE="$$key" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 system-packages:
 	scripts/install_system_packages.sh

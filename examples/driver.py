@@ -7,6 +7,8 @@ key, so Flower soon shows retries and dead letters:
 * every 7th: 503 once, then success             → RETRY (transient), SUCCESS
 * every 11th: 429 with Retry-After: 3           → RETRY (rate_limited), SUCCESS
 * every 13th: 500 after the charge was made     → RETRY (ambiguous), SUCCESS, one charge
+* every order also upserts its customer as a crm contact (OAuth2: the driver first connects
+  the crm provider, the way ``outbox crm connect`` is used with a browser)
 * every 9th: customer ``cus_declined``          → FAILURE, a dead letter (fix with
   ``curl -X POST $SANDBOX/_sandbox/config -d '{"declined_customers": []}'``, then re-drive)
 
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -60,9 +64,27 @@ def wait_for(url: str) -> None:
     raise SystemExit(f"driver: {url} never answered")
 
 
+def connect_crm() -> None:
+    """Connect the crm provider as a person would with a browser: ``outbox crm connect``
+    prints the sandbox's authorize URL; opening it approves at once and redirects to the
+    command's loopback listener, which stores the tokens (connecting again replaces them)."""
+    command = subprocess.Popen([sys.executable, "-m", "outbox.cli", "crm", "connect",
+                                "--timeout", "60"], stdout=subprocess.PIPE, text=True)
+    for line in command.stdout:
+        if line.startswith("http"):
+            try:
+                requests.get(line.strip(), timeout=10)
+            except requests.RequestException as exc:
+                print(f"driver: crm authorisation failed: {type(exc).__name__}", flush=True)
+            break
+    if command.wait(timeout=90) == 0:
+        print("driver: crm connected", flush=True)
+
+
 def main() -> None:
     wait_for(f"{SANDBOX}/_sandbox/stats?log=0")
     wait_for(f"{SHOP}/")
+    connect_crm()
     run = uuid.uuid4().hex[:6]
     placed = 0
     for n in range(1, MAX_ORDERS + 1):

@@ -5,16 +5,16 @@
              "customer": "cus_1", "charge_message_id": "01J…"}
 
 One transaction
-    ``place_order`` writes the order row and enqueues its ``payments.charge`` and its
-    ``email.send`` receipt in the caller's session; the request handler commits once. If
-    anything fails before that commit, none of the three exists. Once committed, the outbox
+    ``place_order`` writes the order row and enqueues its ``payments.charge``, its
+    ``email.send`` receipt and its ``crm.upsert_contact`` in the caller's session; the
+    request handler commits once. If anything fails before that commit, none of them exists. Once committed, the outbox
     delivers the charge exactly once in effect, even if this process dies the next moment.
 
 Idempotent retries
     A client that got no answer (a timeout, a dropped connection) sends the same request
     again: that is the normal case, not an error. The ``reference`` is the order's
     idempotency key: unique in the orders table, and the outbox keys are made from it
-    (``order-<reference>-charge``, ``order-<reference>-receipt``). Sent again with the same
+    (``order-<reference>-charge``, ``-receipt``, ``-contact``). Sent again with the same
     body, it answers 200 with the existing order and writes nothing. With a different
     amount, currency or customer it answers 409. Two identical requests at the same moment:
     one inserts the order; the other's INSERT hits the unique constraint inside a SAVEPOINT,
@@ -172,7 +172,8 @@ def _order_by_reference(session: Session, reference: str) -> Order | None:
 
 
 def _enqueue_messages(session: Session, order: Order, request_id: str | None) -> str:
-    """Enqueue the order's charge and its receipt email; returns the charge's message id."""
+    """Enqueue the order's charge, its receipt email and the customer's crm contact; returns
+    the charge's message id."""
     payload = {"amount": order.amount, "currency": order.currency,
                "metadata": {"order": order.reference}}
     if order.customer is not None:
@@ -183,6 +184,10 @@ def _enqueue_messages(session: Session, order: Order, request_id: str | None) ->
             payload={"to": "customer@example.com", "subject": f"Your order {order.reference}",
                      "text": f"Thank you for your order {order.reference}."},
             idempotency_key=f"order-{order.reference}-receipt", correlation_id=request_id)
+    enqueue(session, provider="crm", operation="upsert_contact",
+            payload={"email": f"{order.customer or 'guest'}@example.com",
+                     "properties": {"last_order": order.reference}},
+            idempotency_key=f"order-{order.reference}-contact", correlation_id=request_id)
     return charge.id
 
 

@@ -73,7 +73,7 @@ REFRESH_IN_PROGRESS = "token_refresh_in_progress"
 REFRESH_FAILED = "token_refresh_failed"
 CALLBACK_PATH = "/oauth/callback"
 DEFAULT_REDIRECT_PORT = 8765
-TOKEN_ENDPOINT_TIMEOUT = (3.05, 10.0)
+TOKEN_ENDPOINT_TIMEOUT = (3.05, 5.0)   # connect, read: the refresh lock lasts their sum + 2 s
 
 # Release the lock only if it is still ours (a lapsed lease may have been taken over).
 _RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
@@ -298,11 +298,10 @@ class OAuthCredential:
                 the client is not configured, or the token expires and no refresh could
                 give a new one now (``token_refresh_in_progress``/``token_refresh_failed``).
         """
-        now = self._now()
         grant = self._cached
-        if grant is None or grant.status != ACTIVE or now >= grant.tokens.refresh_due_at():
+        if grant is None or self._due(grant):
             grant = self._load()
-            if now >= grant.tokens.refresh_due_at():
+            if self._due(grant):
                 grant = self._refresh_due(grant)
         if not grant.tokens.usable(self._now()):
             raise Deferred(f"{self.provider} access token expires and is not refreshed yet",
@@ -335,6 +334,13 @@ class OAuthCredential:
 
     # --- internals ----------------------------------------------------------------------
 
+    def _due(self, grant: Grant) -> bool:
+        """Whether ``grant`` is to be refreshed now: 80 % of its token's life has passed, or
+        a refresh of it never finished (its old refresh token must be redeemed again while
+        the server's grace window lasts)."""
+        return (grant.refresh_started_at is not None
+                or self._now() >= grant.tokens.refresh_due_at())
+
     def _load(self) -> Grant:
         grant = self.store.load(self.provider)
         if grant is None:
@@ -352,8 +358,7 @@ class OAuthCredential:
                 if token is not None:
                     try:
                         current = self._load()   # re-read under the lock: refreshed meanwhile?
-                        if current.version != grant.version or (
-                                not force and self._now() < current.tokens.refresh_due_at()):
+                        if current.version != grant.version or not (force or self._due(current)):
                             return current
                         return self._refresh(current)
                     finally:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from integrations.errors import ConfigurationError
+from integrations.secretbox import configured_keys
 
 MIN_PASSWORD = 12
 MIN_TOKEN = 24
@@ -74,17 +75,9 @@ class WebAuth:
 
 
 def _secret_key(env: Mapping[str, str]) -> str:
-    key = env.get("OUTBOX_SECRET_KEY")
-    path = env.get("OUTBOX_SECRET_KEY_FILE")
-    if not key and path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                key = f.read().strip()
-        except OSError as exc:
-            raise ConfigurationError(f"OUTBOX_SECRET_KEY_FILE: cannot read {path!r} "
-                                     f"({exc.strerror})") from None
-    # A comma-separated list is a Fernet rotation (DESIGN): the first key is the current one.
-    return (key or "").split(",")[0].strip() or secrets.token_urlsafe(32)
+    # The first key of OUTBOX_SECRET_KEY (a Fernet rotation list: integrations.secretbox).
+    keys = configured_keys(env)
+    return keys[0] if keys else secrets.token_urlsafe(32)
 
 
 def new_csrf_token() -> str:
