@@ -163,7 +163,7 @@ class OAuthState:
             self._grants: list[_Grant] = []
             self._refresh: dict[str, _Refresh] = {}
             self._access: dict[str, _Access] = {}
-            self.token_requests = collections.Counter({g: 0 for g in GRANT_TYPES})
+            self.token_requests = collections.Counter(dict.fromkeys((*GRANT_TYPES, "other"), 0))
             self.counts = collections.Counter()
 
     def configure(self, settings: dict[str, Any]) -> None:
