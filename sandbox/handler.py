@@ -415,7 +415,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
                            self.headers, body)
         return self._finish(result, rule, {})
 
-
+    def _route(self, path: str):
         """Return (endpoint, None) for a POST, (None, args) for a GET, or (Result, None)."""
         if path == "/v1/balance":   # the outbox's synthetic health check
             if self.command != "GET":
