@@ -86,11 +86,13 @@ class _Access:
 
 def parse_settings(data: dict[str, Any]) -> dict[str, Any]:
     """Validate the ``crm_*`` keys of a ``POST /_sandbox/config`` body; raises ValueError."""
-    for name in ("crm_client_id", "crm_client_secret"):
-        value = data.get(name)
-        if value is not None and not (isinstance(value, str) and value.strip()
-                                      and ":" not in value):
-            raise ValueError(f"{name} must be a non-empty string without ':'")
+    client_id, secret = data.get("crm_client_id"), data.get("crm_client_secret")
+    # A ':' would split HTTP Basic credentials in the wrong place for many clients.
+    if client_id is not None and not (isinstance(client_id, str) and client_id.strip()
+                                      and ":" not in client_id):
+        raise ValueError("crm_client_id must be a non-empty string without ':'")
+    if secret is not None and not (isinstance(secret, str) and secret.strip()):
+        raise ValueError("crm_client_secret must be a non-empty string")
     for name, top in (("crm_access_token_ttl_s", 86400), ("crm_auth_code_ttl_s", 3600)):
         value = data.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)

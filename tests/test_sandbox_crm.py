@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,16 @@ def test_an_older_refresh_token_of_the_family_is_reuse_even_within_the_grace(san
     assert r.json()["error_description"] == "refresh token reuse detected"
     assert_hubspot_error(upsert(sandbox, third["access_token"], CONTACT), 401,
                          "INVALID_AUTHENTICATION")
+
+
+def test_concurrent_refreshes_with_one_token_all_get_the_same_pair(sandbox):
+    _, token, _, _ = connect(sandbox)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: refresh(sandbox, token["refresh_token"]), range(8)))
+    assert {r.status_code for r in answers} == {200}
+    assert len({r.text for r in answers}) == 1
+    s = crm_stats(sandbox)
+    assert (s["refreshes"], s["refresh_replays"], s["refresh_reuse_detected"]) == (1, 7, 0)
 
 
 def test_a_lost_refresh_answer_is_recovered_by_the_grace_replay(sandbox):
