@@ -1,4 +1,4 @@
-"""The ``/_sandbox/`` control API: stats, reset, faults and runtime settings."""
+"""The ``/_sandbox/`` control API: stats, reset, faults, runtime settings and OAuth revocation."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from typing import Any
 from urllib.parse import parse_qs
 
+from sandbox import oauth
 from sandbox.auth import mask_key
 from sandbox.state import RateLimit, SandboxState
 
@@ -54,7 +55,9 @@ def _config(state: SandboxState) -> dict:
                 "rate_limit": state.rate_limit.to_dict() if state.rate_limit else None,
                 "store_errors": state.store_errors, "search_lag_s": state.search_lag_s,
                 "store_declines": state.store_declines,
-                "clock_offset_s": state.clock_offset_s}
+                "clock_offset_s": state.clock_offset_s,
+                **state.oauth.settings(),
+                "crm_client_secret": mask_key(state.oauth.client_secret)}
 
 
 def handle_control(state: SandboxState, method: str, path: str, query: str,
@@ -103,6 +106,11 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
             return _bad(f"no fault {rule_id}", 404)
         return 200, {"deleted": rule_id}
 
+    if route == "oauth/revoke":
+        if method != "POST":
+            return _bad("method not allowed", 405)
+        return 200, {"revoked_grants": state.oauth.revoke_all()}
+
     if route == "webhooks":
         if method == "POST":
             if not isinstance(data, dict):
@@ -120,7 +128,8 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
                 return _bad("body must be a JSON object")
             unknown = set(data) - {"api_key", "email_api_key", "idempotency",
                                    "declined_customers", "rate_limit", "store_errors",
-                                   "search_lag_s", "store_declines", "advance_clock_s"}
+                                   "search_lag_s", "store_declines", "advance_clock_s",
+                                   *oauth.SETTINGS}
             if unknown:
                 return _bad(f"unknown settings: {sorted(unknown)}")
             key, idem = data.get("api_key"), data.get("idempotency")
@@ -152,10 +161,15 @@ def handle_control(state: SandboxState, method: str, path: str, query: str,
             if lag is not None and (not isinstance(lag, int | float) or isinstance(lag, bool)
                                     or not 0 <= lag <= 3600):
                 return _bad("search_lag_s must be a number of seconds from 0 to 3600")
+            try:
+                crm = oauth.parse_settings({k: data[k] for k in oauth.SETTINGS if k in data})
+            except ValueError as exc:
+                return _bad(str(exc))
             state.configure(api_key=key, idempotency=idem, declined_customers=declined,
                             email_api_key=email_key, rate_limit=limit,
                             store_errors=store_errors, search_lag_s=lag,
                             store_declines=store_declines, advance_clock_s=advance)
+            state.oauth.configure(crm)
         elif method != "GET":
             return _bad("method not allowed", 405)
         return 200, _config(state)

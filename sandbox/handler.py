@@ -1,9 +1,10 @@
 """HTTP request handler: routing, auth, rate limit, faults and Stripe-style idempotency.
 
-Two provider APIs share the plumbing: payments (Stripe-shaped, every path outside
-``/v3/``) and email (SendGrid-shaped, ``/v3/``). Each request answers errors in its
-provider's shape (``_flavor``). Order for both: body read, rate limit, fault rule, auth,
-routing and validation, endpoint (the effect), post-effect fault.
+Three provider APIs share the plumbing: email (SendGrid-shaped, ``/v3/``), CRM
+(HubSpot-shaped, ``/crm/`` and its OAuth server ``/oauth/``) and payments (Stripe-shaped,
+every other path). Each request answers errors in its provider's shape (``_flavor``).
+Order for all: body read, rate limit, fault rule, auth, routing and validation, endpoint
+(the effect), post-effect fault.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from sandbox import mail, payments
+from sandbox import crm, mail, payments
 from sandbox.auth import check_auth
 from sandbox.control import PREFIX, handle_control
 from sandbox.faults import FaultRule
@@ -36,7 +37,7 @@ class _Dropped(Exception):
     """The connection was closed on purpose; nothing more may be written."""
 
 
-PAYMENTS, EMAIL = "payments", "email"
+PAYMENTS, EMAIL, CRM = "payments", "email", "crm"
 _SERVER_ERROR = {
     "before": ("An error occurred with our connection to Stripe. (sandbox fault)",
                "An internal error occurred. (sandbox fault)"),
@@ -142,7 +143,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         path, _, query = self.path.partition("?")
         self._path, self._query = path, query
-        self._flavor = EMAIL if path.startswith(mail.PREFIX) else PAYMENTS
+        self._flavor = (EMAIL if path.startswith(mail.PREFIX)
+                        else CRM if path.startswith(crm.PREFIXES) else PAYMENTS)
         try:
             if path.startswith(PREFIX):
                 body = self._read_body()
@@ -152,6 +154,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
                 return
             if self._flavor == EMAIL:
                 self._email(path)
+            elif self._flavor == CRM:
+                self._crm(path)
             else:
                 self._payments(path)
         except _Dropped:
@@ -164,10 +168,14 @@ class SandboxHandler(BaseHTTPRequestHandler):
     def _invalid(self, status: int, message: str) -> Result:
         if getattr(self, "_flavor", PAYMENTS) == EMAIL:
             return mail.error(status, message)
+        if self._flavor == CRM:
+            return crm.error(status, message, "VALIDATION_ERROR")
         return payments.error(status, "invalid_request_error", message)
 
     def _server_error(self, status: int, which: str) -> Result:
         payments_text, email_text = _SERVER_ERROR[which]
+        if self._flavor == CRM:
+            return crm.server_error(status, which)
         if self._flavor == EMAIL:
             return mail.error(status, email_text)
         return payments.error(status, "api_error", payments_text)
@@ -175,6 +183,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
     def _too_many(self, retry_after: str | None, why: str) -> int:
         if self._flavor == EMAIL:
             result = mail.error(429, f"too many requests ({why})")
+        elif self._flavor == CRM:
+            result = crm.too_many()
         else:
             result = payments.error(429, "rate_limit_error", "Too many requests hit the API "
                                     f"too quickly. ({why})", code="rate_limit")
@@ -371,6 +381,39 @@ class SandboxHandler(BaseHTTPRequestHandler):
             return self._respond(mail.errors(400, problems))
         self._sleep_latency(rule)
         return self._finish(mail.send(self.state, document, key), rule, {})
+
+    # --- CRM API and its OAuth server ------------------------------------------------
+
+    def _crm(self, path: str) -> None:
+        # Counted under "" now; an upsert of one contact moves to its e-mail once parsed.
+        self._token = self.state.begin_request(path, "")
+        try:
+            self._crm_inner(path)
+        finally:
+            self._account(DROPPED)  # no-op unless no response was sent
+
+    def _crm_inner(self, path: str) -> int:
+        body = self._read_body()
+        if isinstance(body, int):
+            return body
+        key = crm.effect_key(path, body)
+        if key and self._token is not None:
+            self.state.rekey_request(self._token, key)
+        limited = self._over_rate_limit(path)
+        if limited is not None:
+            return limited
+        rule = self.state.faults.pick(path, key or None)
+        if rule is not None:
+            early = self._pre_effect_fault(rule)
+            if early is not None:
+                return early
+        denied = crm.check_token(self.state, path, self.headers.get("Authorization", ""))
+        if denied is not None:
+            return self._respond(denied)
+        self._sleep_latency(rule)
+        result = crm.serve(self.state, self.command, path, getattr(self, "_query", ""),
+                           self.headers, body)
+        return self._finish(result, rule, {})
 
     def _route(self, path: str):
         """Return (endpoint, None) for a POST, (None, args) for a GET, or (Result, None)."""

@@ -11,6 +11,7 @@ import sys
 import threading
 from http.server import ThreadingHTTPServer
 
+from sandbox import oauth
 from sandbox.handler import SandboxHandler
 from sandbox.state import SandboxState
 
@@ -77,22 +78,26 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class SandboxServer:
-    """Fake Stripe-shaped payments and SendGrid-shaped email providers on loopback, with a
-    ``/_sandbox/`` control API.
+    """Fake Stripe-shaped payments, SendGrid-shaped email and HubSpot-shaped CRM providers
+    on loopback, with a ``/_sandbox/`` control API.
 
     ``SandboxServer(port=0).start()`` listens on an ephemeral port; ``url`` says where.
-    Both APIs take ``Authorization: Bearer <key>``; the email API accepts
-    ``email_api_key``, or the payments key when that is None.
+    Payments and email take ``Authorization: Bearer <key>``; the email API accepts
+    ``email_api_key``, or the payments key when that is None. The CRM takes OAuth access
+    tokens issued to the one client ``crm_client_id``/``crm_client_secret``.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
                  payments_api_key: str = DEFAULT_API_KEY, access_log: bool = False,
-                 email_api_key: str | None = None) -> None:
+                 email_api_key: str | None = None,
+                 crm_client_id: str = oauth.DEFAULT_CLIENT_ID,
+                 crm_client_secret: str = oauth.DEFAULT_CLIENT_SECRET) -> None:
         """Bind to ``host:port`` (loopback only; ValueError otherwise) without serving yet."""
         if not is_loopback(host):
             raise ValueError(f"refusing to bind the sandbox to non-loopback host {host!r}; "
                              "use 127.0.0.1, ::1 or localhost")
-        self.state = SandboxState(payments_api_key, email_api_key)
+        self.state = SandboxState(payments_api_key, email_api_key, crm_client_id,
+                                  crm_client_secret)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._httpd = _HTTPServer((host.strip("[]"), port), self.state, access_log, family)
         self._thread: threading.Thread | None = None
@@ -135,8 +140,8 @@ class SandboxServer:
 def main(argv: list[str] | None = None) -> int:
     """Run the sandbox in the foreground until SIGTERM or SIGINT; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m sandbox",
-                                     description="Fake payments and email providers with "
-                                                 "fault injection.")
+                                     description="Fake payments, email and CRM providers "
+                                                 "with fault injection.")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8100, help="port (default 8100; 0 = any)")
     parser.add_argument("--access-log", action="store_true",
@@ -147,9 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     # Unset: the email API shares the payments key.
     email_key = (os.environ.get("SANDBOX_EMAIL_API_KEY")
                  or os.environ.get("OUTBOX_EMAIL_API_KEY") or None)
+    crm_client_id = os.environ.get("SANDBOX_CRM_CLIENT_ID") or oauth.DEFAULT_CLIENT_ID
+    crm_client_secret = (os.environ.get("SANDBOX_CRM_CLIENT_SECRET")
+                         or oauth.DEFAULT_CLIENT_SECRET)
     try:
         srv = SandboxServer(args.host, args.port, api_key, access_log=args.access_log,
-                            email_api_key=email_key)
+                            email_api_key=email_key, crm_client_id=crm_client_id,
+                            crm_client_secret=crm_client_secret)
     except (ValueError, OSError) as exc:
         print(f"sandbox: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox.faults import FaultTable
+from sandbox.oauth import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, OAuthState
 from sandbox.webhooks import WebhookSender
 
 LOG_CAP = 100_000
@@ -59,11 +60,13 @@ class StoredResult:
 class SandboxState:
     """All mutable sandbox state behind one lock; every method is thread-safe."""
 
-    def __init__(self, api_key: str, email_api_key: str | None = None) -> None:
+    def __init__(self, api_key: str, email_api_key: str | None = None,
+                 crm_client_id: str = DEFAULT_CLIENT_ID,
+                 crm_client_secret: str = DEFAULT_CLIENT_SECRET) -> None:
         """Start empty with ``api_key`` as the accepted payments key.
 
         ``email_api_key`` is the key the email API accepts; None shares the payments key
-        (then rotating ``api_key`` rotates both).
+        (then rotating ``api_key`` rotates both). The CRM's OAuth server knows one client.
         """
         self.lock = threading.RLock()
         self.api_key = api_key
@@ -87,6 +90,7 @@ class SandboxState:
         # Set when the server stops, so sleeping and hanging requests end early.
         self.stopping = threading.Event()
         self.webhooks = WebhookSender(self.stopping)
+        self.oauth = OAuthState(self.lock, self.now, crm_client_id, crm_client_secret)
         self._generation = 0
         self._clear()
 
@@ -110,10 +114,13 @@ class SandboxState:
         self.refunds: dict[str, dict] = {}
         # Accepted emails by X-Message-Id: {"key", "to", "subject", "t"} (no bodies).
         self.emails: dict[str, dict] = {}
+        # CRM contacts by lower-cased e-mail: {"id", "properties", "created", "updated"}.
+        self.contacts: dict[str, dict] = {}
         self._admitted.clear()
 
     def reset(self) -> None:
-        """Forget requests, effects, objects, stored keys, faults and the rate limit; keep the API keys."""
+        """Forget requests, effects, objects, stored keys, OAuth grants, faults and the rate
+        limit; keep the API keys and the OAuth client."""
         with self.lock:
             # Requests still running belong to the old generation and must not leak into the new one.
             self._generation += 1
@@ -126,6 +133,7 @@ class SandboxState:
             self.declined_customers = set(DEFAULT_DECLINED_CUSTOMERS)
             self.faults.clear()
             self.webhooks.reset()
+            self.oauth.reset()
             self._clear()
 
     def configure(self, api_key: str | None = None, idempotency: bool | None = None,
@@ -266,6 +274,7 @@ class SandboxState:
                 "max_in_flight": self.max_in_flight,
                 "faults": self.faults.list(),
                 "emails_total": len(self.emails),
+                "crm": {**self.oauth.stats(), "contacts": len(self.contacts)},
             }
             if include_log:
                 out["request_log"] = [dict(e) for e in self.request_log]
