@@ -87,6 +87,9 @@ def run_check(provider, clock: Callable[[], float] = time.time) -> CheckResult |
         if provider.protection is not None:
             provider.protection.observe(response)
         error = classify(response)   # the breaker hears of a 503 as of a delivery's
+    except Deferred as exc:   # no credential to send (e.g. an OAuth2 grant to connect)
+        log.info("%s: health check skipped (%s)", provider.name, exc.label)
+        return None
     except IntegrationError as exc:
         error = exc
         return CheckResult(False, f"check failed: {exc.error_class.value} {exc.label}", at,

@@ -212,7 +212,8 @@ class Grant:
 
 
 class GrantStore(Protocol):
-    """Durable, shared storage of grants (``outbox.grants``). Every write is one transaction."""
+    """Durable, shared storage of grants (``outbox.grants``). Every write is one transaction;
+    a store that cannot be reached raises ``CredentialUnavailable`` (the message waits)."""
 
     def load(self, provider: str) -> Grant | None:
         """The provider's grant, decrypted; None when it was never connected."""
@@ -320,14 +321,16 @@ class OAuthCredential:
         self._refresh_due(grant, force=True)
 
     def check(self) -> list[str]:
-        """Whether this provider can get tokens now (health, worker start-up).
+        """Whether this provider can get tokens now (health, worker start-up). A provider
+        whose client id is not set is not in use: nothing to check (its messages, if any,
+        wait; the queue's depth and age say so).
 
         Raises:
-            CredentialUnavailable: as ``get`` when the grant is missing or revoked, or the
-                client is not configured.
+            CredentialUnavailable: the client secret cannot be read, or the grant is missing
+                or revoked (``reauthorization_required``) or cannot be decrypted.
         """
         if not self.settings.client_id:
-            self.settings.session()   # raises the "not set" error
+            return []
         self.settings.client_secret.get()
         self._load()
         return []
@@ -342,7 +345,11 @@ class OAuthCredential:
                 or self._now() >= grant.tokens.refresh_due_at())
 
     def _load(self) -> Grant:
-        grant = self.store.load(self.provider)
+        try:
+            grant = self.store.load(self.provider)
+        except ConfigurationError as exc:   # no key, or none that decrypts the grant
+            raise CredentialUnavailable(str(exc), code="credential_unavailable",
+                                        retry_after_s=REAUTHORIZE_RETRY_S) from None
         if grant is None:
             raise reauthorization_required(self.provider, f"{self.provider} is not connected")
         if grant.status != ACTIVE:

@@ -12,19 +12,36 @@ use (``DATABASE_URL``), forgotten in a forked child like the workers' own.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import datetime
 from functools import cache
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from integrations import oauth
+from integrations.errors import CredentialUnavailable
 from integrations.oauth import ACTIVE, REVOKED, Grant, Tokens
 from integrations.secretbox import SecretBox
 
 from .clock import utcnow
 from .db import make_engine, make_sessionmaker
 from .models import Message, MessageStatus, OAuthGrant
+
+STORE_RETRY_S = 5.0
+
+
+@contextmanager
+def _reachable():
+    """A database error is "cannot read the credential now": the message waits (deferred),
+    it is not a failed attempt."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise CredentialUnavailable(f"OAuth grant store unavailable ({type(exc).__name__})",
+                                    code="credential_unavailable",
+                                    retry_after_s=STORE_RETRY_S) from exc
 
 
 class DatabaseGrants:
@@ -35,7 +52,7 @@ class DatabaseGrants:
         self.box = box
 
     def load(self, provider: str) -> Grant | None:
-        with self.sessions() as session:
+        with _reachable(), self.sessions() as session:
             row = session.get(OAuthGrant, provider)
             if row is None:
                 return None
@@ -47,7 +64,7 @@ class DatabaseGrants:
 
     def connect(self, provider: str, tokens: Tokens) -> None:
         now = utcnow()
-        with self.sessions.begin() as session:
+        with _reachable(), self.sessions.begin() as session:
             row = session.get(OAuthGrant, provider, with_for_update=True)
             if row is None:
                 row = OAuthGrant(provider=provider, version=0, connected_at=now)
@@ -58,7 +75,7 @@ class DatabaseGrants:
             row.connected_at = row.updated_at = now
 
     def begin_refresh(self, provider: str, version: int, now: datetime) -> None:
-        with self.sessions.begin() as session:
+        with _reachable(), self.sessions.begin() as session:
             session.execute(update(OAuthGrant)
                             .where(OAuthGrant.provider == provider,
                                    OAuthGrant.version == version)
@@ -71,7 +88,7 @@ class DatabaseGrants:
                   "expires_at": tokens.expires_at, "lifetime_s": tokens.lifetime_s,
                   "scope": tokens.scope, "refresh_started_at": None,
                   "version": version + 1, "updated_at": utcnow()}
-        with self.sessions.begin() as session:
+        with _reachable(), self.sessions.begin() as session:
             done = session.execute(update(OAuthGrant)
                                    .where(OAuthGrant.provider == provider,
                                           OAuthGrant.version == version,
@@ -80,7 +97,7 @@ class DatabaseGrants:
             return done.rowcount == 1
 
     def revoke(self, provider: str, version: int, detail: str) -> bool:
-        with self.sessions.begin() as session:
+        with _reachable(), self.sessions.begin() as session:
             done = session.execute(update(OAuthGrant)
                                    .where(OAuthGrant.provider == provider,
                                           OAuthGrant.version == version)

@@ -27,7 +27,9 @@ GOOD = {"amount": [1, 1999, 99999999], "currency": ["usd", "eur"], "id": ["pi_1"
         "reason": ["requested_by_customer"], "livemode": [False], "type": ["card_error"],
         "to": ["a@example.com", [{"email": "b@example.com", "name": "B"}, "c@example.com"]],
         "subject": ["Hello"], "text": ["body"], "html": ["<p>body</p>"],
-        "reply_to": ["r@example.com"], "categories": [["receipts"]]}
+        "reply_to": ["r@example.com"], "categories": [["receipts"]],
+        "email": ["a@example.com"], "properties": [{}, {"firstname": "Ann"}],
+        "results": [[{"id": "101", "new": True}]]}
 
 
 def _object(rng: random.Random, schema: dict, depth: int = 0) -> dict:
