@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from functools import cache
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -111,15 +111,6 @@ class DatabaseGrants:
         row.refresh_token = self.box.encrypt(tokens.refresh_token) if tokens.refresh_token else None
         row.expires_at, row.lifetime_s, row.scope = tokens.expires_at, tokens.lifetime_s, tokens.scope
         row.refresh_started_at = None
-
-
-def grant_status(sessions: sessionmaker[Session]) -> dict[str, dict]:
-    """Every provider's grant, without its tokens: status, detail, expiry, for status pages."""
-    with sessions() as session:
-        return {row.provider: {"status": row.status, "detail": row.status_detail,
-                               "expires_at": row.expires_at, "connected_at": row.connected_at,
-                               "refresh_interrupted": row.refresh_started_at is not None}
-                for row in session.scalars(select(OAuthGrant))}
 
 
 def resume(sessions: sessionmaker[Session], provider: str) -> int:
