@@ -23,6 +23,10 @@ export OUTBOX_EMAIL_WEBHOOK_SECRET ?= whsec_ZGVtby1lbWFpbC13ZWJob29rLXNlY3JldC0w
 export SANDBOX_PAYMENTS_WEBHOOK_URL ?= http://127.0.0.1:$(OUTBOX_INBOUND_PORT)/webhooks/payments
 export SANDBOX_EMAIL_WEBHOOK_URL ?= http://127.0.0.1:$(OUTBOX_INBOUND_PORT)/webhooks/email
 export OUTBOX_HANDLERS ?= examples.handlers
+# Signed outbound webhooks: the sandbox's receiver (/_sandbox/hooks/NAME) is on loopback, which
+# the SSRF guard refuses unless allow-listed. Endpoint secrets are stored encrypted under
+# OUTBOX_SECRET_KEY; `make run` generates one into var/secret-key when none is set.
+export OUTBOX_WEBHOOKS_ALLOW_HOSTS ?= 127.0.0.1
 
 .PHONY: install system-packages migrate redis rabbitmq run test bench bench-smoke chaos chaos-smoke soak lint clean
 
@@ -51,6 +55,11 @@ run: migrate redis
 	echo "Flower:  http://127.0.0.1:5555  (login $${creds%%:*} / $${creds#*:}; set FLOWER_BASIC_AUTH to choose)"; \
 	echo "Shop:    POST http://127.0.0.1:8000/orders, GET /orders/REF (paid once the webhook came)    Sandbox: $(OUTBOX_PAYMENTS_BASE_URL)/_sandbox/stats"; \
 	echo "Status:  $(BIN)/outbox status   (or: source $(BIN)/activate; outbox status)"; \
+	if [ -z "$$OUTBOX_SECRET_KEY$$OUTBOX_SECRET_KEY_FILE" ]; then \
+	  export OUTBOX_SECRET_KEY_FILE="$(CURDIR)/var/secret-key"; \
+	  [ -s var/secret-key ] || (umask 077; $(BIN)/python -c "from cryptography.fernet import \
+	  Fernet; print(Fernet.generate_key().decode())" > var/secret-key); \
+	  echo "Secrets: OUTBOX_SECRET_KEY_FILE=$$OUTBOX_SECRET_KEY_FILE (export it for outbox endpoints add)"; fi; \
 	FLOWER_BASIC_AUTH="$$creds" OUTBOX_WEB_AUTH="$$web" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 system-packages:

@@ -18,6 +18,8 @@
     outbox poll [--once]
     outbox inbound list [--provider P] [--status S] [--limit N] [--json]
     outbox inbound show ID [--json]
+    outbox endpoints add URL --events E,… [--rate-limit 10/s] [--json]   (outbox.endpoints_cli)
+    outbox endpoints list|disable ID|enable ID|rotate-secret ID [--json]
 
 Exit status: 0 done (``status``: ok), 1 some messages could not be acted on (``status``:
 warning), 2 bad input, configuration, database not ready (``status``: critical). Errors
@@ -50,6 +52,7 @@ from . import (
     config,
     deadletters,
     dispatch,
+    endpoints_cli,
     health,
     logs,
     messages,
@@ -529,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=os.environ.get("OUTBOX_WEB_PORT", "8300"))
     p.set_defaults(func=cmd_web)
+
+    endpoints_cli.register(sub)
     return parser
 
 

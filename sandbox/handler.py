@@ -17,7 +17,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from sandbox import mail, payments
+from sandbox import hooks, mail, payments
 from sandbox.auth import check_auth
 from sandbox.control import PREFIX, handle_control
 from sandbox.faults import FaultRule
@@ -144,6 +144,13 @@ class SandboxHandler(BaseHTTPRequestHandler):
         self._path, self._query = path, query
         self._flavor = EMAIL if path.startswith(mail.PREFIX) else PAYMENTS
         try:
+            if path.startswith(hooks.PREFIX):   # the receiver of the webhooks provider
+                body = self._read_body()
+                if not isinstance(body, int):
+                    status, out, headers = self.state.hooks.handle(self.command, path,
+                                                                   self.headers, body)
+                    self._send(status, out, headers)
+                return
             if path.startswith(PREFIX):
                 body = self._read_body()
                 if not isinstance(body, int):

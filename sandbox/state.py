@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox.faults import FaultTable
+from sandbox.hooks import Hooks
 from sandbox.webhooks import WebhookSender
 
 LOG_CAP = 100_000
@@ -87,6 +88,7 @@ class SandboxState:
         # Set when the server stops, so sleeping and hanging requests end early.
         self.stopping = threading.Event()
         self.webhooks = WebhookSender(self.stopping)
+        self.hooks = Hooks(self.stopping)   # the receiver of the outbox's own webhooks
         self._generation = 0
         self._clear()
 
@@ -126,6 +128,7 @@ class SandboxState:
             self.declined_customers = set(DEFAULT_DECLINED_CUSTOMERS)
             self.faults.clear()
             self.webhooks.reset()
+            self.hooks.reset()
             self._clear()
 
     def configure(self, api_key: str | None = None, idempotency: bool | None = None,
@@ -266,6 +269,7 @@ class SandboxState:
                 "max_in_flight": self.max_in_flight,
                 "faults": self.faults.list(),
                 "emails_total": len(self.emails),
+                "hooks": self.hooks.stats(include_log),
             }
             if include_log:
                 out["request_log"] = [dict(e) for e in self.request_log]

@@ -459,7 +459,7 @@ def test_registry_caches_and_reset_rereads_env(monkeypatch):
         assert get_provider("payments").settings.read_timeout_s == 6
     finally:
         reset()
-    assert known_providers() == ["email", "payments"]
+    assert known_providers() == ["email", "payments", "webhooks"]
     with pytest.raises(KeyError):
         get_provider("nope")
 
