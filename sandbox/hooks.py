@@ -8,7 +8,8 @@ the tests): ``POST /_sandbox/hooks/{name}`` records each delivery and answers 20
 
 With a ``secret`` (or ``SANDBOX_WEBHOOKS_SECRET`` for every name) each delivery is
 verified with the ``standardwebhooks`` library, as a customer would, and counted as
-``verified`` or ``unverified``. Nothing of the body is kept but the event type.
+``verified`` or ``unverified``. The log keeps each delivery's body and ``webhook-*``
+headers, so that a test can verify it again under any secret.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 PREFIX = "/_sandbox/hooks/"
 LOG_CAP = 1000
 _SETTINGS = {"status", "retry_after", "delay_s", "secret"}
+_SIGNED_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
 
 class Hooks:
@@ -106,8 +108,10 @@ class Hooks:
             self._by_id[name][webhook_id] += 1
             if verified is not None:
                 (self._verified if verified else self._unverified)[name] += 1
-            self._log[name].append({"id": webhook_id, "type": event_type, "at": time.time(),
-                                    "verified": verified})
+            self._log[name].append({
+                "id": webhook_id, "type": event_type, "at": time.time(), "verified": verified,
+                "headers": {h: headers.get(h) for h in _SIGNED_HEADERS},
+                "body": body.decode("utf-8", "replace")})
         if settings.get("delay_s"):
             self._stopping.wait(settings["delay_s"])
         status = settings.get("status", 204)
@@ -117,8 +121,8 @@ class Hooks:
 
     def stats(self, include_log: bool = True) -> dict[str, Any]:
         """Per hook name: ``received``, ``by_id`` (deliveries per webhook-id), ``verified``,
-        ``unverified`` and, with ``include_log``, ``log`` (id, type, time, verified; the
-        last 1,000)."""
+        ``unverified`` and, with ``include_log``, ``log`` (id, type, time, verified, the
+        ``webhook-*`` headers and the body; the last 1,000)."""
         with self._lock:
             return {name: {"received": sum(ids.values()), "by_id": dict(ids),
                            "verified": self._verified[name],
