@@ -7,6 +7,8 @@ endpoint's own rate limit holds at the receiver.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 import pytest
@@ -19,7 +21,7 @@ from integrations.registry import build_provider
 from integrations.webhooks.endpoints import Endpoint
 from outbox import Message, MessageStatus, endpoints
 from sandbox.stats import max_in_window
-from tests.harness import run_cli, wait_until
+from tests.harness import BIN, ROOT, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +177,18 @@ def test_an_endpoints_own_rate_limit_holds_at_the_receiver(
     assert len(times) == 15
     assert max_in_window(times) <= 5
     assert times[-1] - times[0] >= 14 / 5 * 0.95
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_webhooks_worker_refuses_to_start_without_a_secret_key(stack_env):
+    """Without OUTBOX_SECRET_KEY no endpoint secret can be read: exit 2, one line."""
+    env = {k: v for k, v in {**os.environ, **stack_env}.items()
+           if k not in ("OUTBOX_SECRET_KEY", "OUTBOX_SECRET_KEY_FILE")}
+    done = subprocess.run(
+        [str(BIN / "celery"), "-A", "tasks", "worker", "-Q", "webhooks", "-P", "threads",
+         "-c", "1", "--without-mingle", "--without-gossip"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-2000:]
+    [line] = [x for x in output.splitlines() if "refusing to start" in x]
+    assert "webhooks: OUTBOX_SECRET_KEY" in line and "Traceback" not in output
