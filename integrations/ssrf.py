@@ -31,6 +31,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 
+from integrations.http import _ConnectFailuresNeverSent
+
 
 class Refused(ValueError):
     """The URL or the address it resolves to may not be called."""
@@ -119,7 +121,10 @@ class _GuardedHTTPConnection(HTTPConnection):
         return _guarded_conn(self, HTTPConnection)
 
 
-class _GuardedHTTPSConnection(HTTPSConnection):
+class _GuardedHTTPSConnection(_ConnectFailuresNeverSent):
+    """Also types a failed TLS handshake as ``TlsHandshakeError`` ("never sent"), as the
+    shared client's HTTPS connections do (``integrations.http``)."""
+
     allow_hosts: frozenset[str] = frozenset()
 
     def _new_conn(self):   # TLS still verifies the certificate against the host name

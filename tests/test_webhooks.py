@@ -310,3 +310,35 @@ def test_publish_enqueues_one_message_per_subscribed_enabled_endpoint(sessions, 
     assert sorted(publish(sessions, "evt-1")) == sorted(ids)   # the same event again: nothing new
     [only] = publish(sessions, "evt-2", event_type="customer.deleted")   # '*' only
     assert row(sessions, only).payload["endpoint_id"] == every
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_timeouts_and_connection_failures_are_retried(sessions, provider, sandbox):
+    """A read timeout is ambiguous and a refused connection transient: both retried (the
+    receiver deduplicates by webhook-id), neither dead-lettered."""
+    register(sessions, hook(sandbox, "slow", delay_s=3), events=("slow.event",))
+    [slow] = publish(sessions, "slow-1", event_type="slow.event")
+    result = deliver(sessions, provider, slow)
+    assert result.outcome is AttemptOutcome.RETRY and "ambiguous read_timeout" in result.summary
+    register(sessions, "http://127.0.0.1:9/nobody-listens", events=("gone.event",))
+    [refused] = publish(sessions, "refused-1", event_type="gone.event")
+    result = deliver(sessions, provider, refused)
+    assert result.outcome is AttemptOutcome.RETRY and "transient connect_error" in result.summary
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("case", ["untrusted certificate", "TLS 1.1 only"])
+def test_a_failed_tls_handshake_is_transient_and_sends_nothing(sessions, provider, loopback,
+                                                               tls_certs, case):
+    """Through the SSRF guard too, a handshake that fails is "never sent": transient
+    tls_error, retried; the server read no request."""
+    from tests.test_classification import HANDSHAKE_FAILURES
+
+    server = loopback(HANDSHAKE_FAILURES[case](tls_certs))
+    register(sessions, f"{server.url}/hook")
+    [message_id] = publish(sessions, f"tls-{case}")
+    result = deliver(sessions, provider, message_id)
+    message = row(sessions, message_id)
+    assert result.outcome is AttemptOutcome.RETRY
+    assert (message.last_error_class, message.last_status_code) == ("transient", None)
+    assert message.last_error.startswith("tls_error: TLS ") and server.requests == []
