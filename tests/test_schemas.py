@@ -27,7 +27,9 @@ GOOD = {"amount": [1, 1999, 99999999], "currency": ["usd", "eur"], "id": ["pi_1"
         "reason": ["requested_by_customer"], "livemode": [False], "type": ["card_error"],
         "to": ["a@example.com", [{"email": "b@example.com", "name": "B"}, "c@example.com"]],
         "subject": ["Hello"], "text": ["body"], "html": ["<p>body</p>"],
-        "reply_to": ["r@example.com"], "categories": [["receipts"]]}
+        "reply_to": ["r@example.com"], "categories": [["receipts"]],
+        "endpoint_id": ["ep_01M98JR2GSHSCNPS42QE6EQ1RP"], "event_type": ["invoice.paid"],
+        "data": [{}, {"invoice": "in_1"}], "timestamp": ["2026-12-07T15:00:00.000Z"]}
 
 
 def _object(rng: random.Random, schema: dict, depth: int = 0) -> dict:

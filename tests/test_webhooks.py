@@ -6,7 +6,7 @@ with the official ``standardwebhooks`` library, as a customer would.
 from __future__ import annotations
 
 import random
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
@@ -74,9 +74,10 @@ def hook(sandbox, name, **config) -> str:
     return f"{sandbox.url}/_sandbox/hooks/{name}"
 
 
-def publish(sessions, key, event_type="invoice.paid", data=EVENT) -> list[str]:
+def publish(sessions, key, event_type="invoice.paid", data=EVENT, **more) -> list[str]:
     with sessions.begin() as session:
-        return [m.id for m in endpoints.publish(session, event_type, data, idempotency_key=key)]
+        return [m.id for m in endpoints.publish(session, event_type, data, idempotency_key=key,
+                                                **more)]
 
 
 def deliver(sessions, provider, message_id, *, later=timedelta(0)):
@@ -120,7 +121,8 @@ def test_a_delivery_is_signed_and_verifies_with_the_official_library(sessions, p
 
 def test_a_retry_sends_the_same_webhook_id_signed_again(sessions, provider, sandbox):
     _, secret = register(sessions, hook(sandbox, "r", status=503))
-    [message_id] = publish(sessions, "order-2-paid")
+    paid_at = datetime(2026, 12, 7, 15, 0, 0, 123000, tzinfo=UTC)
+    [message_id] = publish(sessions, "order-2-paid", occurred_at=paid_at)
     first = deliver(sessions, provider, message_id)
     assert first.outcome is AttemptOutcome.RETRY and "transient 503" in first.summary
     hook(sandbox, "r", status=None)
@@ -128,8 +130,9 @@ def test_a_retry_sends_the_same_webhook_id_signed_again(sessions, provider, sand
         is AttemptOutcome.DELIVERED
     log = received(sandbox, "r")["log"]
     assert [e["headers"]["webhook-id"] for e in log] == [message_id, message_id]
+    assert log[0]["body"] == log[1]["body"]   # the event's time, not the attempt's
     for entry in log:
-        verify(secret, entry)
+        assert verify(secret, entry)["timestamp"] == "2026-12-07T15:00:00.123+00:00"
 
 
 def test_during_a_rotation_both_secrets_verify_and_after_expiry_only_the_new_one(
@@ -159,8 +162,6 @@ def test_during_a_rotation_both_secrets_verify_and_after_expiry_only_the_new_one
 
 
 def _sent_at(entry):
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(int(entry["headers"]["webhook-timestamp"]), UTC)
 
 
