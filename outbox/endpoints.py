@@ -79,6 +79,8 @@ def add(session: Session, url: str, events: Iterable[str], *, box: SecretBox,
     """
     if len(url) > MAX_URL_LENGTH:
         raise OutboxError(f"refused URL: longer than {MAX_URL_LENGTH} characters")
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise OutboxError("refused URL: it holds spaces or control characters")
     try:
         ssrf.check_url(url, allow_hosts)
     except ssrf.Refused as exc:

@@ -98,6 +98,8 @@ def test_disable_enable_and_rotate_secret(cli_db, capsys):
      "refused URL: the URL may not carry credentials"),
     (("add", "https://10.0.0.7/in", "--events", "a.b"), "refused URL: 10.0.0.7 resolves to"),
     (("add", URL), "the following arguments are required: --events"),
+    (("add", URL + "\r\nX-Injected: 1", "--events", "a.b"), "spaces or control characters"),
+    (("add", "https://93.184.216.34/" + "x" * 2000, "--events", "a.b"), "longer than 2000"),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli_db, capsys, argv, says):
     code, out, err = run_cli(capsys, "endpoints", *argv)
