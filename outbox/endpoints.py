@@ -198,7 +198,7 @@ def publish(session: Session, event_type: str, data: dict[str, Any], *, idempote
         payload["timestamp"] = occurred_at.isoformat(timespec="milliseconds") + (
             "Z" if occurred_at.tzinfo is None else "")
     endpoints = session.scalars(select(WebhookEndpoint).where(WebhookEndpoint.status == ENABLED)
-                                .order_by(WebhookEndpoint.id))
+                                .order_by(WebhookEndpoint.id)).all()
     return [enqueue(session, provider=PROVIDER, operation=OPERATION,
                     payload={"endpoint_id": e.id, **payload},
                     idempotency_key=f"{idempotency_key}:{e.id}", correlation_id=correlation_id)
