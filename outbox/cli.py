@@ -18,6 +18,7 @@
     outbox poll [--once]
     outbox inbound list [--provider P] [--status S] [--limit N] [--json]
     outbox inbound show ID [--json]
+    outbox secrets rotate [--json]
     outbox endpoints add URL --events E,… [--rate-limit 10/s] [--json]   (outbox.endpoints_cli)
     outbox endpoints list|disable ID|enable ID|rotate-secret ID [--json]
 
@@ -291,6 +292,17 @@ def cmd_dead_discard(args, sessions):
     return _report_actions(args, results)
 
 
+def cmd_secrets_rotate(args, sessions):
+    """Re-encrypt every stored secret under the first key of ``OUTBOX_SECRET_KEY``."""
+    from integrations.secretbox import SecretBox
+
+    from .secrets import rotate
+
+    counts = rotate(sessions, SecretBox.from_env())
+    _emit(args, counts, [f"{table}: {n} value(s) re-encrypted" for table, n in counts.items()]
+          + ["every stored secret is under the first key; older keys can now be dropped"])
+
+
 def cmd_sandbox(args, sessions):
     from sandbox.server import main as sandbox_main
 
@@ -532,6 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=os.environ.get("OUTBOX_WEB_PORT", "8300"))
     p.set_defaults(func=cmd_web)
+
+    secrets = sub.add_parser("secrets", help="secrets stored encrypted (OUTBOX_SECRET_KEY)")
+    p = secrets.add_subparsers(dest="secrets_command", required=True).add_parser(
+        "rotate", help="re-encrypt every stored secret under the first key of "
+                       "OUTBOX_SECRET_KEY (put the new key first, run this, drop the old)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_secrets_rotate)
 
     endpoints_cli.register(sub)
     return parser

@@ -5,6 +5,7 @@ with the official ``standardwebhooks`` library, as a customer would.
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -22,6 +23,7 @@ from outbox.clock import utcnow
 from outbox.endpoints import SqlEndpointStore
 from outbox.models import AttemptOutcome, WebhookEndpoint
 from tasks.delivery import deliver_message
+from tests.harness import run_cli
 
 LEASE = timedelta(seconds=60)
 EVENT = {"invoice": "in_42", "amount": 1999}
@@ -273,7 +275,8 @@ def test_without_a_secret_key_a_delivery_waits(sessions, provider, sandbox, monk
 
 
 def test_secrets_are_stored_encrypted_and_survive_a_key_rotation(sessions, provider, sandbox,
-                                                                  secret_key, monkeypatch):
+                                                                  secret_key, monkeypatch,
+                                                                  db_url, capsys):
     endpoint_id, secret = register(sessions, hook(sandbox, "enc"))
     with sessions.begin() as session:
         rotated = endpoints.rotate_secret(session, endpoint_id, box=SecretBox.from_env())
@@ -285,7 +288,10 @@ def test_secrets_are_stored_encrypted_and_survive_a_key_rotation(sessions, provi
 
     new_key = Fernet.generate_key().decode()
     monkeypatch.setenv("OUTBOX_SECRET_KEY", f"{new_key},{secret_key}")   # new key first
-    assert secrets.rotate(sessions, SecretBox.from_env())["outbox_webhook_endpoints"] == 2
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    code, out, err = run_cli(capsys, "secrets", "rotate", "--json")
+    assert (code, err) == (0, "") and json.loads(out)["outbox_webhook_endpoints"] == 2
+    assert secrets.rotate(sessions, SecretBox.from_env())["outbox_webhook_endpoints"] == 0
     monkeypatch.setenv("OUTBOX_SECRET_KEY", new_key)   # the old key dropped
     [message_id] = publish(sessions, "enc-1")
     assert deliver(sessions, provider, message_id).outcome is AttemptOutcome.DELIVERED
