@@ -32,6 +32,9 @@ export OUTBOX_CRM_CLIENT_ID ?= outbox-demo-client
 export OUTBOX_CRM_CLIENT_SECRET ?= outbox-demo-secret-0123456789
 export SANDBOX_CRM_CLIENT_ID ?= $(OUTBOX_CRM_CLIENT_ID)
 export SANDBOX_CRM_CLIENT_SECRET ?= $(OUTBOX_CRM_CLIENT_SECRET)
+# Signed outbound webhooks: the sandbox's receiver (/_sandbox/hooks/NAME) is on loopback, which
+# the SSRF guard refuses unless allow-listed.
+export OUTBOX_WEBHOOKS_ALLOW_HOSTS ?= 127.0.0.1
 
 .PHONY: install system-packages migrate redis rabbitmq run test bench bench-smoke chaos chaos-smoke soak lint clean
 
@@ -61,6 +64,7 @@ run: migrate redis
 	echo "Shop:    POST http://127.0.0.1:8000/orders, GET /orders/REF (paid once the webhook came)    Sandbox: $(OUTBOX_PAYMENTS_BASE_URL)/_sandbox/stats"; \
 	echo "Status:  $(BIN)/outbox status   (or: source $(BIN)/activate; outbox status)"; \
 	key="$$(scripts/secret_key.sh $(BIN)/python)"; \
+	[ -z "$$key" ] || echo "Secrets: OUTBOX_SECRET_KEY_FILE=$$key (export it to run outbox endpoints or outbox crm connect yourself)"; \
 	FLOWER_BASIC_AUTH="$$creds" OUTBOX_WEB_AUTH="$$web" OUTBOX_SECRET_KEY_FILE="$$key" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 system-packages:

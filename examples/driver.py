@@ -9,6 +9,8 @@ key, so Flower soon shows retries and dead letters:
 * every 13th: 500 after the charge was made     → RETRY (ambiguous), SUCCESS, one charge
 * every order also upserts its customer as a crm contact (OAuth2: the driver first connects
   the crm provider, the way ``outbox crm connect`` is used with a browser)
+* every order also publishes ``order.created`` to the customers' webhook endpoints: the
+  driver subscribes the sandbox's receiver (``/_sandbox/hooks/demo``) at start
 * every 9th: customer ``cus_declined``          → FAILURE, a dead letter (fix with
   ``curl -X POST $SANDBOX/_sandbox/config -d '{"declined_customers": []}'``, then re-drive)
 
@@ -81,10 +83,25 @@ def connect_crm() -> None:
         print("driver: crm connected", flush=True)
 
 
+def subscribe_demo_endpoint() -> None:
+    """Register the sandbox's webhook receiver as a customer's endpoint for order.created
+    (once: an endpoint with its URL already registered is kept)."""
+    url = f"{SANDBOX}/_sandbox/hooks/demo"
+    outbox = [sys.executable, "-m", "outbox.cli", "endpoints"]
+    listed = subprocess.run([*outbox, "list", "--json"], capture_output=True, text=True)
+    if listed.returncode == 0 and url in listed.stdout:
+        return
+    added = subprocess.run([*outbox, "add", url, "--events", "order.created", "--json"],
+                           capture_output=True, text=True)
+    print("driver: order.created webhooks go to " + url if added.returncode == 0 else
+          f"driver: no demo endpoint: {added.stderr.strip()}", flush=True)
+
+
 def main() -> None:
     wait_for(f"{SANDBOX}/_sandbox/stats?log=0")
     wait_for(f"{SHOP}/")
     connect_crm()
+    subscribe_demo_endpoint()
     run = uuid.uuid4().hex[:6]
     placed = 0
     for n in range(1, MAX_ORDERS + 1):

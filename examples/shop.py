@@ -6,8 +6,8 @@
 
 One transaction
     ``place_order`` writes the order row and enqueues its ``payments.charge``, its
-    ``email.send`` receipt and its ``crm.upsert_contact`` in the caller's session; the
-    request handler commits once. If anything fails before that commit, none of them exists. Once committed, the outbox
+    ``email.send`` receipt, its ``crm.upsert_contact`` and its ``order.created`` webhooks in
+    the caller's session; the request handler commits once. If anything fails before that commit, none of them exists. Once committed, the outbox
     delivers the charge exactly once in effect, even if this process dies the next moment.
 
 Idempotent retries
@@ -75,6 +75,7 @@ from outbox import (
     logs,
 )
 from outbox.db import check_migrated, make_engine, make_sessionmaker
+from outbox.endpoints import publish
 
 log = logging.getLogger("examples.shop")
 
@@ -172,8 +173,8 @@ def _order_by_reference(session: Session, reference: str) -> Order | None:
 
 
 def _enqueue_messages(session: Session, order: Order, request_id: str | None) -> str:
-    """Enqueue the order's charge, its receipt email and the customer's crm contact; returns
-    the charge's message id."""
+    """Enqueue the order's charge, its receipt email, the customer's crm contact and an
+    ``order.created`` webhook per subscribed endpoint; returns the charge's message id."""
     payload = {"amount": order.amount, "currency": order.currency,
                "metadata": {"order": order.reference}}
     if order.customer is not None:
@@ -188,6 +189,10 @@ def _enqueue_messages(session: Session, order: Order, request_id: str | None) ->
             payload={"email": f"{order.customer or 'guest'}@example.com",
                      "properties": {"last_order": order.reference}},
             idempotency_key=f"order-{order.reference}-contact", correlation_id=request_id)
+    # Your customers' webhook endpoints subscribed to order.created (none: nothing is added).
+    publish(session, "order.created", {"order": order.reference, "amount": order.amount,
+                                       "currency": order.currency},
+            idempotency_key=f"order-{order.reference}-created", correlation_id=request_id)
     return charge.id
 
 

@@ -21,13 +21,20 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Request:
-    """An HTTP request an adapter wants sent. ``path`` is joined to the provider's base URL."""
+    """An HTTP request an adapter wants sent. ``path`` is joined to the provider's base URL,
+    unless ``url`` is set: then ``url`` is the target and ``path`` only names the request in
+    logs (the webhooks provider: each endpoint has its own URL, which may hold a token).
+
+    ``content`` is sent byte for byte (the adapter sets ``Content-Type``): for a body that
+    is signed, whose bytes must be exactly those the signature covers."""
 
     method: str
     path: str
     headers: Mapping[str, str] = field(default_factory=dict)
     form: Mapping[str, str] | None = None   # sent form-encoded
     json: Any = None                        # sent as JSON when form is None
+    content: bytes | None = None            # sent as is; wins over form and json
+    url: str | None = None                  # absolute; wins over the base URL and path
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,9 @@ class Adapter(ABC):
     # How the shared client authenticates requests: "bearer" adds
     # "Authorization: Bearer <key>" from the provider's credential; None adds nothing.
     auth: str | None = None
+    # False: the provider has no base URL (OUTBOX_<NAME>_BASE_URL is not read); every request
+    # it builds carries its own absolute ``url`` (webhooks: one per subscriber endpoint).
+    has_base_url: bool = True
     # Limits the provider documents, used when OUTBOX_<NAME>_RATE_LIMIT (or the operation's)
     # is not set: e.g. "100/s", {"refund": "25/s"}. None: no default limit.
     rate_limit: str | None = None

@@ -196,22 +196,31 @@ class HttpClient:
         """Build the ``PreparedRequest`` for ``request`` (URL, headers, encoded body).
 
         Args:
-            request: what the adapter built; ``path`` must start with ``/``.
+            request: what the adapter built; ``path`` must start with ``/`` unless the
+                request carries its own absolute ``url``.
             auth: ``"bearer"`` to add ``Authorization: Bearer <key>``, or None.
 
         Raises:
             CredentialUnavailable: bearer auth asked for but the key cannot be read.
-            ValueError: the path is not absolute, ``auth`` is unknown, or a form key or
-                value is not a str.
+            ValueError: the path is not absolute, there is no URL (neither the request's
+                nor a base URL), ``auth`` is unknown, or a form key or value is not a str.
         """
-        if not request.path.startswith("/"):
+        if request.url is not None:
+            url = request.url
+        elif self.settings.base_url is None:
+            raise ValueError(f"{self.settings.name} has no base URL: its requests need a url")
+        elif not request.path.startswith("/"):
             raise ValueError(f"request path must start with '/': {sanitize(request.path, 80)!r}")
+        else:
+            url = self.settings.base_url + request.path
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **request.headers}
         if auth == BEARER:
             headers["Authorization"] = f"Bearer {self.credentials.get()}"
         elif auth is not None:
             raise ValueError(f"unknown auth scheme {auth!r}")
-        url = self.settings.base_url + request.path
+        if request.content is not None:
+            return requests.Request(request.method.upper(), url, headers=headers,
+                                    data=request.content, params="").prepare()
         if request.form is not None:
             body = _encode_form(request.form)
             if body:

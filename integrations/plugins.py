@@ -31,7 +31,7 @@ GROUP = "outbox.providers"
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 # Queues of the outbox's own, and the built-in providers (``registry._BUILT_IN``).
 RESERVED = frozenset({"inbound", "dead_letter"})
-BUILT_IN = frozenset({"payments", "email", "crm"})
+BUILT_IN = frozenset({"payments", "email", "crm", "webhooks"})
 
 
 @cache

@@ -41,11 +41,13 @@ from integrations.payments import PaymentsAdapter
 from integrations.protection import DEFAULT_429_PAUSE_S, Protection, ProtectionSettings
 from integrations.protection import store as protection_store
 from integrations.settings import ProviderSettings, get_float
+from integrations.webhooks.adapter import WebhooksAdapter
 
 _BUILT_IN: dict[str, type[Adapter]] = {
     "payments": PaymentsAdapter,
     "email": EmailAdapter,
     "crm": CrmAdapter,
+    "webhooks": WebhooksAdapter,
 }
 assert set(_BUILT_IN) == plugins.BUILT_IN
 
@@ -79,7 +81,8 @@ class Provider:
         """The provider name (``payments``)."""
         return self.adapter.name
 
-    def deliver(self, operation: str, payload: Mapping[str, Any], idempotency_key: str) -> Delivery:
+    def deliver(self, operation: str, payload: Mapping[str, Any], idempotency_key: str, *,
+                message_id: str | None = None) -> Delivery:
         """Perform ``operation`` at the provider once (plus one retry after a 401).
 
         Validates the payload against its operation schema, builds the request, passes the
@@ -92,6 +95,8 @@ class Provider:
             operation: e.g. ``charge``.
             payload: the operation payload.
             idempotency_key: the outbox message's key; the same on every attempt.
+            message_id: the outbox message's id (the webhooks provider's ``webhook-id``);
+                the other providers ignore it.
 
         Returns:
             The ``Delivery`` (status code, provider reference, safe summary).
@@ -105,12 +110,17 @@ class Provider:
                 was a half-open breaker probe.
         """
         request = self._build(operation, payload, idempotency_key)
-        if self.protection is None:
-            return self._send(operation, request)
-        permit = self.protection.admit(operation)
+        return self._protected(self.protection, operation, request)
+
+    def _protected(self, protection: Protection | None, operation: str, request) -> Delivery:
+        """Send ``request`` under ``protection``'s guards (the provider's; the webhooks
+        provider passes the endpoint's own) and parse the answer."""
+        if protection is None:
+            return self._send(operation, request, None)
+        permit = protection.admit(operation)
         error: BaseException | None = None
         try:
-            return self._send(operation, request)
+            return self._send(operation, request, protection)
         except BaseException as exc:
             error = exc
             if permit.probe and isinstance(exc, IntegrationError):
@@ -118,7 +128,7 @@ class Provider:
                 # is deferred, the breaker is open again for open_s: no use coming back sooner.
                 exc.probe = True
                 if exc.retry_after_s is None:
-                    exc.retry_after_s = self.protection.settings.breaker.open_s
+                    exc.retry_after_s = protection.settings.breaker.open_s
             raise
         finally:
             permit.release(error)
@@ -142,34 +152,37 @@ class Provider:
         with (self.protection.admit(operation) if self.protection is not None
               else nullcontext()):
             return self._exchange(operation, request, lambda response: (
-                self.adapter.verification(operation, response, idempotency_key, payload)))
+                self.adapter.verification(operation, response, idempotency_key, payload)),
+                self.protection)
 
-    def _send(self, operation: str, request) -> Delivery:
+    def _send(self, operation: str, request, protection: Protection | None) -> Delivery:
         return self._exchange(operation, request,
-                              lambda response: self._parse(operation, response))
+                              lambda response: self._parse(operation, response), protection)
 
-    def _exchange(self, operation: str, request, read):
+    def _exchange(self, operation: str, request, read, protection: Protection | None):
         """Send ``request`` (once more after a 401, the credential re-read first) and
-        return what ``read`` makes of the response; a 429 pauses every worker."""
+        return what ``read`` makes of the response; a 429 pauses every worker's calls
+        under ``protection``."""
         auth = self.adapter.auth
-        response = self._observed(self.client.send(request, auth=auth))
+        response = self._observed(self.client.send(request, auth=auth), protection)
         if response.status_code == 401 and auth is not None:
             log.info("%s: 401, refreshing credentials and retrying once", self.name,
                      extra={"provider": self.name})
             self.client.credentials.refresh()
-            if self.protection is not None:
-                self.protection.pace(operation)   # the second request needs its own slot
-            response = self._observed(self.client.send(request, auth=auth))
+            if protection is not None:
+                protection.pace(operation)   # the second request needs its own slot
+            response = self._observed(self.client.send(request, auth=auth), protection)
         try:
             return read(response)
         except RateLimited as exc:
-            if self.protection is not None:
-                self.protection.pause(exc.retry_after_s or DEFAULT_429_PAUSE_S)
+            if protection is not None:
+                protection.pause(exc.retry_after_s or DEFAULT_429_PAUSE_S)
             raise
 
-    def _observed(self, response):
-        if self.protection is not None:
-            self.protection.observe(response)
+    @staticmethod
+    def _observed(response, protection: Protection | None):
+        if protection is not None:
+            protection.observe(response)
         return response
 
     def _build(self, operation: str, payload: Mapping[str, Any], idempotency_key: str):
@@ -320,18 +333,24 @@ def build_provider(name: str, environ: Mapping[str, str] | None = None, *,
     known = adapters()
     if name not in known:
         raise KeyError(f"unknown provider {name!r}; known: {', '.join(sorted(known))}")
-    settings = ProviderSettings.from_env(name, environ)
     adapter = known[name]()
+    settings = ProviderSettings.from_env(name, environ, has_base_url=adapter.has_base_url)
     limits = ProtectionSettings.from_env(
         name, environ, operations=adapter.operations,
         default_rate_limit=adapter.rate_limit,
         default_operation_rate_limits=adapter.operation_rate_limits)
     if isinstance(redis, str):
         redis = protection_store.shared_redis(redis)
+    # A permit must outlast the longest call: connect + read timeout + the slot wait.
+    lease_s = settings.connect_timeout_s + settings.read_timeout_s + limits.max_wait_s + 5
     if protection is None and redis is not None:
-        # A permit must outlast the longest call: connect + read timeout + the slot wait.
-        lease_s = settings.connect_timeout_s + settings.read_timeout_s + limits.max_wait_s + 5
         protection = Protection(limits, redis, lease_s=lease_s)
+    if isinstance(adapter, WebhooksAdapter):
+        # Imported here: it subclasses Provider, defined in this module.
+        from integrations.webhooks.provider import WebhooksProvider
+
+        return WebhooksProvider.build(adapter, settings, environ, transport=transport,
+                                      protection=protection, lease_s=lease_s)
     credential = adapter.credential(settings, environ,
                                     redis if redis is not None else
                                     protection.client if protection is not None else None)

@@ -49,7 +49,8 @@ class ProviderSettings:
 
     Attributes:
         name: provider name (``payments``).
-        base_url: scheme and host (and optional path prefix), no trailing slash.
+        base_url: scheme and host (and optional path prefix), no trailing slash; None for a
+            provider without one (its requests carry their own URL: webhooks).
         read_timeout_s: seconds to wait for response bytes once the request is sent.
         connect_timeout_s: seconds to wait for the TCP/TLS connection.
         max_concurrency: HTTP connection pool size; match the worker concurrency.
@@ -58,7 +59,7 @@ class ProviderSettings:
     """
 
     name: str
-    base_url: str
+    base_url: str | None
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
@@ -66,7 +67,8 @@ class ProviderSettings:
     api_key_file: Path | None = None
 
     def __post_init__(self) -> None:
-        check_base_url(self.base_url, variable=env_name(self.name, "BASE_URL"))
+        if self.base_url is not None:
+            check_base_url(self.base_url, variable=env_name(self.name, "BASE_URL"))
 
     @property
     def timeout(self) -> tuple[float, float]:
@@ -74,8 +76,13 @@ class ProviderSettings:
         return (self.connect_timeout_s, self.read_timeout_s)
 
     @classmethod
-    def from_env(cls, name: str, environ: Mapping[str, str] | None = None) -> ProviderSettings:
+    def from_env(cls, name: str, environ: Mapping[str, str] | None = None, *,
+                 has_base_url: bool = True) -> ProviderSettings:
         """Read the settings of provider ``name`` from ``environ`` (default ``os.environ``).
+
+        Args:
+            has_base_url: False for a provider without a base URL (the adapter's
+                ``has_base_url``): ``OUTBOX_<NAME>_BASE_URL`` is then not read.
 
         Raises:
             ConfigurationError: a value is malformed or out of range, the base URL is
@@ -85,8 +92,9 @@ class ProviderSettings:
         if not _PROVIDER_NAME.match(name):
             raise ConfigurationError(f"invalid provider name {name!r}")
         env = os.environ if environ is None else environ
-        base_url = get_str(env, env_name(name, "BASE_URL"), DEFAULT_BASE_URLS.get(name))
-        if base_url is None:
+        base_url = (get_str(env, env_name(name, "BASE_URL"), DEFAULT_BASE_URLS.get(name))
+                    if has_base_url else None)
+        if base_url is None and has_base_url:
             raise ConfigurationError(f"{env_name(name, 'BASE_URL')} is required for provider {name!r}")
         api_key = get_str(env, env_name(name, "API_KEY"), None)
         key_file = get_str(env, env_name(name, "API_KEY_FILE"), None)
@@ -95,7 +103,7 @@ class ProviderSettings:
                 f"set only one of {env_name(name, 'API_KEY')} and {env_name(name, 'API_KEY_FILE')}")
         return cls(
             name=name,
-            base_url=base_url.rstrip("/"),
+            base_url=base_url.rstrip("/") if base_url is not None else None,
             read_timeout_s=get_float(env, env_name(name, "TIMEOUT"), DEFAULT_READ_TIMEOUT_S),
             connect_timeout_s=get_float(env, env_name(name, "CONNECT_TIMEOUT"),
                                         DEFAULT_CONNECT_TIMEOUT_S),

@@ -11,11 +11,12 @@ checked. Redirects are never followed (``integrations.http``). An explicit allow
 hosts (``OUTBOX_WEBHOOKS_ALLOW_HOSTS`` for the webhooks provider, empty by default) skips
 the address check: the sandbox and the tests, on loopback.
 
-Not wired to a provider yet: the signed-webhooks provider that registers and calls
-customers' URLs is still to be built (issue 10 §2).
+Used by the webhooks provider (``integrations.webhooks``): ``outbox endpoints add`` checks
+the URL, and every delivery goes through a ``GuardedAdapter``.
 
     check_url(url, allow_hosts)        at registration: ValueError naming the reason
-    GuardedAdapter(allow_hosts)        a requests adapter whose every connection is checked
+    GuardedAdapter(allow_hosts)        a requests adapter whose every connection is checked;
+                                       a refused address raises ``AddressRefused``
 """
 
 from __future__ import annotations
@@ -30,9 +31,17 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 
+from integrations.http import _ConnectFailuresNeverSent
+
 
 class Refused(ValueError):
     """The URL or the address it resolves to may not be called."""
+
+
+class AddressRefused(NewConnectionError):
+    """A connection the guard refused: the host resolves to a non-public address. Nothing
+    was connected to. A ``NewConnectionError`` ("could not connect") to urllib3 and
+    requests; its own class, so that a caller can tell it from a failure worth retrying."""
 
 
 def forbidden(address: str) -> str | None:
@@ -99,8 +108,7 @@ def _guarded_conn(self, base):
         raise NewConnectionError(self, f"cannot resolve {self.host}: {exc}") from exc
     safe = [a for a in addresses if forbidden(a) is None]
     if len(safe) != len(addresses) or not safe:
-        raise NewConnectionError(self, f"refused: {self.host} resolves to a non-public "
-                                       "address")
+        raise AddressRefused(self, f"refused: {self.host} resolves to a non-public address")
     # Connect to the checked address itself: resolving again could answer otherwise.
     self._dns_host = safe[0]
     return base._new_conn(self)
@@ -113,7 +121,10 @@ class _GuardedHTTPConnection(HTTPConnection):
         return _guarded_conn(self, HTTPConnection)
 
 
-class _GuardedHTTPSConnection(HTTPSConnection):
+class _GuardedHTTPSConnection(_ConnectFailuresNeverSent):
+    """Also types a failed TLS handshake as ``TlsHandshakeError`` ("never sent"), as the
+    shared client's HTTPS connections do (``integrations.http``)."""
+
     allow_hosts: frozenset[str] = frozenset()
 
     def _new_conn(self):   # TLS still verifies the certificate against the host name

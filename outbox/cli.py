@@ -20,6 +20,8 @@
     outbox inbound show ID [--json]
     outbox crm connect [--timeout S]
     outbox secrets rotate [--json]
+    outbox endpoints add URL --events E,… [--rate-limit 10/s] [--json]   (outbox.endpoints_cli)
+    outbox endpoints list|disable ID|enable ID|rotate-secret ID [--json]
 
 Exit status: 0 done (``status``: ok), 1 some messages could not be acted on (``status``:
 warning), 2 bad input, configuration, database not ready (``status``: critical). Errors
@@ -54,6 +56,7 @@ from . import (
     config,
     deadletters,
     dispatch,
+    endpoints_cli,
     grants,
     health,
     logs,
@@ -409,7 +412,8 @@ def cmd_secrets_rotate(args, sessions):
     """Re-encrypt every stored secret under the first key of OUTBOX_SECRET_KEY."""
     counts = secrets.rotate(sessions, SecretBox.from_env())
     _emit(args, counts, [f"{table}: {n} secret(s) re-encrypted under the current key"
-                         for table, n in counts.items()])
+                         for table, n in counts.items()]
+          + ["every stored secret is under the first key; older keys can now be dropped"])
     return 0
 
 
@@ -577,8 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("secrets", help="secrets stored encrypted").add_subparsers(
         dest="secrets_command", required=True)
-    p = keys.add_parser("rotate", help="re-encrypt every stored secret under the first key "
-                                       "of OUTBOX_SECRET_KEY")
+    p = keys.add_parser("rotate", help="re-encrypt every stored secret under the first key of "
+                                       "OUTBOX_SECRET_KEY (put the new key first, run this, "
+                                       "drop the old)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_secrets_rotate)
 
@@ -587,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=os.environ.get("OUTBOX_WEB_PORT", "8300"))
     p.set_defaults(func=cmd_web)
+
+    endpoints_cli.register(sub)
     return parser
 
 

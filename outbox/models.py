@@ -1,4 +1,5 @@
-"""The outbox tables: messages (the source of truth), their attempts, and the audit trail.
+"""The outbox tables: messages (the source of truth), their attempts, and the audit trail;
+and the state some providers keep (OAuth grants, webhook endpoints).
 
 Lifecycle of ``Message.status``::
 
@@ -231,4 +232,28 @@ class OAuthGrant(Base):
     version: Mapped[int] = mapped_column(Integer)
     refresh_started_at: Mapped[datetime | None] = mapped_column(DateTime)
     connected_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class WebhookEndpoint(Base):
+    """A subscriber endpoint of the ``webhooks`` provider (``outbox.endpoints``).
+
+    ``secret`` and ``previous_secret`` are Fernet tokens (``integrations.secretbox``), never
+    the ``whsec_`` secret in clear. While ``previous_secret_expires_at`` is in the future
+    deliveries are signed under both (a rotation). ``event_types`` is a list of event
+    types, ``*`` for every one."""
+
+    __tablename__ = "outbox_webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list] = mapped_column(JSON)
+    rate_limit: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))          # enabled | disabled
+    disabled_reason: Mapped[str | None] = mapped_column(String(255))
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime)
+    secret: Mapped[str] = mapped_column(Text)
+    previous_secret: Mapped[str | None] = mapped_column(Text)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)

@@ -15,11 +15,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from integrations.secretbox import SecretBox
 
-from .models import OAuthGrant
+from .models import OAuthGrant, WebhookEndpoint
 
 # (model, its encrypted columns). A table that stores a secret adds itself here.
 ENCRYPTED: list[tuple[type, tuple[str, ...]]] = [
     (OAuthGrant, ("access_token", "refresh_token")),
+    (WebhookEndpoint, ("secret", "previous_secret")),
 ]
 
 

@@ -18,7 +18,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from sandbox import crm, mail, payments
+from sandbox import crm, hooks, mail, payments
 from sandbox.auth import check_auth
 from sandbox.control import PREFIX, handle_control
 from sandbox.faults import FaultRule
@@ -146,6 +146,13 @@ class SandboxHandler(BaseHTTPRequestHandler):
         self._flavor = (EMAIL if path.startswith(mail.PREFIX)
                         else CRM if path.startswith(crm.PREFIXES) else PAYMENTS)
         try:
+            if path.startswith(hooks.PREFIX):   # the receiver of the webhooks provider
+                body = self._read_body()
+                if not isinstance(body, int):
+                    status, out, headers = self.state.hooks.handle(self.command, path,
+                                                                   self.headers, body)
+                    self._send(status, out, headers)
+                return
             if path.startswith(PREFIX):
                 body = self._read_body()
                 if not isinstance(body, int):

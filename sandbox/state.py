@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox.faults import FaultTable
+from sandbox.hooks import Hooks
 from sandbox.oauth import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, OAuthState
 from sandbox.webhooks import WebhookSender
 
@@ -91,6 +92,7 @@ class SandboxState:
         self.stopping = threading.Event()
         self.webhooks = WebhookSender(self.stopping)
         self.oauth = OAuthState(self.lock, self.now, crm_client_id, crm_client_secret)
+        self.hooks = Hooks(self.stopping)   # the receiver of the outbox's own webhooks
         self._generation = 0
         self._clear()
 
@@ -134,6 +136,7 @@ class SandboxState:
             self.faults.clear()
             self.webhooks.reset()
             self.oauth.reset()
+            self.hooks.reset()
             self._clear()
 
     def configure(self, api_key: str | None = None, idempotency: bool | None = None,
@@ -275,6 +278,7 @@ class SandboxState:
                 "faults": self.faults.list(),
                 "emails_total": len(self.emails),
                 "crm": {**self.oauth.stats(), "contacts": len(self.contacts)},
+                "hooks": self.hooks.stats(include_log),
             }
             if include_log:
                 out["request_log"] = [dict(e) for e in self.request_log]

@@ -26,9 +26,11 @@ from integrations.base import DONE, NOT_DONE
 from integrations.errors import Deferred, Handling, IntegrationError
 from integrations.registry import get_provider, supports_idempotency
 from integrations.registry import verify_after as registry_verify_after
+from integrations.webhooks import endpoints as webhook_endpoints
 from outbox import config, decisions, dispatch, inbound, logs
 from outbox.clock import iso, utcnow
 from outbox.decisions import Decision, Failure
+from outbox.endpoints import SqlEndpointStore
 from outbox.leases import LeaseKeeper
 from outbox.lifecycle import Claim
 from outbox.models import AttemptOutcome
@@ -37,6 +39,11 @@ from outbox.writer import Direct, Writer
 from . import app, runtime
 
 log = logging.getLogger("outbox.delivery")
+
+# The webhooks provider reads its endpoints from the outbox database through this store
+# (integrations may not import the outbox): installed here, which every process that
+# delivers imports, on the worker's own lazily created, fork-safe sessions.
+webhook_endpoints.install(SqlEndpointStore(runtime.sessions))
 
 # A provider whose settings cannot be loaded: nothing is sent, the message waits this long
 # (``outbox status`` names the problem; workers refuse to start with it).
@@ -97,7 +104,8 @@ def deliver_message(message_id: str, *, sessions: sessionmaker[Session] | None =
         writer: writes the claim and the outcome (the worker's ``GroupWriter``, which
             batches them with its other threads').
         lease: how long the claim holds before the relay presumes us dead (unless renewed).
-        provider_for: provider name → object with ``deliver(operation, payload, key)``.
+        provider_for: provider name → object with
+            ``deliver(operation, payload, key, *, message_id)``.
         idempotent: provider name → whether it deduplicates retries by idempotency key.
         verify_after: provider name → seconds before its lookup of an ambiguous attempt can
             be trusted, or None when it cannot verify.
@@ -193,7 +201,8 @@ def _attempt(writer: Writer, claim: Claim, provider_for, idempotent, verify_afte
         return _record(writer, claim, decisions.EXHAUSTED, spent, worker, clock)
     if provider is not None:
         try:
-            delivery = provider.deliver(claim.operation, claim.payload, claim.provider_key)
+            delivery = provider.deliver(claim.operation, claim.payload, claim.provider_key,
+                                        message_id=claim.id)
         except Exception as exc:
             failure = decisions.failure_from(exc)
         else:

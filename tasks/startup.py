@@ -6,6 +6,8 @@
 * for each provider queue this worker consumes, the credential can be read now (a key
   file that is missing, unreadable, empty or not UTF-8 would defer every message until
   someone looks: ``integrations.credentials``);
+* consuming the ``webhooks`` queue, ``OUTBOX_SECRET_KEY`` holds Fernet keys (the endpoint
+  secrets cannot be decrypted without them: every webhook would wait);
 
 * on RabbitMQ, each queue it consumes can be declared as configured (a durable quorum
   queue): a queue left from an older set-up as a classic queue would otherwise stop the
@@ -26,8 +28,10 @@ from dataclasses import dataclass, field
 from integrations.errors import ConfigurationError
 from integrations.protection import ProtectionSettings
 from integrations.registry import check_provider, known_providers, verify_after
+from integrations.secretbox import SecretBox
 from outbox.config import INBOUND, RelaySettings, retry_policy
 from outbox.db import check_migrated
+from outbox.endpoints import PROVIDER as WEBHOOKS
 from outbox.errors import DatabaseNotReady
 from outbox.inbound import load_handlers
 
@@ -74,6 +78,11 @@ def check_worker(queues: Iterable[str]) -> Findings:
                 found.warnings.append(f"{name}: {check.credential_error}")
             elif check.credential_error:
                 found.problems.append(f"{name} credential: {check.credential_error}")
+    if WEBHOOKS in consumed:
+        try:
+            SecretBox.from_env()
+        except ConfigurationError as exc:
+            found.problems.append(f"webhooks: {exc}")
     if INBOUND in consumed:
         try:
             names = load_handlers()

@@ -459,9 +459,28 @@ def test_registry_caches_and_reset_rereads_env(monkeypatch):
         assert get_provider("payments").settings.read_timeout_s == 6
     finally:
         reset()
-    assert known_providers() == ["crm", "email", "payments"]
+    assert known_providers() == ["crm", "email", "payments", "webhooks"]
     with pytest.raises(KeyError):
         get_provider("nope")
+
+
+def test_a_request_with_its_own_url_and_content_is_sent_as_built():
+    """A provider without a base URL (webhooks): the request's absolute URL, its bytes as
+    they are (what a signature covers), no body re-encoding; without a URL it cannot be sent."""
+    settings = ProviderSettings(name="webhooks", base_url=None)
+    transport = MockTransport(lambda r: (204, {}, None))
+    client = HttpClient(settings, transport)
+    body = b'{"type":"a.b","data":{"x":"\xc3\xa9"}}'
+    answer = client.send(Request("POST", "/ep_1", headers={"Content-Type": "application/json"},
+                                 content=body, url="https://93.184.216.34/in?token=t"))
+    sent = transport.calls[0].request
+    assert answer.status_code == 204
+    assert (sent.url, sent.body, sent.headers["Content-Type"]) == (
+        "https://93.184.216.34/in?token=t", body, "application/json")
+    with pytest.raises(ClientError, match="bad_request"):
+        client.send(Request("POST", "/ep_1", content=body))
+    assert ProviderSettings.from_env("webhooks", {"OUTBOX_WEBHOOKS_BASE_URL": "nonsense"},
+                                     has_base_url=False).base_url is None
 
 
 # --- credentials -----------------------------------------------------------------------

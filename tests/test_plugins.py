@@ -65,7 +65,7 @@ def with_plugin(plugin_site):
 
 
 def test_an_installed_plugin_is_a_provider_like_the_built_in_ones(with_plugin):
-    assert registry.known_providers() == ["crm", "email", "payments", "tickets"]
+    assert registry.known_providers() == ["crm", "email", "payments", "tickets", "webhooks"]
     assert schemas.operations()["tickets"] == {"create"}
     assert "tickets" in config.queues()
     assert registry.supports_idempotency("tickets")

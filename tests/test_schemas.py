@@ -29,7 +29,9 @@ GOOD = {"amount": [1, 1999, 99999999], "currency": ["usd", "eur"], "id": ["pi_1"
         "subject": ["Hello"], "text": ["body"], "html": ["<p>body</p>"],
         "reply_to": ["r@example.com"], "categories": [["receipts"]],
         "email": ["a@example.com"], "properties": [{}, {"firstname": "Ann"}],
-        "results": [[{"id": "101", "new": True}]]}
+        "results": [[{"id": "101", "new": True}]],
+        "endpoint_id": ["ep_01M98JR2GSHSCNPS42QE6EQ1RP"], "event_type": ["invoice.paid"],
+        "data": [{}, {"invoice": "in_1"}], "timestamp": ["2026-12-07T15:00:00.000Z"]}
 
 
 def _object(rng: random.Random, schema: dict, depth: int = 0) -> dict:
