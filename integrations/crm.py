@@ -96,9 +96,13 @@ class CrmAdapter(Adapter):
 
     def verify_request(self, operation: str, payload: Mapping[str, Any],
                        idempotency_key: str) -> Request:
-        """Read the contact back by e-mail."""
+        """Read the contact back by e-mail, with the properties the upsert sets (HubSpot
+        answers only its default properties unless they are named)."""
         email = urllib.parse.quote(payload["email"].lower(), safe="@")
-        return Request("GET", f"{CONTACTS_PATH}/{email}?idProperty=email")
+        query = {"idProperty": "email"}
+        if payload.get("properties"):
+            query["properties"] = ",".join(sorted(payload["properties"]))
+        return Request("GET", f"{CONTACTS_PATH}/{email}?{urllib.parse.urlencode(query)}")
 
     def verification(self, operation: str, response: Response, idempotency_key: str,
                      payload: Mapping[str, Any]) -> Verification:

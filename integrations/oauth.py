@@ -54,6 +54,7 @@ import redis
 import requests
 from authlib.common.errors import AuthlibBaseError
 from authlib.common.security import generate_token
+from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
 
 from integrations.credentials import ApiKey
@@ -65,6 +66,8 @@ from integrations.settings import check_base_url, env_name, get_int, get_str
 log = logging.getLogger("integrations.oauth")
 
 REFRESH_AT = 0.8                 # refresh once this share of the token's lifetime has passed
+DEFAULT_LIFETIME_S = 300.0       # a token whose answer gives no usable expires_in
+GRANT_CACHE_S = 5.0              # a process re-reads its grant at least this often
 WAIT_FOR_REFRESH_S = 10.0        # how long a worker with an expiring token waits for the refresher
 REAUTHORIZE_RETRY_S = 30.0       # a message deferred for re-authorisation is tried again after this
 REFRESH_FAILED_RETRY_S = 10.0    # ... and one deferred because the token endpoint failed
@@ -78,6 +81,12 @@ TOKEN_ENDPOINT_TIMEOUT = (3.05, 5.0)   # connect, read: the refresh lock lasts t
 # Release the lock only if it is still ours (a lapsed lease may have been taken over).
 _RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
             "return redis.call('del', KEYS[1]) else return 0 end")
+# ... and extend it while it is ours (the refresh is still running).
+_RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+          "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
+# A token endpoint's refusal of the refresh token itself: RFC 6749's error, and HubSpot's
+# own 400 body ({"status": "BAD_REFRESH_TOKEN", "message": …}).
+REFUSED_GRANT = frozenset({"invalid_grant", "BAD_REFRESH_TOKEN"})
 
 
 @dataclass(frozen=True)
@@ -168,20 +177,25 @@ class Tokens:
         """Read an RFC 6749 token response (``expires_in`` seconds; a refresh answer without
         a ``refresh_token`` keeps the previous one).
 
+        Without a usable ``expires_in`` the token is taken to live ``DEFAULT_LIFETIME_S``
+        (refreshed early rather than used late).
+
         Raises:
-            ValueError: no access token, or no usable ``expires_in``.
+            ValueError: no access token.
         """
         access = token.get("access_token")
-        expires_in = token.get("expires_in")
         if not isinstance(access, str) or not access:
             raise ValueError("the token response has no access_token")
-        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) \
-                or not expires_in > 0:
-            raise ValueError("the token response has no positive expires_in")
+        try:   # RFC 6749 only recommends it; some servers send a string
+            expires_in = float(token.get("expires_in"))
+        except (TypeError, ValueError):
+            expires_in = DEFAULT_LIFETIME_S
+        if not 0 < expires_in < 10 * 365 * 86400:
+            expires_in = DEFAULT_LIFETIME_S
         refresh = token.get("refresh_token") or previous_refresh_token
         scope = token.get("scope")
         return cls(access, refresh if isinstance(refresh, str) else None,
-                   now + timedelta(seconds=float(expires_in)), float(expires_in),
+                   now + timedelta(seconds=expires_in), expires_in,
                    scope if isinstance(scope, str) else None)
 
     def refresh_due_at(self) -> datetime:
@@ -221,8 +235,8 @@ class GrantStore(Protocol):
     def connect(self, provider: str, tokens: Tokens) -> None:
         """Store a new authorisation: replaces any grant, status active."""
 
-    def begin_refresh(self, provider: str, version: int, now: datetime) -> None:
-        """Mark a refresh of ``version`` in flight."""
+    def mark_refresh(self, provider: str, version: int, started_at: datetime) -> None:
+        """Mark a refresh of ``version`` in flight (cleared by ``save_refreshed``)."""
 
     def save_refreshed(self, provider: str, version: int, tokens: Tokens) -> bool:
         """Replace the tokens of ``version`` (and clear the in-flight mark); False when the
@@ -281,9 +295,12 @@ class OAuthCredential:
         self._now = now or (lambda: datetime.now(UTC).replace(tzinfo=None))
         self._sleep = sleep
         self._local = threading.Lock()   # one refresh at a time within this process too
-        self._cached: Grant | None = None
+        self._cached: tuple[Grant, float] | None = None   # the grant, read at (monotonic)
+        self._handed = threading.local()   # the grant whose token this thread last got
+        self._unsaved: tuple[int, Tokens] | None = None   # a refreshed pair not yet saved
+        self._failed_at = float("-inf")   # when this process's last refresh failed
         self._lock_key = f"outbox:{self.provider}:oauth-refresh"
-        self.lock_s = sum(TOKEN_ENDPOINT_TIMEOUT) + 2.0
+        self.lock_s = sum(TOKEN_ENDPOINT_TIMEOUT) + 2.0   # renewed while the refresh runs
 
     @property
     def store(self) -> GrantStore:
@@ -299,21 +316,30 @@ class OAuthCredential:
                 the client is not configured, or the token expires and no refresh could
                 give a new one now (``token_refresh_in_progress``/``token_refresh_failed``).
         """
-        grant = self._cached
-        if grant is None or self._due(grant):
+        cached = self._cached
+        if cached is not None and time.monotonic() - cached[1] < GRANT_CACHE_S \
+                and not self._due(cached[0]):
+            grant = cached[0]
+        else:   # re-read now and then: another process may have refreshed or been refused
             grant = self._load()
             if self._due(grant):
                 grant = self._refresh_due(grant)
+            self._cached = (grant, time.monotonic())
         if not grant.tokens.usable(self._now()):
             raise Deferred(f"{self.provider} access token expires and is not refreshed yet",
                            code=REFRESH_IN_PROGRESS, retry_after_s=REFRESH_FAILED_RETRY_S)
-        self._cached = grant
+        self._handed.grant = grant
         return grant.tokens.access_token
 
     def refresh(self) -> None:
-        """After a 401: re-read the grant, and refresh it unless another worker has since
-        the token that was refused was read."""
-        refused = self._cached
+        """After a 401: re-read the grant, and refresh it unless it was replaced since this
+        thread's refused token was handed out (another thread or worker refreshed).
+
+        Raises:
+            CredentialUnavailable: as ``get``; ``Deferred`` (``token_refresh_failed``) when
+                the refresh fails: sending the refused token again would only be refused.
+        """
+        refused = getattr(self._handed, "grant", None)
         self._cached = None
         grant = self._load()
         if refused is not None and grant.version != refused.version:
@@ -358,18 +384,22 @@ class OAuthCredential:
 
     def _refresh_due(self, grant: Grant, *, force: bool = False) -> Grant:
         """Refresh ``grant`` if this worker takes the lock; else use it while it is usable,
-        or wait for the worker that refreshes."""
+        or wait for the worker that refreshes. After a failed refresh, a usable token is
+        used for ``REFRESH_FAILED_RETRY_S`` before the token endpoint is asked again."""
+        backing_off = time.monotonic() - self._failed_at < REFRESH_FAILED_RETRY_S
+        if backing_off and not force and grant.tokens.usable(self._now()):
+            return grant
         if self._local.acquire(blocking=False):   # else a thread of ours refreshes
             try:
-                token = self._take_lock()
-                if token is not None:
+                lease = self._take_lock()
+                if lease is not None:
                     try:
                         current = self._load()   # re-read under the lock: refreshed meanwhile?
                         if current.version != grant.version or not (force or self._due(current)):
                             return current
-                        return self._refresh(current)
+                        return self._refresh(current, force)
                     finally:
-                        self._release_lock(token)
+                        lease.set()
             finally:
                 self._local.release()
         if grant.tokens.usable(self._now()) and not force:
@@ -383,29 +413,46 @@ class OAuthCredential:
         raise Deferred(f"{self.provider} token refresh is taking long (another worker holds "
                        "it)", code=REFRESH_IN_PROGRESS, retry_after_s=REFRESH_FAILED_RETRY_S)
 
-    def _refresh(self, grant: Grant) -> Grant:
-        """Redeem ``grant``'s refresh token (under the lock) and save the new pair."""
+    def _refresh(self, grant: Grant, force: bool) -> Grant:
+        """Redeem ``grant``'s refresh token (under the lock) and save the new pair; an
+        answer received but not saved (the database failed) is saved, not redeemed again."""
+        if self._unsaved is not None and self._unsaved[0] == grant.version:
+            return self._save(grant, self._unsaved[1])
         if grant.tokens.refresh_token is None:
             raise self._revoked(grant, "the grant has no refresh token")
         if grant.refresh_started_at is not None:
-            log.warning("%s: a token refresh started at %s never finished (a worker died "
-                        "before saving its answer); redeeming the same refresh token again",
-                        self.provider, grant.refresh_started_at.isoformat(timespec="seconds"),
+            log.warning("%s: a token refresh started at %s did not finish (its worker died, "
+                        "or the token endpoint failed); redeeming the same refresh token "
+                        "again", self.provider,
+                        grant.refresh_started_at.isoformat(timespec="seconds"),
                         extra={"provider": self.provider})
-        self.store.begin_refresh(self.provider, grant.version, self._now())
+        sent_at = self._now()   # the token's life starts before the request, not after
+        self.store.mark_refresh(self.provider, grant.version, sent_at)
         try:
-            answer = self.settings.session().refresh_token(
+            session = self.settings.session()
+            session.register_compliance_hook("refresh_token_response", _refusal)
+            answer = session.refresh_token(
                 self.settings.token_url, refresh_token=grant.tokens.refresh_token,
                 timeout=TOKEN_ENDPOINT_TIMEOUT, allow_redirects=False)
-            tokens = Tokens.from_response(answer, self._now(), grant.tokens.refresh_token)
+            tokens = Tokens.from_response(answer, sent_at, grant.tokens.refresh_token)
         except AuthlibBaseError as exc:
-            if exc.error == "invalid_grant":
+            if exc.error in REFUSED_GRANT:
                 raise self._revoked(grant, "the provider refused the refresh token "
-                                           "(invalid_grant: revoked or expired)") from None
-            return self._failed(grant, f"token endpoint answered {exc.error}")
-        except (requests.RequestException, ValueError) as exc:
-            return self._failed(grant, f"token endpoint failed ({type(exc).__name__})")
-        if not self.store.save_refreshed(self.provider, grant.version, tokens):
+                                           f"({exc.error}: revoked or expired)") from None
+            return self._failed(grant, f"token endpoint answered "
+                                       f"{sanitize(str(exc.error), 60)}", force)
+        except Exception as exc:   # noqa: BLE001  (requests, a malformed answer, authlib)
+            return self._failed(grant, f"token endpoint failed ({type(exc).__name__})", force)
+        return self._save(grant, tokens)
+
+    def _save(self, grant: Grant, tokens: Tokens) -> Grant:
+        try:
+            saved = self.store.save_refreshed(self.provider, grant.version, tokens)
+        except CredentialUnavailable:
+            self._unsaved = (grant.version, tokens)   # the only copy of the new refresh token
+            raise
+        self._unsaved = None
+        if not saved:
             log.warning("%s: the grant changed while refreshing; keeping the stored one",
                         self.provider, extra={"provider": self.provider})
             return self._load()
@@ -414,11 +461,14 @@ class OAuthCredential:
         return replace(grant, tokens=tokens, version=grant.version + 1,
                        refresh_started_at=None)
 
-    def _failed(self, grant: Grant, why: str) -> Grant:
-        """The refresh failed for now: keep using the token while it lasts."""
+    def _failed(self, grant: Grant, why: str, force: bool) -> Grant:
+        """The refresh failed for now (nothing was rotated, or the answer was lost: the
+        mark stays then, so the next refresh redeems the same token in the grace window):
+        keep using the token while it lasts, unless it was just refused (``force``)."""
+        self._failed_at = time.monotonic()
         log.warning("%s: %s; will try again", self.provider, why,
                     extra={"provider": self.provider})
-        if grant.tokens.usable(self._now()):
+        if grant.tokens.usable(self._now()) and not force:
             return grant
         raise Deferred(f"{self.provider} {why}", code=REFRESH_FAILED,
                        retry_after_s=REFRESH_FAILED_RETRY_S)
@@ -430,28 +480,49 @@ class OAuthCredential:
                   why, self.provider, extra={"provider": self.provider})
         return reauthorization_required(self.provider, why)
 
-    def _take_lock(self) -> str | None:
-        token = uuid.uuid4().hex
+    def _take_lock(self) -> threading.Event | None:
+        """The fleet-wide refresh lock, renewed every third of its lease until the returned
+        event is set (then released); None when another worker holds it."""
+        done = threading.Event()
         if self._redis is None:
-            return token
+            return done
+        token, lease_ms = uuid.uuid4().hex, int(self.lock_s * 1000)
         try:
-            taken = self._redis.set(self._lock_key, token, nx=True, px=int(self.lock_s * 1000))
+            taken = self._redis.set(self._lock_key, token, nx=True, px=lease_ms)
         except redis.RedisError as exc:
             raise Deferred(f"{self.provider} refresh lock unavailable (Redis: "
                            f"{type(exc).__name__})", code="protection_unavailable",
                            retry_after_s=5.0) from exc
-        return token if taken else None
+        if not taken:
+            return None
 
-    def _release_lock(self, token: str) -> None:
-        if self._redis is None:
-            return
-        try:
-            self._redis.eval(_RELEASE, 1, self._lock_key, token)
-        except redis.RedisError:
-            pass   # the lease lapses by itself
+        def hold() -> None:
+            # A refresh slower than the lease (DNS, several addresses to try) keeps the lock;
+            # a worker that dies stops renewing, and the lock lapses within lock_s.
+            try:
+                while not done.wait(self.lock_s / 3):
+                    self._redis.eval(_RENEW, 1, self._lock_key, token, lease_ms)
+                self._redis.eval(_RELEASE, 1, self._lock_key, token)
+            except redis.RedisError:
+                pass   # the lease lapses by itself
+        threading.Thread(target=hold, name=f"{self.provider}-refresh-lock", daemon=True).start()
+        return done
 
     def __repr__(self) -> str:
         return f"OAuthCredential({self.provider})"
+
+
+def _refusal(response: requests.Response) -> requests.Response:
+    """authlib raises only for an RFC 6749 ``error`` body: a 4xx refusing the grant in the
+    provider's own shape (HubSpot: ``{"status": "BAD_REFRESH_TOKEN"}``) is made one."""
+    if 400 <= response.status_code < 500:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and "error" not in body and body.get("status") in REFUSED_GRANT:
+            raise OAuthError(error=body["status"])
+    return response
 
 
 # --- the authorisation-code flow (``outbox <provider> connect``) ---------------------------
@@ -515,6 +586,8 @@ class CallbackListener:
         received: list[str] = []
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 5   # a connection that sends nothing (a browser's preconnect) is dropped
+
             def do_GET(self) -> None:  # noqa: N802
                 if self.path.partition("?")[0] != CALLBACK_PATH:
                     self.send_error(404)

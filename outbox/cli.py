@@ -48,7 +48,7 @@ from sqlalchemy import select
 
 import schemas
 from integrations import crm, oauth
-from integrations.errors import ConfigurationError
+from integrations.errors import ConfigurationError, IntegrationError
 from integrations.sanitize import sanitize
 from integrations.secretbox import SecretBox
 
@@ -383,14 +383,18 @@ def cmd_crm_connect(args, sessions):
     """Authorise the crm provider: print the authorize URL, take the loopback callback,
     exchange the code (PKCE), store the tokens encrypted, resume waiting messages."""
     settings = crm.oauth_settings()
-    store = grants.DatabaseGrants(sessions, SecretBox.from_env())   # no key: fail first
+    SecretBox.from_env()   # no key (or a bad one): fail before the browser is involved
+    store = grants.DatabaseGrants(sessions)
     try:
         listener = oauth.CallbackListener(settings.redirect_port)
     except OSError as exc:
         return _fail(f"cannot listen on {settings.redirect_uri} for the callback "
                      f"({exc.strerror}); set OUTBOX_CRM_REDIRECT_PORT")
     with listener:
-        started = oauth.start_authorization(settings)
+        try:
+            started = oauth.start_authorization(settings)
+        except IntegrationError as exc:   # no client id, the client secret unreadable
+            return _fail(f"crm connect: {exc.detail}")
         print("Open this URL in a browser and approve access (waiting for the redirect to "
               f"{settings.redirect_uri}):\n{started.url}", flush=True)
         try:
@@ -399,9 +403,11 @@ def cmd_crm_connect(args, sessions):
             return _fail(f"crm connect: {exc}: start again")
     try:
         tokens = oauth.finish_authorization(settings, started, callback, utcnow())
+        store.connect("crm", tokens)
     except ValueError as exc:
         return _fail(f"crm connect: {exc}")
-    store.connect("crm", tokens)
+    except IntegrationError as exc:   # the client secret unreadable, the database down
+        return _fail(f"crm connect: {exc.detail}")
     resumed = grants.resume(sessions, "crm")
     print(f"crm connected: access token valid for {tokens.lifetime_s:.0f} s, refreshed "
           f"ahead of expiry; {resumed} waiting message(s) resume now")

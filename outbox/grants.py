@@ -12,6 +12,7 @@ use (``DATABASE_URL``), forgotten in a forked child like the workers' own.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime
 from functools import cache
@@ -47,9 +48,18 @@ def _reachable():
 class DatabaseGrants:
     """``GrantStore`` on ``outbox_oauth_grants``."""
 
-    def __init__(self, sessions: sessionmaker[Session], box: SecretBox):
+    def __init__(self, sessions: sessionmaker[Session],
+                 keys: Callable[[], SecretBox] = SecretBox.from_env):
+        """Args:
+            keys: the current keys, asked at every use: a worker started before a key
+                rotation encrypts under the new first key as soon as it is configured.
+        """
         self.sessions = sessions
-        self.box = box
+        self._keys = keys
+
+    @property
+    def box(self) -> SecretBox:
+        return self._keys()
 
     def load(self, provider: str) -> Grant | None:
         with _reachable(), self.sessions() as session:
@@ -74,12 +84,12 @@ class DatabaseGrants:
             row.version = (row.version or 0) + 1
             row.connected_at = row.updated_at = now
 
-    def begin_refresh(self, provider: str, version: int, now: datetime) -> None:
+    def mark_refresh(self, provider: str, version: int, started_at: datetime) -> None:
         with _reachable(), self.sessions.begin() as session:
             session.execute(update(OAuthGrant)
                             .where(OAuthGrant.provider == provider,
                                    OAuthGrant.version == version)
-                            .values(refresh_started_at=now))
+                            .values(refresh_started_at=started_at))
 
     def save_refreshed(self, provider: str, version: int, tokens: Tokens) -> bool:
         values = {"access_token": self.box.encrypt(tokens.access_token),
@@ -129,7 +139,7 @@ def resume(sessions: sessionmaker[Session], provider: str) -> int:
 
 @cache
 def _default_store() -> DatabaseGrants:
-    return DatabaseGrants(make_sessionmaker(make_engine()), SecretBox.from_env())
+    return DatabaseGrants(make_sessionmaker(make_engine()))
 
 
 def install() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from sqlalchemy import select
 
 import schemas
 from integrations import crm, oauth, registry
-from integrations.errors import CredentialUnavailable
+from integrations.errors import CredentialUnavailable, Deferred
 from outbox import Message, MessageStatus, enqueue, grants
 from outbox.clock import utcnow
 from outbox.models import Attempt, OAuthGrant
@@ -193,15 +194,15 @@ print(done)
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_four_worker_processes_at_expiry_make_exactly_one_refresh(crm_env, sandbox):
-    """Four processes deliver through the moment the token is due (80 % of its 8 s life)
+    """Four processes deliver through the moment the token is due (80 % of its 12 s life)
     and past its expiry: one refresh for all of them, and no request with an expired
     token reaches the provider."""
-    _sandbox(sandbox, "config", {"crm_access_token_ttl_s": 8})
+    _sandbox(sandbox, "config", {"crm_access_token_ttl_s": 12})
     _connect()
     issued = time.time()
     env = {**os.environ, **crm_env}
-    hammers = [subprocess.Popen([sys.executable, "-c", _HAMMER, str(issued + 5.8),
-                                 str(issued + 9.5), str(n)], cwd=ROOT, env=env,
+    hammers = [subprocess.Popen([sys.executable, "-c", _HAMMER, str(issued + 9.0),
+                                 str(issued + 13.5), str(n)], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for n in range(4)]
     outputs = [h.communicate(timeout=60) for h in hammers]
@@ -209,7 +210,9 @@ def test_four_worker_processes_at_expiry_make_exactly_one_refresh(crm_env, sandb
         assert hammer.returncode == 0, err[-2000:]
         assert int(out) > 5   # each delivered all along, before and after the refresh
     stats = _crm_stats(sandbox)
-    assert stats["refreshes"] == 1
+    # One redemption of the refresh token in all: not one each answered by grace replays.
+    assert stats["token_requests"]["refresh_token"] == 1
+    assert stats["refreshes"] == 1 and stats["refresh_replays"] == 0
     assert stats["requests_with_expired_token"] == 0
     assert stats["refresh_reuse_detected"] == 0
     assert grants._default_store().load("crm").version == 2   # connected, refreshed once
@@ -266,6 +269,73 @@ def test_a_401_refreshes_once_and_retries(crm_env, sandbox):
     delivery = provider.deliver("upsert_contact", _contact(1, lastname="L"), "k2")
     assert delivery.summary.endswith("updated")
     assert _crm_stats(sandbox)["refreshes"] == 1
+
+
+def test_threads_refused_together_refresh_once(crm_env, sandbox):
+    """Four threads of one worker get a 401 for the same token: one refresh, and each
+    retries with the new token."""
+    _connect()
+    provider = registry.get_provider("crm")
+    provider.deliver("upsert_contact", _contact(0), "k0")
+    _sandbox(sandbox, "faults", {"fault": "status", "status": 401, "count": 4, "path": UPSERT,
+                                 "body": {"status": "error", "message": "expired",
+                                          "category": "EXPIRED_AUTHENTICATION"}})
+    start = threading.Barrier(4)
+    errors = []
+
+    def deliver(n):
+        start.wait()
+        try:
+            provider.deliver("upsert_contact", _contact(n), f"k{n}")
+        except Exception as exc:   # noqa: BLE001  (reported below)
+            errors.append(exc)
+    threads = [threading.Thread(target=deliver, args=(n,)) for n in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    stats = _crm_stats(sandbox)
+    assert stats["token_requests"]["refresh_token"] == 1 and stats["refreshes"] == 1
+
+
+def test_a_401_while_the_token_endpoint_is_down_waits_instead_of_failing(crm_env, sandbox):
+    _connect()
+    provider = registry.get_provider("crm")
+    _sandbox(sandbox, "faults", {"fault": "status", "status": 401, "count": 1, "path": UPSERT})
+    _sandbox(sandbox, "faults", {"fault": "error_before", "status": 503, "count": 1,
+                                 "path": "/oauth/v1/token"})
+    with pytest.raises(Deferred) as refused:   # not an AuthError: that would dead-letter
+        provider.deliver("upsert_contact", _contact(1), "k1")
+    assert refused.value.code == oauth.REFRESH_FAILED
+    assert grants._default_store().load("crm").status == "active"
+
+
+def test_hubspots_own_refusal_of_the_refresh_token_means_reauthorise(crm_env, sandbox):
+    """HubSpot refuses a dead refresh token with 400 {"status": "BAD_REFRESH_TOKEN"}, not
+    RFC 6749's invalid_grant: the grant is revoked all the same, not retried forever."""
+    _connect()
+    _sandbox(sandbox, "faults", {"fault": "status", "status": 400, "count": 1,
+                                 "path": "/oauth/v1/token",
+                                 "body": {"status": "BAD_REFRESH_TOKEN",
+                                          "message": "missing or unknown refresh token"}})
+    with pytest.raises(CredentialUnavailable, match="re-authorisation required"):
+        registry.get_provider("crm").client.credentials.refresh()
+    assert grants._default_store().load("crm").status == "revoked"
+
+
+def test_the_callback_listener_outlasts_a_connection_that_sends_nothing():
+    """A browser may open a connection it never uses (a preconnect): the listener drops it
+    and still takes the real callback."""
+    port = free_port()
+    with oauth.CallbackListener(port) as listener:
+        idle = socket.create_connection(("127.0.0.1", port))
+        url = f"http://127.0.0.1:{port}{oauth.CALLBACK_PATH}?code=c&state=s"
+        threading.Timer(0.3, requests.get, args=(url,), kwargs={"timeout": 15}).start()
+        started = time.monotonic()
+        assert listener.wait(20) == url
+        assert time.monotonic() - started < 10
+        idle.close()
 
 
 # --- revocation: real worker and relay ---------------------------------------------------------

@@ -1,6 +1,7 @@
 """``WebhooksProvider``: a delivery looks its endpoint up, is signed, and passes the
 endpoint's own protection — one circuit breaker, rate limit, 429 pause and (when set)
-concurrency cap per endpoint, shared by every worker through Redis under
+concurrency cap per endpoint (``OUTBOX_WEBHOOKS_MAX_CONCURRENCY``, default
+``DEFAULT_ENDPOINT_CAP``), shared by every worker through Redis under
 ``outbox:webhooks:<endpoint id>:…``. A dead endpoint opens its own breaker and fills its
 own cap; the other endpoints' calls never wait for it (a bulkhead each).
 
@@ -40,6 +41,10 @@ from integrations.webhooks.endpoints import GONE_REASON, Endpoint
 from integrations.webhooks.transport import GuardedTransport
 
 NOT_INSTALLED_RETRY_S = 30.0
+
+# Calls in flight to one endpoint, fleet-wide, unless OUTBOX_WEBHOOKS_MAX_CONCURRENCY says:
+# an endpoint that hangs holds at most this many worker threads, whatever its backlog.
+DEFAULT_ENDPOINT_CAP = 2
 
 
 @dataclass
@@ -140,7 +145,8 @@ class WebhooksProvider(Provider):
             raise ClientError(f"endpoint {endpoint.id} has an invalid rate limit",
                               code="invalid_endpoint") from None
         settings = replace(defaults, name=f"{self.name}:{endpoint.id}",
-                           rate_limit=rate or defaults.rate_limit)
+                           rate_limit=rate or defaults.rate_limit,
+                           max_concurrency=defaults.max_concurrency or DEFAULT_ENDPOINT_CAP)
         protection = Protection(settings, self.protection.client, lease_s=self.lease_s)
         with self._lock:
             self._protections[endpoint.id] = (endpoint.rate_limit, protection)
