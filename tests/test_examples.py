@@ -22,6 +22,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 import uvicorn
+from cryptography.fernet import Fernet
 from sqlalchemy import func, select
 
 from examples import driver
@@ -33,7 +34,8 @@ from examples.shop import (
     make_app,
     place_order,
 )
-from outbox import InvalidMessage, Message, dispatch
+from integrations.secretbox import SecretBox
+from outbox import InvalidMessage, Message, dispatch, endpoints
 from outbox.db import make_engine, make_sessionmaker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,17 +119,28 @@ def _assert_json_error(response: requests.Response, status: int) -> dict:
 
 # ---- place_order: the function to copy ----------------------------------------------------
 
-def test_an_order_commits_with_its_charge_and_receipt(shop):
-    """Commit → 1 order row and 2 outbox rows (payments.charge, email.send)."""
+def test_an_order_commits_with_its_charge_receipt_contact_and_webhooks(shop):
+    """Commit → 1 order row and its outbox rows: payments.charge, email.send,
+    crm.upsert_contact, and one order.created webhook per subscribed endpoint."""
     with shop() as session:
+        endpoint, _ = endpoints.add(session, "http://127.0.0.1:9/hook", ["order.created"],
+                                    box=SecretBox([Fernet.generate_key().decode()]),
+                                    allow_hosts=["127.0.0.1"])
+        endpoints.add(session, "http://127.0.0.1:9/other", ["invoice.paid"],
+                      box=SecretBox([Fernet.generate_key().decode()]), allow_hosts=["127.0.0.1"])
+        session.commit()
         order, created = place_order(session, reference="A-1", amount=1999, currency="usd")
         session.commit()
     assert created
     with shop() as s:
         keys = sorted(s.scalars(select(Message.idempotency_key)))
         charge = s.get(Message, order.charge_message_id)
-    assert keys == ["order-A-1-charge", "order-A-1-receipt"]
+        hook = s.scalars(select(Message).where(Message.provider == "webhooks")).one()
+    assert keys == ["order-A-1-charge", "order-A-1-contact", f"order-A-1-created:{endpoint.id}",
+                    "order-A-1-receipt"]
     assert charge.payload == {"amount": 1999, "currency": "usd", "metadata": {"order": "A-1"}}
+    assert hook.payload == {"endpoint_id": endpoint.id, "event_type": "order.created",
+                            "data": {"order": "A-1", "amount": 1999, "currency": "usd"}}
 
 
 def test_a_failed_order_leaves_no_charge_behind(shop):
