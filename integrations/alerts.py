@@ -94,7 +94,7 @@ class AlertNotifier:
             if not 200 <= response.status_code < 300:
                 raise IntegrationError(f"HTTP {response.status_code}")
         except IntegrationError as exc:
-            log.warning("alert webhook failed (%s); will try again", exc.label)
+            log.warning("alert webhook failed (%s); will try again", exc.label())
             if previous is None:
                 self._store.delete(LEVEL_KEY)
             else:

@@ -79,7 +79,7 @@ def run_check(provider, clock: Callable[[], float] = time.time) -> CheckResult |
         try:
             permit = provider.protection.admit(OPERATION)
         except Deferred as exc:
-            log.info("%s: health check skipped (%s)", provider.name, exc.label)
+            log.info("%s: health check skipped (%s)", provider.name, exc.label())
             return None
     error: BaseException | None = None
     try:
@@ -88,11 +88,11 @@ def run_check(provider, clock: Callable[[], float] = time.time) -> CheckResult |
             provider.protection.observe(response)
         error = classify(response)   # the breaker hears of a 503 as of a delivery's
     except Deferred as exc:   # no credential to send (e.g. an OAuth2 grant to connect)
-        log.info("%s: health check skipped (%s)", provider.name, exc.label)
+        log.info("%s: health check skipped (%s)", provider.name, exc.label())
         return None
     except IntegrationError as exc:
         error = exc
-        return CheckResult(False, f"check failed: {exc.error_class.value} {exc.label}", at,
+        return CheckResult(False, f"check failed: {exc.error_class.value} {exc.label()}", at,
                            _ms(started), exc.status_code)
     finally:
         if permit is not None:

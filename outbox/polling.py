@@ -141,7 +141,7 @@ def poll_once(sessions: sessionmaker[Session], name: str, source, settings: Poll
                     found += store_page(session, name, page, newest)
                     session.commit()
     except IntegrationError as exc:
-        log.warning("poll %s: %s %s; backing off", name, exc.error_class.value, exc.label)
+        log.warning("poll %s: %s %s; backing off", name, exc.error_class.value, exc.label())
     with sessions() as session:
         interval = finish_cycle(session, name, found, settings)
         session.commit()

@@ -10,7 +10,7 @@ import requests
 from integrations import checks
 from integrations.registry import build_provider
 from outbox import health
-from tests.harness import run_cli
+from tests.harness import free_port, run_cli
 
 KEY = "sk_test_outbox"
 
@@ -50,6 +50,18 @@ def test_a_working_credential_passes_and_a_refused_one_is_rejected(sandbox, redi
     finally:
         for p in (good, bad, mail):
             p.close()
+
+
+def test_a_provider_that_cannot_be_reached_fails_its_check_with_the_error_label(redis_url):
+    unreachable = build_provider("payments", {
+        "OUTBOX_PAYMENTS_BASE_URL": f"http://127.0.0.1:{free_port()}",
+        "OUTBOX_PAYMENTS_API_KEY": KEY}, redis=redis_url)
+    try:
+        down = checks.run_check(unreachable)
+        assert (down.ok, down.rejected) == (False, False)
+        assert down.reason == "check failed: transient connect_error"
+    finally:
+        unreachable.close()
 
 
 def test_checks_go_through_the_shared_limiter_and_breaker(sandbox, redis_url):
