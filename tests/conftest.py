@@ -48,6 +48,12 @@ os.environ["REDIS_URL"] = REDIS_TEST_URL
 # The test process's ``tasks.app`` publishes to that Redis; a test that runs on RabbitMQ gets
 # an app of its own (the ``broker`` fixture), never a broker inherited from the shell.
 os.environ.pop("CELERY_BROKER_URL", None)
+# `make test` runs with the Makefile's demo settings exported (for `make run`): the crm demo
+# client (which would put crm "in use", not connected: critical) and the webhooks allow-list
+# are set by the tests that want them, never inherited.
+for _name in [n for n in os.environ if n.startswith(("OUTBOX_CRM_", "SANDBOX_CRM_"))]:
+    os.environ.pop(_name)
+os.environ.pop("OUTBOX_WEBHOOKS_ALLOW_HOSTS", None)
 AMQP_TEST_URL = os.environ.get("OUTBOX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 START_REDIS = ("redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' "

@@ -22,6 +22,11 @@ REFUSED = [
     "https://[::ffff:127.0.0.1]/hook", "https://[::ffff:169.254.169.254]/hook",
     "https://0.0.0.0/hook", "https://[::]/hook", "https://0/hook",
     "https://224.0.0.1/hook",
+    # IPv6 forms carrying an IPv4 address (NAT64, 6to4, IPv4-compatible/-translated, Teredo)
+    "https://[64:ff9b::7f00:1]/hook", "https://[64:ff9b::a00:1]/hook",
+    "https://[64:ff9b:1::a00:1]/hook", "https://[2002:7f00:1::]/hook",
+    "https://[2002:a9fe:a9fe::1]/hook", "https://[::127.0.0.1]/hook",
+    "https://[::a9fe:a9fe]/hook", "https://[::ffff:0:7f00:1]/hook", "https://[2001::1]/hook",
     "http://93.184.216.34/hook",                 # not https
     "https://user:secret@93.184.216.34/hook",    # credentials in the URL
     "https:///hook",                             # no host
@@ -34,7 +39,8 @@ def test_every_non_public_form_is_refused_at_registration(url):
         ssrf.check_url(url)
 
 
-@pytest.mark.parametrize("url", ["https://93.184.216.34/hook", "https://[2606:4700::1111]/x"])
+@pytest.mark.parametrize("url", ["https://93.184.216.34/hook", "https://[2606:4700::1111]/x",
+                                 "https://[64:ff9b::5db8:d822]/x"])   # NAT64 of a public one
 def test_a_public_address_is_accepted(url):
     assert ssrf.check_url(url) == url
 

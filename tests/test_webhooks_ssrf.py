@@ -8,17 +8,24 @@ followed, and the allow-list is empty by default.
 from __future__ import annotations
 
 import random
+import socket
+import subprocess
 import threading
+import time
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 from cryptography.fernet import Fernet
 
+from integrations import ssrf
+from integrations.errors import Ambiguous
 from integrations.registry import build_provider
 from integrations.secretbox import SecretBox
 from integrations.webhooks import endpoints as contract
 from integrations.webhooks.endpoints import allow_hosts, new_secret
+from integrations.webhooks.transport import GuardedTransport
 from outbox import Message, endpoints, enqueue
 from outbox.clock import utcnow
 from outbox.endpoints import SqlEndpointStore
@@ -26,11 +33,13 @@ from outbox.models import AttemptOutcome, WebhookEndpoint
 from tasks.delivery import deliver_message
 from tests.harness import run_cli
 from tests.test_ssrf import canary, dns  # noqa: F401  (fixtures: the loopback canary, a resolver)
+from tests.tls_servers import server_context
 
 # Host spellings of non-public addresses; the loopback ones name the canary's 127.0.0.2.
 NON_PUBLIC = ["127.0.0.2", "[::1]", "10.0.0.1", "172.16.0.1", "192.168.0.1", "169.254.169.254",
               "[fd00:ec2::254]", "100.64.0.1", "[fc00::1]", "[fe80::1]", "[::ffff:127.0.0.2]",
-              "0.0.0.0", "2130706434", "0x7f000002", "0177.0.0.2", "localhost"]
+              "0.0.0.0", "2130706434", "0x7f000002", "0177.0.0.2", "localhost",
+              "[64:ff9b::7f00:2]", "[2002:7f00:2::]", "[::127.0.0.2]"]
 
 
 @pytest.fixture(autouse=True)
@@ -188,3 +197,125 @@ def test_the_canary_sees_a_delivery_to_an_allow_listed_host(sessions, redis_url,
         provider.close()
         contract.install(before)
     assert result.outcome is AttemptOutcome.DELIVERED and len(seen) == 1
+
+
+# --- the guarded transport itself ------------------------------------------------------------
+
+def _name_cert(certs, directory, name: str):
+    """A server certificate for the DNS name ``name`` only, signed by the test CA."""
+    ca_dir = certs.ca.parent
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+    run("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-subj", f"/CN={name}", "-keyout", "name.key", "-out", "name.csr")
+    (directory / "name.ext").write_text(f"subjectAltName=DNS:{name}\n"
+                                        "extendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", "name.csr", "-CA", str(certs.ca), "-CAkey",
+        str(ca_dir / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", "name.ext",
+        "-out", "name.pem")
+    return directory / "name.pem", directory / "name.key"
+
+
+def test_https_through_the_guard_keeps_the_host_name_for_sni_the_certificate_and_host(
+        tls_certs, tmp_path, monkeypatch):
+    """The socket goes to the checked address; TLS and HTTP still speak to the name: a
+    certificate for the name only verifies, SNI and Host carry the name."""
+    name = "hooks.example.test"
+    cert, key = _name_cert(tls_certs, tmp_path, name)
+    seen = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            seen["host"] = self.headers.get("Host")
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = server_context(cert, key)
+
+    def sni(sock, server_name, ctx):
+        seen["sni"] = server_name
+    context.sni_callback = sni
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    real_getaddrinfo, real_forbidden = socket.getaddrinfo, ssrf.forbidden
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real_getaddrinfo(
+        "127.0.0.1" if host == name else host, *a, **k))
+    monkeypatch.setattr(ssrf, "forbidden", lambda address: (
+        None if address == "127.0.0.1" else real_forbidden(address)))   # "public", here
+    transport = GuardedTransport(2, ())
+    transport.session.get_adapter("https://")._ssl_context.load_verify_locations(tls_certs.ca)
+    try:
+        answer = transport.send(requests.Request("POST", f"https://{name}:{port}/in",
+                                                 data=b"{}").prepare(), (3, 3))
+    finally:
+        server.shutdown()
+        transport.close()
+    assert answer.status_code == 204
+    assert seen == {"sni": name, "host": f"{name}:{port}"}
+
+
+@pytest.fixture
+def raw_server():
+    """A loopback TCP server that reads a request and then runs ``behave(conn)``."""
+    servers = []
+
+    def start(behave):
+        listener = socket.create_server(("127.0.0.1", 0))
+        servers.append(listener)
+
+        def serve():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                behave(conn)
+        threading.Thread(target=serve, daemon=True).start()
+        return listener.getsockname()[1]
+    yield start
+    for listener in servers:
+        listener.close()
+
+
+def test_an_endpoint_that_drips_its_answer_is_cut_at_the_call_deadline(raw_server):
+    """A read timeout bounds each wait for a byte; an endpoint sending one byte every 0.2 s
+    never reaches it, but the whole call ends at connect + read timeout, ambiguous."""
+    def drip(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        try:
+            for _ in range(200):
+                conn.sendall(b"X")
+                time.sleep(0.2)
+        except OSError:
+            pass
+    port = raw_server(drip)
+    transport = GuardedTransport(2, ["127.0.0.1"])
+    started = time.monotonic()
+    with pytest.raises(Ambiguous) as cut:
+        transport.send(requests.Request("POST", f"http://127.0.0.1:{port}/in",
+                                        data=b"{}").prepare(), (1, 1))
+    assert cut.value.code == "deadline"
+    assert time.monotonic() - started < 4
+
+
+def test_an_endpoints_body_is_never_read(raw_server):
+    """A 1 GB answer body costs nothing: the status and headers decide, and the connection
+    is closed unread."""
+    def flood(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n")
+        try:
+            for _ in range(1000):
+                conn.sendall(b"x" * 1_000_000)
+        except OSError:
+            pass
+    port = raw_server(flood)
+    transport = GuardedTransport(2, ["127.0.0.1"])
+    started = time.monotonic()
+    answer = transport.send(requests.Request("POST", f"http://127.0.0.1:{port}/in",
+                                             data=b"{}").prepare(), (3, 3))
+    assert answer.status_code == 200 and answer.content == b""
+    assert time.monotonic() - started < 2

@@ -29,7 +29,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from integrations.base import Delivery
-from integrations.errors import ClientError, ConfigurationError, CredentialUnavailable
+from integrations.errors import (
+    ClientError,
+    ConfigurationError,
+    CredentialUnavailable,
+    Deferred,
+)
 from integrations.http import HttpClient
 from integrations.protection import Protection, RateSpec
 from integrations.registry import Provider
@@ -45,6 +50,8 @@ NOT_INSTALLED_RETRY_S = 30.0
 # Calls in flight to one endpoint, fleet-wide, unless OUTBOX_WEBHOOKS_MAX_CONCURRENCY says:
 # an endpoint that hangs holds at most this many worker threads, whatever its backlog.
 DEFAULT_ENDPOINT_CAP = 2
+# A message whose endpoint has its cap in flight comes back after this.
+BUSY_RETRY_S = 5.0
 
 
 @dataclass
@@ -99,6 +106,10 @@ class WebhooksProvider(Provider):
             if exc.status_code == 410:
                 self._store().disable(endpoint.id, GONE_REASON)
             raise
+        except Deferred as exc:
+            if exc.code == "concurrency":   # its calls in flight may last a whole deadline
+                exc.retry_after_s = max(exc.retry_after_s or 0.0, BUSY_RETRY_S)
+            raise
 
     def _store(self) -> endpoints.EndpointStore:
         store = endpoints.installed()
@@ -144,9 +155,12 @@ class WebhooksProvider(Provider):
         except ValueError:
             raise ClientError(f"endpoint {endpoint.id} has an invalid rate limit",
                               code="invalid_endpoint") from None
+        # No waiting for an endpoint's permit or slot: a thread that slept for a busy
+        # endpoint would be a thread taken from the others (the message is deferred).
         settings = replace(defaults, name=f"{self.name}:{endpoint.id}",
                            rate_limit=rate or defaults.rate_limit,
-                           max_concurrency=defaults.max_concurrency or DEFAULT_ENDPOINT_CAP)
+                           max_concurrency=defaults.max_concurrency or DEFAULT_ENDPOINT_CAP,
+                           max_wait_s=0.0)
         protection = Protection(settings, self.protection.client, lease_s=self.lease_s)
         with self._lock:
             self._protections[endpoint.id] = (endpoint.rate_limit, protection)

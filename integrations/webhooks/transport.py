@@ -11,14 +11,15 @@ that ``integrations.http.translate`` makes of other connect failures.
 from __future__ import annotations
 
 import ssl
+import threading
 from collections.abc import Collection
 
 import requests
 from urllib3.util.retry import Retry
 
-from integrations.errors import ClientError
+from integrations.errors import Ambiguous, ClientError
 from integrations.http import RequestsTransport, _causes
-from integrations.ssrf import AddressRefused, GuardedAdapter
+from integrations.ssrf import AddressRefused, Deadline, GuardedAdapter
 
 
 class _GuardedTlsAdapter(GuardedAdapter):
@@ -48,16 +49,45 @@ class GuardedTransport(RequestsTransport):
 
     def send(self, prepared: requests.PreparedRequest,
              timeout: tuple[float, float]) -> requests.Response:
-        """As ``RequestsTransport.send``.
+        """Send, and read the status and headers only: the body is the customer's, never
+        kept, so not a byte of it is read (a flood, or a drip holding the call) and the
+        connection is closed. The whole call lasts at most connect + read timeout
+        (``ssrf.Deadline``): a slow endpoint cannot hold a worker thread, or outlive the
+        permit of its concurrency cap.
 
         Raises:
             ClientError: ``ssrf_refused``, the guard refused the address (nothing sent).
+            Ambiguous: ``deadline``, the call took longer (it may have been received).
             requests.RequestException: any other transport failure, as usual.
         """
+        limit_s = sum(timeout)
+        deadline = Deadline()
+        timer = threading.Timer(limit_s, deadline.expire)
+        timer.daemon = True
         try:
-            return super().send(prepared, timeout)
+            with deadline:
+                timer.start()
+                adapter = self.session.get_adapter(prepared.url)
+                response = adapter.send(prepared, stream=True, timeout=timeout, verify=True,
+                                        cert=None, proxies={})
+                response.close()
+                if deadline.expired:   # a cut answer can parse as a complete one
+                    raise Ambiguous(f"the endpoint took longer than {limit_s:g} s",
+                                    code="deadline")
+                response._content = b""   # read as empty by HttpClient; nothing was read
+                return response
         except requests.ConnectionError as exc:
             if any(isinstance(e, AddressRefused) for e in _causes(exc)):
                 raise ClientError("the endpoint's host resolves to a non-public address",
                                   code="ssrf_refused") from exc
+            if deadline.expired:
+                raise Ambiguous(f"the endpoint took longer than {limit_s:g} s",
+                                code="deadline") from exc
             raise
+        except requests.RequestException as exc:
+            if deadline.expired:
+                raise Ambiguous(f"the endpoint took longer than {limit_s:g} s",
+                                code="deadline") from exc
+            raise
+        finally:
+            timer.cancel()
