@@ -10,9 +10,11 @@ exceptions or ``repr``.
 
 **Refresh ahead of expiry.** An access token is refreshed once ``REFRESH_AT`` (80 %) of
 its lifetime has passed, not when it fails. Single-flight across every worker process and
-thread: the refresher holds a Redis lock (``outbox:<provider>:oauth-refresh``, a lease as
-long as one token request can take) and re-reads the grant after taking it — if another
-worker refreshed meanwhile, it uses that. Others keep using the current token, which is
+thread: the refresher holds a Redis lock (``outbox:<provider>:oauth-refresh``, a lease of
+``lock_s`` renewed while the refresh runs, so that a dead worker's lapses soon) and re-reads
+the grant after taking it — if another worker refreshed meanwhile, it uses that; within a
+process one thread refreshes and a thread whose token was refused compares the grant it was
+handed with the stored one. Others keep using the current token, which is
 still valid for the last 20 % of its life; one whose token is about to expire waits for the
 refresher (up to ``WAIT_FOR_REFRESH_S``), then defers. A token is never sent within
 ``margin_s`` of its expiry: the provider sees no request with an expired token.
@@ -20,19 +22,23 @@ refresher (up to ``WAIT_FOR_REFRESH_S``), then defers. A token is never sent wit
 **Refresh-token rotation, crash-safe.** The provider answers a refresh with a new refresh
 token and retires the old one. The new pair replaces the old in one conditional UPDATE (over
 the version it was refreshed from), so the old token is kept until the new one is committed.
-A worker killed between the answer and the commit loses the new pair; the next refresher
-(the lock lapses within ``lock_s``) redeems the same old refresh token again — servers that
+A worker killed between the answer and the commit loses the new pair; the grant stays
+marked (``refresh_started_at``) and counts as due, so the next refresher (the lock lapses
+within ``lock_s``) redeems the same old refresh token again at once — servers that
 rotate (Okta's grace period, Auth0's reuse interval, the sandbox's ``crm_refresh_grace_s``)
 answer that replay with the same new pair for a short window, instead of calling it a reuse
-attack and revoking the grant. ``refresh_started_at`` marks a refresh in flight, so an
-interrupted one is visible (logged when it is redeemed again).
+attack and revoking the grant. An answer received but not saved (the database failed) is
+kept in memory and saved, not redeemed again; one without a usable ``expires_in`` is kept
+with ``DEFAULT_LIFETIME_S``.
 
-**Revocation.** ``invalid_grant`` on refresh means the grant is gone (revoked, expired,
-reuse detected): it is marked revoked and every call defers (``CredentialUnavailable``, no
+**Revocation.** ``invalid_grant`` on refresh (or HubSpot's own 400 ``BAD_REFRESH_TOKEN``)
+means the grant is gone (revoked, expired, reuse detected): it is marked revoked and every call defers (``CredentialUnavailable``, no
 attempt consumed) with "re-authorisation required"; health is critical. ``outbox crm
 connect`` stores a new grant and the deferred messages go out without a re-drive. A 401
 from the API makes the provider call ``refresh()``: the grant is re-read, and refreshed
-unless another worker already did.
+unless another worker already did; if that refresh fails the call defers (the refused token
+is not sent again). A failed refresh is not retried for ``REFRESH_FAILED_RETRY_S`` while
+the token lasts.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from integrations.errors import ConfigurationError
+from integrations.settings import secret_values
 
 KEY_VARIABLE = "OUTBOX_SECRET_KEY"
 FILE_VARIABLE = "OUTBOX_SECRET_KEY_FILE"
@@ -39,18 +40,8 @@ def configured_keys(environ: Mapping[str, str] | None = None) -> list[str]:
     Raises:
         ConfigurationError: both are set, or the file cannot be read.
     """
-    env = os.environ if environ is None else environ
-    value, path = env.get(KEY_VARIABLE, "").strip(), env.get(FILE_VARIABLE, "").strip()
-    if value and path:
-        raise ConfigurationError(f"set only one of {KEY_VARIABLE} and {FILE_VARIABLE}")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                value = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigurationError(f"{FILE_VARIABLE}: cannot read {path!r} ({why})") from None
-    return [k.strip() for k in value.replace("\n", ",").split(",") if k.strip()]
+    return secret_values(os.environ if environ is None else environ, KEY_VARIABLE,
+                         FILE_VARIABLE)
 
 
 class SecretBox:

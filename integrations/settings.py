@@ -124,6 +124,27 @@ def get_str(env: Mapping[str, str], variable: str, default: str | None) -> str |
     return value or default
 
 
+def secret_values(env: Mapping[str, str], variable: str, file_variable: str) -> list[str]:
+    """The values of ``variable`` (comma-separated), or of the file ``file_variable`` names
+    (comma- or newline-separated), in order, blanks dropped; [] when neither is set. A list
+    is a rotation: webhook signing secrets, Fernet keys.
+
+    Raises:
+        ConfigurationError: both are set, or the file cannot be read (never a value).
+    """
+    value, path = env.get(variable, "").strip(), env.get(file_variable, "").strip()
+    if value and path:
+        raise ConfigurationError(f"set {variable} or {file_variable}, not both")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigurationError(f"{file_variable}: cannot read {path!r} ({why})") from None
+    return [v.strip() for v in value.replace("\n", ",").split(",") if v.strip()]
+
+
 def get_float(env: Mapping[str, str], variable: str, default: float) -> float:
     """Return a finite float > 0 from ``env[variable]``, or ``default`` when unset.
 

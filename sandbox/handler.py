@@ -198,6 +198,20 @@ class SandboxHandler(BaseHTTPRequestHandler):
         return self._respond(result, {"Retry-After": retry_after} if retry_after is not None
                              else {})
 
+    def _before_effect(self, path: str, key: str | None
+                       ) -> tuple[int | None, FaultRule | None]:
+        """The server-side rate limit, then a fault that answers before the effect: the
+        status already answered (or None), and the fault rule for the rest of the request."""
+        limited = self._over_rate_limit(path)
+        if limited is not None:
+            return limited, None
+        rule = self.state.faults.pick(path, key or None)
+        if rule is not None:
+            early = self._pre_effect_fault(rule)
+            if early is not None:
+                return early, rule
+        return None, rule
+
     def _over_rate_limit(self, path: str) -> int | None:
         """Answer 429 (no effect) if the server-side rate limit is exhausted; else None."""
         wait_s = self.state.admit(path)
@@ -230,14 +244,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         if isinstance(body, int):
             return body
-        limited = self._over_rate_limit(path)
-        if limited is not None:
-            return limited
-        rule = self.state.faults.pick(path, key)
-        if rule is not None:
-            early = self._pre_effect_fault(rule)
-            if early is not None:
-                return early
+        early, rule = self._before_effect(path, key)
+        if early is not None:
+            return early
         auth = check_auth(self.headers.get("Authorization", ""), self.state)
         if auth is not None:
             return self._respond(auth)
@@ -362,14 +371,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
         key = mail.outbox_key(document) or header_key
         if key != header_key and self._token is not None:
             self.state.rekey_request(self._token, key)
-        limited = self._over_rate_limit(path)
-        if limited is not None:
-            return limited
-        rule = self.state.faults.pick(path, key or None)
-        if rule is not None:
-            early = self._pre_effect_fault(rule)
-            if early is not None:
-                return early
+        early, rule = self._before_effect(path, key)
+        if early is not None:
+            return early
         auth = mail.check_auth(self.headers.get("Authorization", ""), self.state)
         if auth is not None:
             return self._respond(auth)
@@ -406,14 +410,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
         key = crm.effect_key(path, body)
         if key and self._token is not None:
             self.state.rekey_request(self._token, key)
-        limited = self._over_rate_limit(path)
-        if limited is not None:
-            return limited
-        rule = self.state.faults.pick(path, key or None)
-        if rule is not None:
-            early = self._pre_effect_fault(rule)
-            if early is not None:
-                return early
+        early, rule = self._before_effect(path, key)
+        if early is not None:
+            return early
         denied = crm.check_token(self.state, path, self.headers.get("Authorization", ""))
         if denied is not None:
             return self._respond(denied)

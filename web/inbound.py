@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from integrations import signatures
 from integrations.errors import ConfigurationError
 from integrations.registry import known_providers
+from integrations.settings import secret_values
 from outbox import inbound
 
 from .admin import BodyLimit
@@ -70,18 +71,7 @@ def sources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Sour
     found = {}
     for name in known_providers():
         prefix = f"OUTBOX_{name.upper()}_WEBHOOK_"
-        raw = env.get(prefix + "SECRET", "")
-        path = env.get(prefix + "SECRET_FILE", "")
-        if raw and path:
-            raise ConfigurationError(f"set {prefix}SECRET or {prefix}SECRET_FILE, not both")
-        if path:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    raw = f.read()
-            except OSError as exc:
-                raise ConfigurationError(f"{prefix}SECRET_FILE: cannot read {path!r} "
-                                         f"({exc.strerror})") from None
-        secrets = tuple(s.strip() for s in raw.split(",") if s.strip())
+        secrets = tuple(secret_values(env, prefix + "SECRET", prefix + "SECRET_FILE"))
         if not secrets:
             continue
         scheme = env.get(prefix + "SCHEME", "").strip() or (
