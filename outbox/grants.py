@@ -66,8 +66,9 @@ class DatabaseGrants:
             row = session.get(OAuthGrant, provider)
             if row is None:
                 return None
-            tokens = Tokens(self.box.decrypt(row.access_token),
-                            self.box.decrypt(row.refresh_token) if row.refresh_token else None,
+            box = self.box
+            tokens = Tokens(box.decrypt(row.access_token),
+                            box.decrypt(row.refresh_token) if row.refresh_token else None,
                             row.expires_at, row.lifetime_s, row.scope)
             return Grant(tokens, row.status, row.status_detail, row.version,
                          row.refresh_started_at)
@@ -92,8 +93,9 @@ class DatabaseGrants:
                             .values(refresh_started_at=started_at))
 
     def save_refreshed(self, provider: str, version: int, tokens: Tokens) -> bool:
-        values = {"access_token": self.box.encrypt(tokens.access_token),
-                  "refresh_token": (self.box.encrypt(tokens.refresh_token)
+        box = self.box
+        values = {"access_token": box.encrypt(tokens.access_token),
+                  "refresh_token": (box.encrypt(tokens.refresh_token)
                                     if tokens.refresh_token else None),
                   "expires_at": tokens.expires_at, "lifetime_s": tokens.lifetime_s,
                   "scope": tokens.scope, "refresh_started_at": None,
@@ -117,8 +119,9 @@ class DatabaseGrants:
             return done.rowcount == 1
 
     def _write(self, row: OAuthGrant, tokens: Tokens) -> None:
-        row.access_token = self.box.encrypt(tokens.access_token)
-        row.refresh_token = self.box.encrypt(tokens.refresh_token) if tokens.refresh_token else None
+        box = self.box
+        row.access_token = box.encrypt(tokens.access_token)
+        row.refresh_token = box.encrypt(tokens.refresh_token) if tokens.refresh_token else None
         row.expires_at, row.lifetime_s, row.scope = tokens.expires_at, tokens.lifetime_s, tokens.scope
         row.refresh_started_at = None
 
