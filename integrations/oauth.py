@@ -50,7 +50,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -64,7 +64,12 @@ from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
 
 from integrations.credentials import ApiKey
-from integrations.errors import ConfigurationError, CredentialUnavailable, Deferred
+from integrations.errors import (
+    ConfigurationError,
+    CredentialUnavailable,
+    Deferred,
+    IntegrationError,
+)
 from integrations.http import pinned_session
 from integrations.sanitize import sanitize
 from integrations.settings import check_base_url, env_name, get_int, get_str
@@ -516,6 +521,38 @@ class OAuthCredential:
 
     def __repr__(self) -> str:
         return f"OAuthCredential({self.provider})"
+
+
+KEEP_FRESH_S = 5.0   # how often the relay looks at every OAuth2 grant
+
+
+def keep_fresh(credentials: Callable[[], Iterable[OAuthCredential]], stop: threading.Event,
+               interval_s: float = KEEP_FRESH_S) -> threading.Thread:
+    """Refresh grants when they are due without waiting for a message to need them, in a
+    daemon thread (the relay runs it): a grant whose refresh was interrupted (a worker killed
+    after the token endpoint rotated it) is redeemed again within seconds, inside the
+    server's grace window, even when no crm message is being sent. Never raises; a grant
+    that cannot be refreshed is health's to report."""
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            try:
+                found = list(credentials())
+            except Exception as exc:  # noqa: BLE001  (bad settings: outbox status says which)
+                log.warning("OAuth grants not checked (%s)", type(exc).__name__)
+                continue
+            for credential in found:
+                if not credential.settings.client_id:
+                    continue   # not in use
+                try:
+                    credential.get()
+                except IntegrationError as exc:
+                    log.debug("%s: %s", credential.provider, exc.label())
+                except Exception as exc:  # noqa: BLE001  (Redis down, a bug: next round)
+                    log.warning("%s: grant not refreshed (%s)", credential.provider,
+                                type(exc).__name__)
+    thread = threading.Thread(target=loop, name="outbox-oauth-keep-fresh", daemon=True)
+    thread.start()
+    return thread
 
 
 def _refusal(response: requests.Response) -> requests.Response:

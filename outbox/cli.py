@@ -186,6 +186,7 @@ def cmd_relay(args, sessions):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     _start_health_checks(stop)
+    _start_oauth_keeper(stop)
     _start_alerts(sessions, stop)
     log.info("relay started on %s", _safe_url(config.database_url()))
     relay.run(engine, disp, settings, idempotent=idempotent, verify_after=verify_after,
@@ -317,6 +318,25 @@ def _start_health_checks(stop: threading.Event) -> None:
     runner = checks.CheckRunner(lambda: {n: get_provider(n) for n in known_providers()},
                                 store.shared_redis(), interval)
     runner.start(stop)
+
+
+def _start_oauth_keeper(stop: threading.Event) -> None:
+    """OAuth2 grants refreshed when due even without traffic, and interrupted refreshes
+    redeemed in time, in a thread of the relay (``integrations.oauth.keep_fresh``)."""
+    from integrations.oauth import OAuthCredential, keep_fresh
+    from integrations.registry import get_provider, known_providers
+
+    def credentials():
+        found = []
+        for name in known_providers():
+            try:
+                credential = get_provider(name).client.credentials
+            except (ConfigurationError, KeyError):
+                continue   # bad settings: outbox status says which
+            if isinstance(credential, OAuthCredential):
+                found.append(credential)
+        return found
+    keep_fresh(credentials, stop)
 
 
 def _start_alerts(sessions, stop: threading.Event) -> None:

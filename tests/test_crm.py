@@ -241,15 +241,17 @@ def test_a_crash_between_receiving_and_saving_a_rotated_token_does_not_lock_out(
     assert stored.version == 1 and stored.refresh_started_at is not None
 
     provider = registry.get_provider("crm")
-    sent = iter(range(1000))
-
-    def refreshed_again():
-        n = next(sent)
-        provider.deliver("upsert_contact", _contact(n), f"k{n}")   # works all along
-        return grants._default_store().load("crm").version == 2
-    # The dead worker's refresh lock lapses (lock_s), then the same refresh token is
-    # redeemed again, inside the server's grace window: the same rotated pair comes back.
-    wait_until(refreshed_again, 30, interval_s=0.5, message="the interrupted refresh to be redone")
+    provider.deliver("upsert_contact", _contact(1), "k1")   # the old access token still works
+    # No traffic now: the relay's keeper finds the interrupted refresh once the dead worker's
+    # lock lapses (lock_s), and redeems the same refresh token again inside the server's
+    # grace window: the same rotated pair comes back.
+    stop = threading.Event()
+    oauth.keep_fresh(lambda: [provider.client.credentials], stop, interval_s=0.5)
+    try:
+        wait_until(lambda: grants._default_store().load("crm").version == 2, 30,
+                   interval_s=0.5, message="the interrupted refresh to be redone")
+    finally:
+        stop.set()
     stats = _crm_stats(sandbox)
     assert stats["refresh_replays"] == 1 and stats["refresh_reuse_detected"] == 0
     grant = grants._default_store().load("crm")
@@ -387,6 +389,19 @@ def test_revocation_defers_without_spending_attempts_and_connect_resumes_them(
                30, message="the waiting crm messages to go out after connecting")
     assert [m.attempts for m in _crm_messages(sessions)] == [1, 1, 1, 1]
     assert _crm_stats(sandbox)["requests_with_expired_token"] == 0
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_the_relay_refreshes_an_idle_grant_before_it_expires(crm_env, sandbox, procs):
+    """No crm message at all: the relay's keeper still refreshes the token at 80 % of its
+    life, so the first message after a quiet hour finds a fresh one."""
+    _sandbox(sandbox, "config", {"crm_access_token_ttl_s": 6})
+    _connect()
+    procs.relay(**crm_env)
+    wait_until(lambda: grants._default_store().load("crm").version >= 2, 30,
+               message="the relay to refresh the idle grant")
+    stats = _crm_stats(sandbox)
+    assert stats["refreshes"] >= 1 and stats["refresh_reuse_detected"] == 0
 
 
 # --- ambiguous failures: verified by reading the contact back --------------------------------
