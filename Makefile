@@ -63,7 +63,7 @@ run: migrate redis
 	echo "Flower:  http://127.0.0.1:5555  (login $${creds%%:*} / $${creds#*:}; set FLOWER_BASIC_AUTH to choose)"; \
 	echo "Shop:    POST http://127.0.0.1:8000/orders, GET /orders/REF (paid once the webhook came)    Sandbox: $(OUTBOX_PAYMENTS_BASE_URL)/_sandbox/stats"; \
 	echo "Status:  $(BIN)/outbox status   (or: source $(BIN)/activate; outbox status)"; \
-	key="$$(scripts/secret_key.sh $(BIN)/python)"; \
+	key="$$(scripts/secret_key.sh $(BIN)/python)" || exit 1; \
 	[ -z "$$key" ] || echo "Secrets: OUTBOX_SECRET_KEY_FILE=$$key (export it to run outbox endpoints or outbox crm connect yourself)"; \
 	FLOWER_BASIC_AUTH="$$creds" OUTBOX_WEB_AUTH="$$web" OUTBOX_SECRET_KEY_FILE="$$key" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 

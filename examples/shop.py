@@ -7,8 +7,9 @@
 One transaction
     ``place_order`` writes the order row and enqueues its ``payments.charge``, its
     ``email.send`` receipt, its ``crm.upsert_contact`` and its ``order.created`` webhooks in
-    the caller's session; the request handler commits once. If anything fails before that commit, none of them exists. Once committed, the outbox
-    delivers the charge exactly once in effect, even if this process dies the next moment.
+    the caller's session; the request handler commits once. If anything fails before that
+    commit, none of them exists. Once committed, the outbox delivers the charge exactly
+    once in effect, even if this process dies the next moment.
 
 Idempotent retries
     A client that got no answer (a timeout, a dropped connection) sends the same request
@@ -23,7 +24,7 @@ Idempotent retries
     either commits.
 
 Answers (every body is JSON, errors are ``{"error": ...}``)
-    201  the order is new; it was committed with its charge and receipt
+    201  the order is new; it was committed with its messages
     200  a retry of an existing order (same reference, same body); nothing was written
     409  the reference belongs to an order with a different body
     413  the body is over 16 KiB (refused before it is read when Content-Length says so)
@@ -131,7 +132,7 @@ class OrderConflict(Exception):
 
 def place_order(session: Session, *, reference: str, amount: int, currency: str,
                 customer: str | None = None, request_id: str | None = None) -> tuple[Order, bool]:
-    """Record an order and enqueue its charge and receipt in the caller's transaction.
+    """Record an order and enqueue its messages in the caller's transaction.
 
     The caller commits (or rolls back: then neither the order nor its messages exist).
     Safe to call again for the same order, also from a concurrent transaction: the unique

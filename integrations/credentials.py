@@ -45,7 +45,8 @@ class ApiKey:
     """
 
     def __init__(self, value: str | None = None, path: Path | str | None = None, *,
-                 source: str = "API key", file_variable: str = "API key file"):
+                 source: str = "API key", file_variable: str = "API key file",
+                 what: str = "API key"):
         """Create the credential.
 
         Args:
@@ -54,11 +55,13 @@ class ApiKey:
                 Takes precedence over ``value`` when both are given.
             source: the variable names to cite when the key is missing.
             file_variable: the variable that named ``path``, cited in errors about the file.
+            what: what the secret is, in errors (``client secret``).
         """
         self._value = value.strip() if value else None
         self._path = Path(path) if path is not None else None
         self._source = source
         self._file_variable = file_variable
+        self._what = what
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._cached: str | None = None
@@ -80,7 +83,7 @@ class ApiKey:
         """
         if self._path is None:
             if not self._value:
-                raise CredentialUnavailable(f"no API key configured ({self._source})",
+                raise CredentialUnavailable(f"no {self._what} configured ({self._source})",
                                             code="credential_unavailable",
                                             retry_after_s=CREDENTIAL_RETRY_S)
             return self._value
@@ -134,7 +137,9 @@ class ApiKey:
         return key
 
     def _unavailable(self, why: str) -> CredentialUnavailable:
-        return CredentialUnavailable(f"{self._file_variable}: {self._path}: {why}",
+        # The variable's name last: sanitize masks the word after "…KEY_FILE:".
+        return CredentialUnavailable(f"cannot read {self._path} ({why}), the file "
+                                     f"{self._file_variable} names",
                                      code="credential_unavailable",
                                      retry_after_s=CREDENTIAL_RETRY_S)
 

@@ -149,7 +149,8 @@ class OAuthSettings:
             client_secret=ApiKey(secret, secret_file,
                                  source=f"set {env_name(provider, 'CLIENT_SECRET')} or "
                                         f"{env_name(provider, 'CLIENT_SECRET_FILE')}",
-                                 file_variable=env_name(provider, "CLIENT_SECRET_FILE")),
+                                 file_variable=env_name(provider, "CLIENT_SECRET_FILE"),
+                                 what="client secret"),
             authorize_url=urls["AUTHORIZE_URL"], token_url=urls["TOKEN_URL"],
             scopes=get_str(env, env_name(provider, "SCOPES"), default_scopes),
             redirect_port=port)

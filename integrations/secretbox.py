@@ -59,7 +59,7 @@ class SecretBox:
                 fernets.append(Fernet(key))
             except (ValueError, TypeError):
                 raise ConfigurationError(
-                    f"{KEY_VARIABLE}: key {position} of {len(keys)} is not a Fernet key (32 "
+                    f"key {position} of {len(keys)} in {KEY_VARIABLE} is not a Fernet key (32 "
                     f"url-safe base64-encoded bytes); generate one with: {GENERATE}") from None
         self._fernet = MultiFernet(fernets)
         self._current = fernets[0]

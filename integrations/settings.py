@@ -141,7 +141,9 @@ def secret_values(env: Mapping[str, str], variable: str, file_variable: str) -> 
                 value = f.read()
         except (OSError, UnicodeDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigurationError(f"{file_variable}: cannot read {path!r} ({why})") from None
+            # The variable's name last: sanitize masks the word after "…KEY_FILE:".
+            raise ConfigurationError(f"cannot read {path!r} ({why}), the file {file_variable} "
+                                     "names") from None
     return [v.strip() for v in value.replace("\n", ",").split(",") if v.strip()]
 
 

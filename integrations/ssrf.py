@@ -104,13 +104,16 @@ def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:
         raise Refused("the URL has no host")
     if parts.username or parts.password:
         raise Refused("the URL may not carry credentials")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise Refused("the URL's port is not a port number") from None
     allowed = host in {h.lower() for h in allow_hosts}
     if parts.scheme != "https" and not (parts.scheme == "http" and allowed):
         raise Refused("the URL must be https")
     if allowed:
         return url
     try:
-        port = parts.port or 443
         addresses = resolve(host, port)
     except (OSError, ValueError) as exc:
         raise Refused(f"{host} does not resolve ({type(exc).__name__})") from None

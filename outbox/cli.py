@@ -21,7 +21,7 @@
     outbox crm connect [--timeout S]
     outbox secrets rotate [--json]
     outbox endpoints add URL --events E,… [--rate-limit 10/s] [--json]   (outbox.endpoints_cli)
-    outbox endpoints list|disable ID|enable ID|rotate-secret ID [--json]
+    outbox endpoints list | disable ID [--reason TEXT] | enable ID | rotate-secret ID [--json]
 
 Exit status: 0 done (``status``: ok), 1 some messages could not be acted on (``status``:
 warning), 2 bad input, configuration, database not ready (``status``: critical). Errors

@@ -2,8 +2,8 @@
 
     outbox endpoints add URL --events E,… [--rate-limit 10/s] [--json]
     outbox endpoints list [--json]
-    outbox endpoints disable ID [--reason TEXT]
-    outbox endpoints enable ID
+    outbox endpoints disable ID [--reason TEXT] [--json]
+    outbox endpoints enable ID [--json]
     outbox endpoints rotate-secret ID [--json]
 
 ``add`` and ``rotate-secret`` print the ``whsec_`` signing secret, once: it is stored

@@ -2,7 +2,8 @@
 
 Three provider APIs share the plumbing: email (SendGrid-shaped, ``/v3/``), CRM
 (HubSpot-shaped, ``/crm/`` and its OAuth server ``/oauth/``) and payments (Stripe-shaped,
-every other path). Each request answers errors in its provider's shape (``_flavor``).
+every other path); ``/_sandbox/hooks/`` is the receiver of the outbox's own signed webhooks
+(``sandbox.hooks``) and ``/_sandbox/`` the control API. Each request answers errors in its provider's shape (``_flavor``).
 Order for all: body read, rate limit, fault rule, auth, routing and validation, endpoint
 (the effect), post-effect fault.
 """

@@ -77,7 +77,7 @@ def check_worker(queues: Iterable[str]) -> Findings:
                 # Not a reason to stop: its messages wait, and go out once it is connected.
                 found.warnings.append(f"{name}: {check.credential_error}")
             elif check.credential_error:
-                found.problems.append(f"{name} credential: {check.credential_error}")
+                found.problems.append(f"{name}: credential unavailable: {check.credential_error}")
     if WEBHOOKS in consumed:
         try:
             SecretBox.from_env()

@@ -516,10 +516,12 @@ def test_missing_empty_unreadable_or_non_utf8_key_is_unavailable(tmp_path):
     with pytest.raises(CredentialUnavailable, match="no API key configured"):
         ApiKey().get()
     var = "OUTBOX_PAYMENTS_API_KEY_FILE"
-    with pytest.raises(CredentialUnavailable, match=f"{var}: .*absent: No such file"):
+    with pytest.raises(CredentialUnavailable, match=f"absent \\(No such file.*the file {var}"
+                                                    " names") as info:
         ApiKey(path=tmp_path / "absent", file_variable=var).get()
+    assert sanitize(info.value.detail) == info.value.detail   # the path is not masked
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(CredentialUnavailable, match=f"{var}: .*empty: empty"):
+    with pytest.raises(CredentialUnavailable, match=f"empty \\(empty\\), the file {var}"):
         ApiKey(path=tmp_path / "empty", file_variable=var).get()
     (tmp_path / "latin1").write_bytes(b"sk_test_caf\xe9")
     with pytest.raises(CredentialUnavailable, match="not UTF-8") as info:

@@ -30,6 +30,7 @@ REFUSED = [
     "http://93.184.216.34/hook",                 # not https
     "https://user:secret@93.184.216.34/hook",    # credentials in the URL
     "https:///hook",                             # no host
+    "https://example.com:99999/hook",            # not a port
 ]
 
 

@@ -17,7 +17,7 @@ An endpoint's answer::
     3xx                              ClientError  redirect_refused (never followed)
     410                              ClientError  endpoint_gone (the provider disables it)
     429                              RateLimited  Retry-After honoured, this endpoint paused
-    408, 5xx                         Transient / Ambiguous (integrations.classify): retried
+    408, 5xx (not 501/505)           Transient / Ambiguous (integrations.classify): retried
     any other 4xx (401 included)     ClientError
 """
 

@@ -1,13 +1,14 @@
 """``WebhooksProvider``: a delivery looks its endpoint up, is signed, and passes the
-endpoint's own protection — one circuit breaker, rate limit, 429 pause and (when set)
-concurrency cap per endpoint (``OUTBOX_WEBHOOKS_MAX_CONCURRENCY``, default
-``DEFAULT_ENDPOINT_CAP``), shared by every worker through Redis under
-``outbox:webhooks:<endpoint id>:…``. A dead endpoint opens its own breaker and fills its
-own cap; the other endpoints' calls never wait for it (a bulkhead each).
+endpoint's own protection — one circuit breaker, rate limit, 429 pause and concurrency cap
+per endpoint (``OUTBOX_WEBHOOKS_MAX_CONCURRENCY``, default ``DEFAULT_ENDPOINT_CAP``), shared
+by every worker through Redis under ``outbox:webhooks:<endpoint id>:…``. A dead endpoint
+opens its own breaker and fills its own cap; the other endpoints' calls never wait for it
+(a bulkhead each): no thread waits for an endpoint's permit or slot (``max_wait_s`` 0; a
+message whose endpoint has its cap in flight comes back after ``BUSY_RETRY_S``).
 
 Each endpoint's ``Protection`` copies the provider's settings (``OUTBOX_WEBHOOKS_RATE_LIMIT``,
-``_MAX_CONCURRENCY``, ``_BREAKER_*``, ``_MAX_WAIT``…, read once) with its own name and, when
-the endpoint has one, its own rate limit. They are built on first use and cached per
+``_MAX_CONCURRENCY``, ``_BREAKER_*``…, read once; not ``_MAX_WAIT``) with its own name and,
+when the endpoint has one, its own rate limit. They are built on first use and cached per
 process (with the provider, which ``integrations.registry`` forgets after a fork); a new
 rate limit for an endpoint builds a new one. The provider's own ``protection`` holds these
 defaults and guards no call.
