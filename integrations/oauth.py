@@ -403,15 +403,15 @@ class OAuthCredential:
             return grant
         if self._local.acquire(blocking=False):   # else a thread of ours refreshes
             try:
-                lease = self._take_lock()
-                if lease is not None:
+                release = self._take_lock()
+                if release is not None:
                     try:
                         current = self._load()   # re-read under the lock: refreshed meanwhile?
                         if current.version != grant.version or not (force or self._due(current)):
                             return current
                         return self._refresh(current, force)
                     finally:
-                        lease.set()
+                        release()
             finally:
                 self._local.release()
         if grant.tokens.usable(self._now()) and not force:
@@ -492,33 +492,40 @@ class OAuthCredential:
                   why, self.provider, extra={"provider": self.provider})
         return reauthorization_required(self.provider, why)
 
-    def _take_lock(self) -> threading.Event | None:
-        """The fleet-wide refresh lock, renewed every third of its lease until the returned
-        event is set (then released); None when another worker holds it."""
-        done = threading.Event()
+    def _take_lock(self) -> Callable[[], None] | None:
+        """The fleet-wide refresh lock: returns its release (call it once), or None when
+        another worker holds it. A thread renews the lease every third of it until then: a
+        refresh slower than the lease (DNS, several addresses to try) keeps the lock, and a
+        worker that dies stops renewing, so its lock lapses within ``lock_s``."""
         if self._redis is None:
-            return done
+            return lambda: None
+        client, key = self._redis, self._lock_key
         token, lease_ms = uuid.uuid4().hex, int(self.lock_s * 1000)
         try:
-            taken = self._redis.set(self._lock_key, token, nx=True, px=lease_ms)
+            taken = client.set(key, token, nx=True, px=lease_ms)
         except redis.RedisError as exc:
             raise Deferred(f"{self.provider} refresh lock unavailable (Redis: "
                            f"{type(exc).__name__})", code="protection_unavailable",
                            retry_after_s=5.0) from exc
         if not taken:
             return None
+        done = threading.Event()
 
-        def hold() -> None:
-            # A refresh slower than the lease (DNS, several addresses to try) keeps the lock;
-            # a worker that dies stops renewing, and the lock lapses within lock_s.
+        def renew() -> None:
+            while not done.wait(self.lock_s / 3):
+                try:
+                    client.eval(_RENEW, 1, key, token, lease_ms)
+                except Exception:  # noqa: BLE001  (Redis away or closed: the lease lapses)
+                    return
+        threading.Thread(target=renew, name=f"{self.provider}-refresh-lock", daemon=True).start()
+
+        def release() -> None:
+            done.set()
             try:
-                while not done.wait(self.lock_s / 3):
-                    self._redis.eval(_RENEW, 1, self._lock_key, token, lease_ms)
-                self._redis.eval(_RELEASE, 1, self._lock_key, token)
+                client.eval(_RELEASE, 1, key, token)
             except redis.RedisError:
                 pass   # the lease lapses by itself
-        threading.Thread(target=hold, name=f"{self.provider}-refresh-lock", daemon=True).start()
-        return done
+        return release
 
     def __repr__(self) -> str:
         return f"OAuthCredential({self.provider})"
