@@ -111,16 +111,24 @@ class Transport(Protocol):
         """Release pooled connections."""
 
 
+# Retries are the outbox's job (with backoff and attempt rows), never urllib3's.
+NO_RETRIES = Retry(total=0, read=False, redirect=False)
+
+
+def tls_context() -> ssl.SSLContext:
+    """The client TLS policy: certificates verified, TLS >= 1.2."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class _TlsAdapter(HTTPAdapter):
     """An HTTPAdapter whose pools use an SSL context with TLS >= 1.2 and no urllib3 retries,
     and whose connections report a failed TLS handshake as ``TlsHandshakeError``."""
 
     def __init__(self, pool_size: int):
-        self._ssl_context = ssl.create_default_context()
-        self._ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
-        # Retries are the outbox's job (with backoff and attempt rows), never urllib3's.
-        super().__init__(pool_connections=1, pool_maxsize=pool_size,
-                         max_retries=Retry(total=0, read=False, redirect=False))
+        self._ssl_context = tls_context()
+        super().__init__(pool_connections=1, pool_maxsize=pool_size, max_retries=NO_RETRIES)
 
     def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
         pool_kwargs["ssl_context"] = self._ssl_context
@@ -138,8 +146,7 @@ def pinned_session(session: requests.Session, pool_size: int) -> requests.Sessio
     session.trust_env = False
     session.verify = True
     session.mount("https://", _TlsAdapter(pool_size))
-    session.mount("http://", HTTPAdapter(pool_maxsize=pool_size,
-                                         max_retries=Retry(total=0, read=False, redirect=False)))
+    session.mount("http://", HTTPAdapter(pool_maxsize=pool_size, max_retries=NO_RETRIES))
     return session
 
 

@@ -40,7 +40,7 @@ from integrations.oauth import REAUTHORIZATION_REQUIRED
 from integrations.payments import PaymentsAdapter
 from integrations.protection import DEFAULT_429_PAUSE_S, Protection, ProtectionSettings
 from integrations.protection import store as protection_store
-from integrations.settings import ProviderSettings, get_float
+from integrations.settings import ProviderSettings, env_name, get_float
 from integrations.webhooks.adapter import WebhooksAdapter
 
 _BUILT_IN: dict[str, type[Adapter]] = {
@@ -233,7 +233,7 @@ def verify_after(name: str, environ: Mapping[str, str] | None = None) -> float |
     if adapter is None or adapter.verify_after_s is None:
         return None
     env = os.environ if environ is None else environ
-    return get_float(env, f"OUTBOX_{name.upper()}_VERIFY_AFTER", adapter.verify_after_s)
+    return get_float(env, env_name(name, "VERIFY_AFTER"), adapter.verify_after_s)
 
 
 def supports_idempotency(name: str) -> bool:

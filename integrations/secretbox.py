@@ -108,3 +108,31 @@ class SecretBox:
 
     def __repr__(self) -> str:
         return "SecretBox(***)"
+
+
+_current: tuple[tuple, SecretBox] | None = None
+
+
+def current() -> SecretBox:
+    """The box of this process's ``OUTBOX_SECRET_KEY`` (or its file), built again only when
+    the variable or the file changes (the file's identity, size and mtime, as ``ApiKey``
+    re-reads a key file): the stores ask for it on every delivery, and a key added to the
+    file is used without a restart.
+
+    Raises:
+        ConfigurationError: as ``SecretBox.from_env``.
+    """
+    global _current
+    value, path = os.environ.get(KEY_VARIABLE, ""), os.environ.get(FILE_VARIABLE, "").strip()
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return SecretBox.from_env()   # raises, saying why the file cannot be read
+    stamp = (value, path, st and (st.st_ino, st.st_size, st.st_mtime_ns))
+    cached = _current
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    box = SecretBox.from_env()
+    _current = (stamp, box)
+    return box
+

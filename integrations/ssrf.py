@@ -91,15 +91,19 @@ def resolve(host: str, port: int) -> list[str]:
         host, port, type=socket.SOCK_STREAM)))
 
 
-def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:
-    """The URL, if it may be registered: https (http only for an allowed host), a host, and
-    every address it resolves to public.
+def check_form(url: str, allow_hosts: Collection[str] = ()) -> tuple[str, int, bool]:
+    """The URL's host (lower case), port and whether the host is allow-listed, if its form
+    may be called: https (http only to an allowed host), a host, a port, no credentials.
+    At registration (``check_url``) and before each send (the address is the guard's then).
 
     Raises:
         Refused: why not, in one line.
     """
-    parts = urllib.parse.urlsplit(url)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        raise Refused("the URL is malformed") from None
     if not host:
         raise Refused("the URL has no host")
     if parts.username or parts.password:
@@ -111,6 +115,17 @@ def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:
     allowed = host in {h.lower() for h in allow_hosts}
     if parts.scheme != "https" and not (parts.scheme == "http" and allowed):
         raise Refused("the URL must be https")
+    return host, port, allowed
+
+
+def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:
+    """The URL, if it may be registered: https (http only for an allowed host), a host, and
+    every address it resolves to public.
+
+    Raises:
+        Refused: why not, in one line.
+    """
+    host, port, allowed = check_form(url, allow_hosts)
     if allowed:
         return url
     try:

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from integrations import ssrf
+from integrations import secretbox, ssrf
 from integrations.protection import RateSpec
 from integrations.secretbox import SecretBox
 from integrations.webhooks import endpoints as contract
@@ -210,13 +210,14 @@ class SqlEndpointStore:
     secrets decrypted (the previous one while unexpired) and disables one."""
 
     def __init__(self, sessions: Callable[[], sessionmaker[Session]],
-                 box: Callable[[], SecretBox] = SecretBox.from_env,
+                 box: Callable[[], SecretBox] = secretbox.current,
                  clock: Callable[[], datetime] = utcnow):
         """Args:
             sessions: returns the session factory (called per use, so it may be lazy:
                 the worker's ``tasks.runtime.sessions``).
-            box: returns the secret box (default from ``OUTBOX_SECRET_KEY`` each time, so
-                a key added to the environment file is used without a restart).
+            box: returns the secret box (default ``secretbox.current``: the configured
+                keys, read again when they change, so a key added to the key file is used
+                without a restart).
             clock: naive UTC now, for the previous secret's expiry.
         """
         self._sessions, self._box, self._clock = sessions, box, clock

@@ -21,7 +21,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from integrations import oauth
+from integrations import oauth, secretbox
 from integrations.errors import CredentialUnavailable
 from integrations.oauth import ACTIVE, REVOKED, Grant, Tokens
 from integrations.secretbox import SecretBox
@@ -49,7 +49,7 @@ class DatabaseGrants:
     """``GrantStore`` on ``outbox_oauth_grants``."""
 
     def __init__(self, sessions: sessionmaker[Session],
-                 keys: Callable[[], SecretBox] = SecretBox.from_env):
+                 keys: Callable[[], SecretBox] = secretbox.current):
         """Args:
             keys: the current keys, asked at every use: a worker started before a key
                 rotation encrypts under the new first key as soon as it is configured.

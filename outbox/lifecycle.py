@@ -417,14 +417,15 @@ def recover_expired_leases(session: Session, *, idempotent: Callable[[str], bool
              .with_for_update(skip_locked=True))
     recovered = []
     for row in session.execute(query).all():
+        verify_after_s = verify_after(row.provider)
         decision = decide(LOST, attempts=row.attempts, rate_limited=row.rate_limited_count,
                           budget_started_at=row.budget_started_at,
                           policy=policy_for(row.provider), idempotent=idempotent(row.provider),
-                          now=now, verify_after_s=verify_after(row.provider))
+                          now=now, verify_after_s=verify_after_s)
         if row.verify_first and decision.outcome is AttemptOutcome.RETRY:
             # The lost attempt was to verify, or to send under a new key after "not done":
             # the question stands, asked once the lookup can be trusted again.
-            wait = timedelta(seconds=verify_after(row.provider) or 0.0)
+            wait = timedelta(seconds=verify_after_s or 0.0)
             decision = replace(decision, verify_first=True,
                                next_attempt_at=max(decision.next_attempt_at, now + wait))
         if _apply(session, row.id, row.lease_token, LOST, decision, now, row.key_generation):

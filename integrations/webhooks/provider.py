@@ -23,12 +23,12 @@ endpoint, reason "410 Gone".
 from __future__ import annotations
 
 import threading
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from integrations import ssrf
 from integrations.base import Delivery
 from integrations.errors import (
     ClientError,
@@ -136,12 +136,13 @@ class WebhooksProvider(Provider):
         return endpoint
 
     def _check_url(self, endpoint: Endpoint) -> None:
-        """https, or http to an allow-listed host; the address itself is the guard's."""
-        parts = urllib.parse.urlsplit(endpoint.url)
-        host = (parts.hostname or "").lower()
-        if not host or not (parts.scheme == "https"
-                            or (parts.scheme == "http" and host in self.allow_hosts)):
-            raise ClientError("the endpoint URL must be https", code="ssrf_refused")
+        """The URL's form, as at registration (a row may not have gone through it); the
+        address itself is the guard's, on connecting."""
+        try:
+            ssrf.check_form(endpoint.url, self.allow_hosts)
+        except ssrf.Refused as exc:
+            raise ClientError(f"the endpoint URL is refused: {exc}",
+                              code="ssrf_refused") from None
 
     def _protection_for(self, endpoint: Endpoint) -> Protection | None:
         """The endpoint's own protection, built on first use (None when unprotected)."""

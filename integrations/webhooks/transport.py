@@ -10,15 +10,13 @@ that ``integrations.http.translate`` makes of other connect failures.
 
 from __future__ import annotations
 
-import ssl
 import threading
 from collections.abc import Collection
 
 import requests
-from urllib3.util.retry import Retry
 
 from integrations.errors import Ambiguous, ClientError
-from integrations.http import RequestsTransport, _causes
+from integrations.http import NO_RETRIES, RequestsTransport, _causes, tls_context
 from integrations.ssrf import AddressRefused, Deadline, GuardedAdapter
 
 
@@ -26,10 +24,9 @@ class _GuardedTlsAdapter(GuardedAdapter):
     """The guard, with the shared client's TLS floor (>= 1.2, certificates verified)."""
 
     def __init__(self, allow_hosts: Collection[str], pool_size: int):
-        self._ssl_context = ssl.create_default_context()
-        self._ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._ssl_context = tls_context()
         super().__init__(allow_hosts, pool_connections=4, pool_maxsize=pool_size,
-                         max_retries=Retry(total=0, read=False, redirect=False))
+                         max_retries=NO_RETRIES)
 
     def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
         pool_kwargs["ssl_context"] = self._ssl_context
